@@ -1,0 +1,18 @@
+"""fxqbn: quantize the BatchNorm layers of PyTorch models with a torch.fx pass.
+
+    observed = fxqbn.prepare(model.eval(), (example_input,))
+    for batch in calibration_batches:
+        observed(batch)
+    quantized = fxqbn.convert(observed)
+    print(fxqbn.get_report(quantized))
+"""
+
+from . import nn
+from .api import convert, get_report, prepare
+from .errors import FxqbnError
+from .qconfig import DEFAULT_OBSERVER
+from .qparams import QParams
+from .report import Report, ReportRow
+
+__all__ = ["prepare", "convert", "get_report", "FxqbnError", "Report", "ReportRow", "QParams", "DEFAULT_OBSERVER", "nn"]
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Quantization parameters: a frozen record, and the pure function that reads one off an observer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FxqbnError
+
+__all__ = ["QParams", "DTYPE_RANGES", "observer_has_data", "qparams_from_observer"]
+
+# The activation dtypes the quantized BatchNorm kernel takes, with their integer range.
+DTYPE_RANGES = {
+    torch.quint8: (0, 255),
+    torch.qint8: (-128, 127),
+}
+
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine quantization parameters, as Python numbers.
+
+    scale: the float step between consecutive integers; finite, positive and normal.
+    zero_point: the integer that represents 0.0; inside the dtype's range.
+    dtype: ``torch.quint8`` or ``torch.qint8``.
+    """
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_RANGES:
+            raise FxqbnError(f"dtype {self.dtype} is not supported: use torch.quint8 or torch.qint8")
+        if not (math.isfinite(self.scale) and self.scale >= _FLOAT32_TINY):
+            raise FxqbnError(f"scale {self.scale!r} is not a finite, positive, normal float32 number")
+        lo, hi = DTYPE_RANGES[self.dtype]
+        if not lo <= self.zero_point <= hi:
+            raise FxqbnError(f"zero point {self.zero_point} is outside [{lo}, {hi}] for {self.dtype}")
+
+
+def observer_has_data(observer: torch.nn.Module) -> bool:
+    """False when the observer keeps a running range and that range was never set."""
+    min_val = getattr(observer, "min_val", None)
+    max_val = getattr(observer, "max_val", None)
+    if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor):
+        return True  # an observer without a range (e.g. fixed qparams) needs no data
+    if min_val.numel() == 0 or max_val.numel() == 0:
+        return False
+    return bool(torch.isfinite(min_val).all() and torch.isfinite(max_val).all())
+
+
+def qparams_from_observer(observer: torch.nn.Module) -> QParams:
+    """Read per-tensor qparams off an observer that has seen data (pure: the observer is unchanged)."""
+    scale, zero_point = observer.calculate_qparams()
+    if scale.numel() != 1 or zero_point.numel() != 1:
+        raise FxqbnError(
+            f"{type(observer).__name__} returned {scale.numel()} scales; quantized BatchNorm takes "
+            "per-tensor input: use a per-tensor observer"
+        )
+    return QParams(float(scale.item()), int(zero_point.item()), observer.dtype)

@@ -1,0 +1,45 @@
+"""Trace a model with torch.fx, turning tracer failures into an FxqbnError that names the line."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+from torch import fx, nn
+
+from .errors import FxqbnError
+
+__all__ = ["trace"]
+
+_OWN_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,  # torch/
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # fxqbn/
+)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost frame of the user's code in the exception's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(_OWN_DIRS) and not frame.filename.startswith("<"):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return ""
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` with stack traces recorded on every node."""
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # any tracer failure is the model's: report it with its line
+        where = _user_frame(exc)
+        raise FxqbnError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}"
+            + (f"\n  at {where}" if where else "")
+            + "\nMake the model symbolically traceable (no data-dependent control flow in forward), "
+            "or wrap the untraceable part with torch.fx.wrap / a leaf module"
+        ) from exc
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)

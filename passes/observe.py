@@ -1,0 +1,73 @@
+"""Insert activation observers around matched patterns.
+
+Each pattern gets one observer on its input and one on its output (after the fused ReLU).
+An input that is already observed with the same dtype (another pattern's output, or a value
+two patterns read) shares that observer, so adjacent patterns hand over one set of qparams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+
+from .records import Match, Observed
+
+__all__ = ["insert_observers", "OBSERVER_PREFIX"]
+
+OBSERVER_PREFIX = "fxqbn_observer_"
+
+
+class _Observers:
+    """Observer nodes added to one graph, with the value and dtype each one watches."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.dtype_of: dict[str, torch.dtype] = {}  # observer node name -> dtype
+        self.by_value: dict[tuple[str, torch.dtype], fx.Node] = {}  # (observed node name, dtype) -> observer node
+        self._count = 0
+
+    def add(self, value: fx.Node, match: Match) -> fx.Node:
+        while hasattr(self.gm, f"{OBSERVER_PREFIX}{self._count}"):
+            self._count += 1
+        target = f"{OBSERVER_PREFIX}{self._count}"
+        self.gm.add_submodule(target, match.activation.factory())
+        with self.gm.graph.inserting_after(value):
+            node = self.gm.graph.call_module(target, (value,))
+        self.dtype_of[node.name] = match.activation.dtype
+        self.by_value[(value.name, match.activation.dtype)] = node
+        return node
+
+    def for_input(self, bn: fx.Node, match: Match) -> fx.Node:
+        """The observer on ``bn``'s input, shared when one with the same dtype exists."""
+        value = bn.args[0]
+        assert isinstance(value, fx.Node)
+        dtype = match.activation.dtype
+        if self.dtype_of.get(value.name) == dtype:
+            return value  # already an observer: another pattern's output
+        observer = self.by_value.get((value.name, dtype)) or self.add(value, match)
+        bn.replace_input_with(value, observer)
+        return observer
+
+    def for_output(self, out: fx.Node, match: Match) -> fx.Node:
+        """An observer after the pattern's output, which every user of the output now reads."""
+        observer = self.add(out, match)
+        out.replace_all_uses_with(observer, delete_user_cb=lambda user: user is not observer)
+        return observer
+
+
+def insert_observers(gm: fx.GraphModule, matches: Sequence[Match]) -> tuple[Observed, ...]:
+    """Add observer submodules and nodes for ``matches`` (in graph order) to ``gm``.
+
+    The caller lints and recompiles ``gm``.
+    """
+    nodes = {node.name: node for node in gm.graph.nodes}
+    observers = _Observers(gm)
+    observed = []
+    for match in matches:
+        bn = nodes[match.bn_node]
+        input_observer = observers.for_input(bn, match)
+        output_observer = observers.for_output(nodes[match.output_node], match)
+        observed.append(Observed(match, input_observer.name, output_observer.name))
+    return tuple(observed)
