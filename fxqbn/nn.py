@@ -113,8 +113,14 @@ class _QuantizedBatchNorm(nn.Module):
 
     # -- construction from float modules -----------------------------------------------------
     @classmethod
+    def _unwrap(cls, mod: nn.Module) -> nn.Module:
+        """The BatchNorm inside torch.ao's fused BN+ReLU module; ``mod`` itself otherwise."""
+        return mod[0] if cls._FUSED_MODULE is not None and isinstance(mod, cls._FUSED_MODULE) else mod
+
+    @classmethod
     def from_bn(cls, bn: nn.Module, qparams: QParams) -> "_QuantizedBatchNorm":
-        """Build from a float BatchNorm in eval mode and the output qparams."""
+        """Build from a float BatchNorm (or torch.ao's fused BNReLU) and the output qparams."""
+        bn = cls._unwrap(bn)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise FxqbnError(f"{cls.__name__}.from_bn expects a BatchNorm module, got {type(bn).__name__}")
         if bn.running_mean is None or bn.running_var is None:
@@ -157,7 +163,7 @@ class _QuantizedBatchNorm(nn.Module):
                 f"the activation_post_process observer of {type(mod).__name__} never saw data: run "
                 "calibration data through the module first"
             )
-        bn = mod[0] if cls._FUSED_MODULE is not None and isinstance(mod, cls._FUSED_MODULE) else mod
+        bn = cls._unwrap(mod)
         if type(bn) is not cls._FLOAT_MODULE:
             raise FxqbnError(f"{cls.__name__}.from_float expects {cls._FLOAT_MODULE.__name__}, got {type(bn).__name__}")
         return cls.from_bn(bn, qparams_from_observer(observer))

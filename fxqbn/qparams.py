@@ -44,14 +44,18 @@ class QParams:
 
 
 def observer_has_data(observer: torch.nn.Module) -> bool:
-    """False when the observer keeps a running range and that range was never set."""
+    """False when the observer keeps a running range that was never set.
+
+    torch.ao's observers start at min=+inf, max=-inf: min > max means no batch was seen.
+    (Non-finite data leaves a range that is not of that form; its qparams are refused later.)
+    """
     min_val = getattr(observer, "min_val", None)
     max_val = getattr(observer, "max_val", None)
     if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor):
         return True  # an observer without a range (e.g. fixed qparams) needs no data
     if min_val.numel() == 0 or max_val.numel() == 0:
         return False
-    return bool(torch.isfinite(min_val).all() and torch.isfinite(max_val).all())
+    return not bool((min_val > max_val).any())
 
 
 def qparams_from_observer(observer: torch.nn.Module) -> QParams:

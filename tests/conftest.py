@@ -1,0 +1,53 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            with torch.no_grad():
+                if module.running_mean is not None:
+                    module.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+                    module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                    module.bias.copy_(torch.rand(n, generator=gen) * 2 - 1)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything prepare/convert must leave alone: tensors, module types, training flags."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "types": [(name, type(m)) for name, m in model.named_modules()],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["training"] == before["training"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+@pytest.fixture
+def calibrate():
+    def run(observed, batches):
+        with torch.no_grad():
+            for batch in batches:
+                observed(*batch) if isinstance(batch, tuple) else observed(batch)
+        return observed
+
+    return run
+
+
+__all__ = ["randomize_bn", "snapshot", "assert_unchanged", "copy"]
