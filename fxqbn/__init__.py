@@ -9,10 +9,14 @@
 
 from . import nn
 from .api import convert, get_report, prepare
+from .compare import compare
 from .errors import FxqbnError
 from .qconfig import DEFAULT_OBSERVER
 from .qparams import QParams
-from .report import Report, ReportRow
+from .report import Report, ReportRow, ReportSummary
 
-__all__ = ["prepare", "convert", "get_report", "FxqbnError", "Report", "ReportRow", "QParams", "DEFAULT_OBSERVER", "nn"]
+__all__ = [
+    "prepare", "convert", "get_report", "compare",
+    "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
+]
 __version__ = "0.1.0"

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import (
-    Prepared,
-    Rewrite,
-    Skip,
-    collect_qparams,
-    find_patterns,
-    insert_observers,
-    rewrite_patterns,
-)
+from fxqbn.passes import Prepared, Rewrite, Skip, find_patterns, insert_observers, read_observers, rewrite_patterns
 
+from . import qops
 from .errors import FxqbnError
 from .qconfig import ActivationConfig
-from .report import Report, ReportRow
+from .report import Report, ReportRow, ReportSummary
+from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
 from .tracing import trace
 
 __all__ = ["prepare", "convert", "get_report"]
-
-PREPARED_KEY = "fxqbn_prepared"  # gm.meta key: the Prepared record convert reads
-REPORT_KEY = "fxqbn_report"  # gm.meta key: the Report of a converted module
 
 
 def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.GraphModule:
@@ -48,7 +40,7 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.Gr
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise FxqbnError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    if isinstance(model, fx.GraphModule) and PREPARED_KEY in model.meta:
+    if attached(model, PREPARED_KEY) is not None:
         raise FxqbnError("this model was already prepared by fxqbn: calibrate it and call fxqbn.convert")
     config = ActivationConfig(qconfig)
     gm = trace(copy.deepcopy(model))
@@ -56,7 +48,7 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.Gr
     observed = insert_observers(gm, matches)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[PREPARED_KEY] = Prepared(patterns=observed, skips=tuple(skips))
+    attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
     return gm
 
 
@@ -70,45 +62,62 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm.
     """
-    if not isinstance(observed, fx.GraphModule) or PREPARED_KEY not in observed.meta:
-        already = isinstance(observed, fx.GraphModule) and REPORT_KEY in observed.meta
+    start = time.perf_counter()
+    state: Prepared | None = attached(observed, PREPARED_KEY)
+    if state is None:
         raise FxqbnError(
-            "this model was already converted by fxqbn" if already
+            "this model was already converted by fxqbn" if attached(observed, REPORT_KEY) is not None
             else f"fxqbn.convert expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}"
         )
-    state: Prepared = observed.meta[PREPARED_KEY]
-    qparams = collect_qparams(observed, state.patterns)  # refuse before copying or changing anything
+    readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
     gm = observed if inplace else copy.deepcopy(observed)
-    rewrites = rewrite_patterns(gm, state.patterns, qparams)
+    rewrites = rewrite_patterns(gm, state.patterns, readings)
     gm.delete_all_unused_submodules()  # fused nn.ReLU modules
     gm.graph.lint()
     gm.recompile()
-    del gm.meta[PREPARED_KEY]
-    gm.meta[REPORT_KEY] = _report(rewrites, state.skips)
+    detach(gm, PREPARED_KEY)
+    summary = ReportSummary(
+        rewritten=len(rewrites),
+        skipped=len(state.skips),
+        quantize_nodes=_count_calls(gm, qops.quantize),
+        dequantize_nodes=_count_calls(gm, qops.dequantize),
+        convert_seconds=time.perf_counter() - start,
+    )
+    attach(gm, REWRITES_KEY, rewrites)
+    attach(gm, REPORT_KEY, Report(rows=_rows(rewrites, state.skips), summary=summary))
     return gm
 
 
 def get_report(gm: nn.Module) -> Report:
-    """The report ``convert`` recorded on ``gm``."""
-    report = getattr(gm, "meta", {}).get(REPORT_KEY) if isinstance(gm, fx.GraphModule) else None
+    """The report ``convert`` recorded on ``gm`` (with numbers once ``fxqbn.compare`` ran)."""
+    report = attached(gm, REPORT_KEY)
     if report is None:
         raise FxqbnError("no fxqbn report on this module: pass the GraphModule returned by fxqbn.convert")
     return report
 
 
-def _report(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> Report:
+def _count_calls(gm: fx.GraphModule, function: Any) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target is function)
+
+
+def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[ReportRow, ...]:
     rows: list[tuple[int, ReportRow]] = []
     for rewrite in rewrites:
-        match = rewrite.observed.match
-        qin, qout = rewrite.input_qparams, rewrite.output_qparams
+        match, obs_in, obs_out = rewrite.observed.match, rewrite.input, rewrite.output
         row = ReportRow(
             node=match.bn_node, module=match.module, pattern=match.rule.name, op=match.rule.op,
-            status="rewritten", reason=match.note, dtype=str(qout.dtype).removeprefix("torch."),
-            input_scale=qin.scale, input_zero_point=qin.zero_point,
-            output_scale=qout.scale, output_zero_point=qout.zero_point,
+            status="rewritten", reason=match.note, source=match.source,
+            dtype=str(obs_out.qparams.dtype).removeprefix("torch."), observer=obs_out.observer,
+            input_scale=obs_in.qparams.scale, input_zero_point=obs_in.qparams.zero_point,
+            input_min=obs_in.min_val, input_max=obs_in.max_val,
+            output_scale=obs_out.qparams.scale, output_zero_point=obs_out.qparams.zero_point,
+            output_min=obs_out.min_val, output_max=obs_out.max_val,
         )
         rows.append((match.position, row))
     for skip in skips:
-        row = ReportRow(node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped", reason=skip.reason)
+        row = ReportRow(
+            node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped",
+            reason=skip.reason, source=skip.source,
+        )
         rows.append((skip.position, row))
-    return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])))
+    return tuple(row for _, row in sorted(rows, key=lambda item: item[0]))

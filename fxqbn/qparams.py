@@ -9,7 +9,7 @@ import torch
 
 from .errors import FxqbnError
 
-__all__ = ["QParams", "DTYPE_RANGES", "observer_has_data", "qparams_from_observer"]
+__all__ = ["QParams", "Observation", "DTYPE_RANGES", "observer_has_data", "qparams_from_observer", "read_observer"]
 
 # The activation dtypes the quantized BatchNorm kernel takes, with their integer range.
 DTYPE_RANGES = {
@@ -67,3 +67,26 @@ def qparams_from_observer(observer: torch.nn.Module) -> QParams:
             "per-tensor input: use a per-tensor observer"
         )
     return QParams(float(scale.item()), int(zero_point.item()), observer.dtype)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one observer tells after calibration: its qparams, its kind and the float range it saw."""
+
+    qparams: QParams
+    observer: str  # the observer's class name
+    min_val: float | None  # observed float range; None for observers that keep none
+    max_val: float | None
+
+
+def read_observer(observer: torch.nn.Module) -> Observation:
+    """The Observation of an observer that has seen data (pure: the observer is unchanged)."""
+    qparams = qparams_from_observer(observer)
+    lo, hi = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+    has_range = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == hi.numel() == 1
+    return Observation(
+        qparams=qparams,
+        observer=type(observer).__name__,
+        min_val=float(lo.item()) if has_range else None,
+        max_val=float(hi.item()) if has_range else None,
+    )

@@ -12,10 +12,10 @@ from .match import find_patterns
 from .observe import insert_observers
 from .patterns import RELU_SPELLINGS, RULES, Rule, relu_input, rule_for
 from .records import Match, Observed, Prepared, Rewrite, Skip
-from .rewrite import collect_qparams, rewrite_patterns
+from .rewrite import read_observers, rewrite_patterns
 
 __all__ = [
     "RELU_SPELLINGS", "RULES", "Rule", "relu_input", "rule_for",
     "Match", "Skip", "Observed", "Prepared", "Rewrite",
-    "find_patterns", "insert_observers", "collect_qparams", "rewrite_patterns",
+    "find_patterns", "insert_observers", "read_observers", "rewrite_patterns",
 ]

@@ -5,6 +5,9 @@ Matching reads the graph and never edits it.
 
 from __future__ import annotations
 
+import os
+import re
+
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
@@ -13,7 +16,22 @@ from fxqbn.qconfig import ActivationConfig
 from .patterns import relu_input, rule_for
 from .records import Match, Skip
 
-__all__ = ["find_patterns"]
+__all__ = ["find_patterns", "source_of"]
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.dirname(os.path.abspath(module.__file__))) + os.sep for module in (fx, nn)
+)  # torch/
+
+
+def source_of(node: fx.Node) -> str:
+    """``file.py:123`` of the innermost user frame in the node's recorded stack trace, or ""."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    user = [(path, line) for path, line in frames if not os.path.abspath(path).startswith(_LIBRARY_DIRS)]
+    if not user:
+        return ""
+    path, line = user[-1]
+    return f"{os.path.basename(path)}:{line}"
 
 
 def _fused_relu(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
@@ -33,8 +51,10 @@ def _match_one(
     name = str(node.target)
     kind = type(module).__name__
 
+    source = source_of(node)
+
     def skip(reason: str) -> Skip:
-        return Skip(position=position, node=node.name, module=name, pattern=kind, reason=reason)
+        return Skip(position=position, node=node.name, module=name, pattern=kind, reason=reason, source=source)
 
     if rule_for(type(module), relu=False) is None:
         return skip(f"no quantized rule for {kind}")
@@ -60,6 +80,7 @@ def _match_one(
         relu_node=relu.name if relu is not None else None,
         module=name,
         activation=activation,
+        source=source,
         note=note,
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxqbn.qconfig import ActivationSpec
-from fxqbn.qparams import QParams
+from fxqbn.qparams import Observation
 
 from .patterns import Rule
 
@@ -26,6 +26,7 @@ class Match:
     relu_node: str | None  # name of the fused ReLU node; None when not fused
     module: str  # qualified name of the BatchNorm module
     activation: ActivationSpec  # observer for the pattern's input and output
+    source: str = ""  # "file.py:123" of the BN call in the user's code ("" when unknown)
     note: str = ""  # why a ReLU after the BN was left unfused, when one was
 
     @property
@@ -43,6 +44,7 @@ class Skip:
     module: str  # qualified name of the BatchNorm module
     pattern: str  # e.g. "BatchNorm2d"
     reason: str  # why it stays float
+    source: str = ""  # "file.py:123" of the BN call in the user's code ("" when unknown)
 
     def __post_init__(self) -> None:
         if not self.reason:
@@ -72,5 +74,5 @@ class Rewrite:
 
     observed: Observed
     qmodule: str  # qualified name of the installed quantized module
-    input_qparams: QParams
-    output_qparams: QParams
+    input: Observation  # of the pattern's input observer
+    output: Observation  # of the pattern's output observer

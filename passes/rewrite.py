@@ -27,15 +27,15 @@ from torch import fx, nn
 
 from fxqbn import qops
 from fxqbn.errors import FxqbnError
-from fxqbn.qparams import QParams, observer_has_data, qparams_from_observer
+from fxqbn.qparams import Observation, observer_has_data, read_observer
 
 from .records import Observed, Rewrite
 
-__all__ = ["collect_qparams", "rewrite_patterns"]
+__all__ = ["read_observers", "rewrite_patterns"]
 
 
-def collect_qparams(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str, QParams]:
-    """QParams of every observer node the patterns use, each computed once.
+def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str, Observation]:
+    """The Observation (qparams, range) of every observer node the patterns use, each read once.
 
     Raises FxqbnError listing the BN modules whose observers never saw data, or naming the
     observer whose qparams the kernel cannot take.
@@ -53,16 +53,16 @@ def collect_qparams(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[st
             f"observers never saw data for BatchNorm {', '.join(repr(m) for m in modules)}: run calibration "
             "batches through the prepared model (in eval mode, under torch.no_grad()) before fxqbn.convert"
         )
-    qparams = {}
+    readings = {}
     for name, observer in observers.items():
         try:
-            qparams[name] = qparams_from_observer(observer)
+            readings[name] = read_observer(observer)
         except FxqbnError as exc:
             raise FxqbnError(
                 f"observer '{name}' (for BatchNorm {', '.join(repr(m) for m in users[name])}): {exc}. "
                 "Check the calibration data for NaN or infinite values"
             ) from None
-    return qparams
+    return readings
 
 
 def _install(gm: fx.GraphModule, name: str, module: nn.Module, taken: set[str]) -> str:
@@ -78,7 +78,7 @@ def _install(gm: fx.GraphModule, name: str, module: nn.Module, taken: set[str]) 
 
 
 def rewrite_patterns(
-    gm: fx.GraphModule, patterns: Sequence[Observed], qparams: Mapping[str, QParams]
+    gm: fx.GraphModule, patterns: Sequence[Observed], readings: Mapping[str, Observation]
 ) -> tuple[Rewrite, ...]:
     """Replace every observed pattern (in graph order) and remove all their observers.
 
@@ -100,16 +100,15 @@ def rewrite_patterns(
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
         q_in = quantized.get(in_obs)
         if q_in is None:
-            qp = qparams[in_obs.name]
+            qp = readings[in_obs.name].qparams
             with graph.inserting_before(bn):
                 q_in = graph.call_function(qops.quantize, (in_obs, qp.scale, qp.zero_point, qp.dtype))
             quantized[in_obs] = q_in
-        out_qp = qparams[out_obs.name]
-        qmodule = match.rule.qmodule.from_bn(modules[match.module], out_qp)
+        qmodule = match.rule.qmodule.from_bn(modules[match.module], readings[out_obs.name].qparams)
         target = _install(gm, match.module, qmodule, taken)
         with graph.inserting_before(out_obs):
             quantized[out_obs] = graph.call_module(target, (q_in,))
-        rewrites.append(Rewrite(pattern, target, qparams[in_obs.name], out_qp))
+        rewrites.append(Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name]))
 
     # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
     #    output observer is float code and gets one dequantize. Then the float nodes go.

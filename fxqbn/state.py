@@ -1,0 +1,40 @@
+"""What fxqbn keeps on the GraphModules it returns.
+
+Values live in ``gm.meta`` (which ``copy.deepcopy`` keeps) and in the module's ``__dict__``
+(which pickling keeps, while it drops ``meta``); reading from ``__dict__`` puts the value back
+in ``meta`` so that a later deep copy keeps it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+__all__ = ["PREPARED_KEY", "REPORT_KEY", "REWRITES_KEY", "attach", "attached", "detach"]
+
+PREPARED_KEY = "fxqbn_prepared"  # passes.Prepared: what convert needs from prepare
+REPORT_KEY = "fxqbn_report"  # report.Report of a converted module
+REWRITES_KEY = "fxqbn_rewrites"  # tuple of passes.Rewrite of a converted module
+
+
+def attach(gm: fx.GraphModule, key: str, value: Any) -> None:
+    gm.meta[key] = value
+    gm.__dict__[key] = value
+
+
+def attached(gm: Any, key: str) -> Any:
+    """The value stored under ``key``, or None."""
+    if not isinstance(gm, fx.GraphModule):
+        return None
+    if key in gm.meta:
+        return gm.meta[key]
+    value = gm.__dict__.get(key)
+    if value is not None:
+        gm.meta[key] = value
+    return value
+
+
+def detach(gm: fx.GraphModule, key: str) -> None:
+    gm.meta.pop(key, None)
+    gm.__dict__.pop(key, None)
