@@ -1,0 +1,185 @@
+"""The report: golden table and JSON, skip reasons, numeric columns, source lines, persistence.
+
+Regenerate the golden files after an intended change with:
+    FXQBN_REGEN_GOLDEN=1 python -m pytest tests/test_report.py
+and review the diff.
+"""
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_bn
+from report_model import ReportNet
+from torch import nn
+from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
+
+import fxqbn
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def batches(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 4, 5, 5, generator=gen) for _ in range(n)]
+
+
+def build():
+    model = randomize_bn(ReportNet()).eval()
+    qc = QConfig(activation=MinMaxObserver, weight=default_weight_observer)
+    mapping = QConfigMapping().set_global(qc).set_module_name("excluded", None)
+    observed = fxqbn.prepare(model, (batches(1, 0)[0],), mapping)
+    with torch.no_grad():
+        for x in batches(4, 1):
+            observed(x)
+    return model, observed, fxqbn.convert(observed)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return build()
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("FXQBN_REGEN_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed: regenerate with FXQBN_REGEN_GOLDEN=1 if intended"
+
+
+def without_time(report):
+    return replace(report, summary=replace(report.summary, convert_seconds=0.0))
+
+
+def test_golden_table(converted):
+    check_golden("report.txt", without_time(fxqbn.get_report(converted[2])).format("plain") + "\n")
+
+
+def test_golden_json(converted):
+    check_golden("report.json", fxqbn.get_report(converted[2]).format("json") + "\n")
+
+
+def test_json_is_deterministic_and_strict():
+    first, second = build()[2], build()[2]
+    assert fxqbn.get_report(first).format("json") == fxqbn.get_report(second).format("json")
+    data = json.loads(fxqbn.get_report(first).format("json"))
+    assert list(data) == ["rows", "summary"] and "convert_seconds" not in data["summary"]
+    assert list(data["rows"][0])[:5] == ["node", "module", "pattern", "op", "status"]
+
+
+def test_every_skip_reason_reaches_the_report(converted):
+    rows = {row.module: row for row in fxqbn.get_report(converted[2]).rows}
+    assert rows["excluded"].status == "skipped" and "excluded by qconfig" in rows["excluded"].reason
+    assert rows["batch_stats"].status == "skipped" and "track_running_stats=False" in rows["batch_stats"].reason
+    assert rows["shared"].status == "rewritten" and rows["shared"].reason == "ReLU not fused: the BN output has 2 users"
+    assert [r.module for r in fxqbn.get_report(converted[2]).rows] == [
+        "stem", "block.0", "shared", "excluded", "batch_stats", "bn3d",
+    ]
+    for fmt in ("plain", "github", "csv", "json"):
+        text = fxqbn.get_report(converted[2]).format(fmt)
+        assert "excluded by qconfig" in text and "track_running_stats=False" in text and "ReLU not fused" in text
+
+
+def test_summary_counts(converted):
+    summary = fxqbn.get_report(converted[2]).summary
+    assert (summary.rewritten, summary.skipped) == (4, 2)
+    # x -> stem -> block -> shared (quantized hand-over), then float; bn3d from float again.
+    assert (summary.quantize_nodes, summary.dequantize_nodes) == (2, 2)
+    assert summary.convert_seconds > 0
+    assert "4 rewritten, 2 skipped; 2 quantize and 2 dequantize nodes inserted" in str(fxqbn.get_report(converted[2]))
+
+
+def test_observer_ranges_are_what_the_observers_saw(converted):
+    row = fxqbn.get_report(converted[2]).rows[0]
+    seen = torch.stack(batches(4, 1))
+    assert (row.input_min, row.input_max) == (seen.min().item(), seen.max().item())
+    assert row.observer == "MinMaxObserver" and row.dtype == "quint8"
+    block = fxqbn.get_report(converted[2]).rows[1]
+    assert block.output_min == 0.0  # observed after the fused ReLU
+
+
+def test_source_points_at_the_bn_call_line(converted):
+    lines = Path(ReportNet.__module__ + ".py")
+    source = (Path(__file__).parent / lines).read_text().splitlines()
+    for row in fxqbn.get_report(converted[2]).rows:
+        file, line = row.source.split(":")
+        assert file == "report_model.py"
+        code = source[int(line) - 1]
+        attr = row.module.split(".")[0]
+        assert f"self.{attr}(" in code, (row.module, code)
+
+
+def test_numeric_columns_agree_with_an_independent_computation():
+    model, observed, q = build()
+    inputs = batches(3, 2)
+    report = fxqbn.compare(model, q, inputs)
+    assert fxqbn.get_report(q) == report  # recorded on the module
+    stem = report.rows[0]
+    signal = noise = 0.0
+    worst = 0.0
+    for x in inputs:
+        y = model.stem(x)
+        xq = torch.quantize_per_tensor(x, stem.input_scale, stem.input_zero_point, torch.quint8)
+        y_q = q.stem(xq).dequantize()
+        signal += y.double().pow(2).sum().item()
+        noise += (y_q - y).double().pow(2).sum().item()
+        worst = max(worst, (y_q - y).abs().max().item() / stem.output_scale)
+    assert stem.sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-9)
+    assert stem.max_error_steps == pytest.approx(worst, rel=1e-9)
+    assert all(r.sqnr_db is None for r in report.skipped)
+    assert all(r.sqnr_db is not None and r.sqnr_db > 20 for r in report.rewritten)
+    f_sig = f_noise = 0.0
+    for x in inputs:
+        for f, o in zip(model(x), q(x)):
+            f_sig += f.double().pow(2).sum().item()
+            f_noise += (o.double() - f.double()).pow(2).sum().item()
+    assert report.summary.model_sqnr_db == pytest.approx(10 * math.log10(f_sig / f_noise), rel=1e-9)
+    assert fxqbn.compare(observed, q, inputs).rows == report.rows  # the observed model as reference
+    assert "model output SQNR" in str(report)
+
+
+def test_compare_does_not_feed_the_observers():
+    model, observed, q = build()
+    before = {k: v.clone() for k, v in observed.state_dict().items()}
+    fxqbn.compare(observed, q, [torch.randn(2, 4, 5, 5) * 100])
+    assert all(torch.equal(v, observed.state_dict()[k]) for k, v in before.items())
+
+
+def test_compare_refuses_a_mismatched_reference():
+    _, _, q = build()
+    with pytest.raises(fxqbn.FxqbnError, match="no BatchNorm node"):
+        fxqbn.compare(nn.Sequential(nn.Identity()), q, batches(1, 0))
+
+
+def test_report_survives_deepcopy_pickle_and_torch_save(converted):
+    q = converted[2]
+    report = fxqbn.get_report(q)
+    assert fxqbn.get_report(copy.deepcopy(q)) == report
+    assert fxqbn.get_report(pickle.loads(pickle.dumps(q))) == report
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert fxqbn.get_report(loaded) == report
+    assert fxqbn.get_report(copy.deepcopy(loaded)) == report
+    assert pickle.loads(pickle.dumps(report)) == report
+
+
+def test_formats(converted):
+    report = fxqbn.get_report(converted[2])
+    github = report.format("github")
+    assert github.splitlines()[1].startswith("|-")
+    rows = list(csv.DictReader(io.StringIO(report.format("csv"))))
+    assert [r["module"] for r in rows] == [r.module for r in report.rows]
+    assert float(rows[0]["input_scale"]) == report.rows[0].input_scale
+    assert report.to_dict()["rows"][0]["node"] == "stem"
+    with pytest.raises(ValueError, match="unknown report format 'xml'"):
+        report.format("xml")
