@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,17 +12,17 @@ from torch import fx, nn
 
 from fxqbn.passes import Prepared, Rewrite, Skip, find_patterns, insert_observers, read_observers, rewrite_patterns
 
-from . import qops
 from .errors import FxqbnError
+from .nn import DeQuantize, Quantize
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
-from .tracing import trace
+from .tracing import propagate_shapes, trace
 
 __all__ = ["prepare", "convert", "get_report"]
 
 
-def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.GraphModule:
+def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
     """Trace a copy of ``model`` and insert observers around every quantizable BatchNorm pattern.
 
     Args:
@@ -30,6 +31,11 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.Gr
         qconfig: ``None`` (HistogramObserver, full quint8 range), a ``QConfig`` (its activation is
             used), an observer class or ``with_args`` partial, or a ``QConfigMapping`` (per module
             name/type; ``None`` keeps that BN float).
+        skip: BNs to keep float: module names (a name covers the modules inside it) and types
+            (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
+
+    ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) to learn the
+    rank and dtype of every BN input.
 
     Returns:
         An observed ``GraphModule``: run calibration batches through it, then call ``convert``.
@@ -43,8 +49,10 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.Gr
     if attached(model, PREPARED_KEY) is not None:
         raise FxqbnError("this model was already prepared by fxqbn: calibrate it and call fxqbn.convert")
     config = ActivationConfig(qconfig)
+    skip_requested = _skip_predicate(model, skip)
     gm = trace(copy.deepcopy(model))
-    matches, skips = find_patterns(gm, config)
+    propagate_shapes(gm, tuple(example_inputs))
+    matches, skips = find_patterns(gm, config, skip_requested)
     observed = insert_observers(gm, matches)
     gm.graph.lint()
     gm.recompile()
@@ -79,8 +87,8 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     summary = ReportSummary(
         rewritten=len(rewrites),
         skipped=len(state.skips),
-        quantize_nodes=_count_calls(gm, qops.quantize),
-        dequantize_nodes=_count_calls(gm, qops.dequantize),
+        quantize_nodes=_count_calls(gm, Quantize),
+        dequantize_nodes=_count_calls(gm, DeQuantize),
         convert_seconds=time.perf_counter() - start,
     )
     attach(gm, REWRITES_KEY, rewrites)
@@ -96,8 +104,32 @@ def get_report(gm: nn.Module) -> Report:
     return report
 
 
-def _count_calls(gm: fx.GraphModule, function: Any) -> int:
-    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target is function)
+def _skip_predicate(model: nn.Module, skip: Iterable[Any]) -> Callable[[str, object], bool]:
+    """(module name, module type or function) -> whether ``prepare``'s ``skip`` names it."""
+    if isinstance(skip, (str, type)):
+        skip = [skip]
+    names, kinds = set(), set()
+    for item in skip:
+        if isinstance(item, str):
+            try:
+                model.get_submodule(item)
+            except AttributeError:
+                raise FxqbnError(f"skip names module {item!r}, which the model does not have") from None
+            names.add(item)
+        elif isinstance(item, type) or callable(item):
+            kinds.add(item)
+        else:
+            raise FxqbnError(f"skip takes module names and types, got {item!r}")
+
+    def requested(name: str, kind: object) -> bool:
+        return kind in kinds or any(name == n or name.startswith(n + ".") for n in names)
+
+    return requested
+
+
+def _count_calls(gm: fx.GraphModule, module_type: type) -> int:
+    modules = dict(gm.named_modules())
+    return sum(1 for node in gm.graph.nodes if node.op == "call_module" and type(modules[node.target]) is module_type)
 
 
 def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[ReportRow, ...]:

@@ -25,14 +25,57 @@ from . import qops
 from .errors import FxqbnError
 from .qparams import QParams, observer_has_data, qparams_from_observer
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d",
+    "Quantize", "DeQuantize", "check_statistics",
+]
 
 _SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 _RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
 
 
 def _float32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous float32 tensor (expanded or strided statistics are materialised)."""
     return t.detach().to(dtype=torch.float32, copy=True).contiguous()
+
+
+def _first_bad(values: torch.Tensor, bad: torch.Tensor) -> str:
+    channel = int(bad.nonzero()[0].item())
+    return f"[{channel}] = {values[channel].item()!r}"
+
+
+def check_statistics(
+    name: str,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> None:
+    """Refuse BN tensors the kernel would silently turn into saturated channels, naming the channel."""
+    if not isinstance(eps, (int, float)) or not eps >= 0:  # catches NaN too
+        raise FxqbnError(f"BatchNorm '{name}' has eps = {eps!r}: eps must be a non-negative number")
+    n = running_mean.numel()
+    tensors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for key, t in tensors.items():
+        if t is None:
+            continue
+        if t.dim() != 1 or t.numel() != n:
+            raise FxqbnError(f"BatchNorm '{name}' has {key} of shape {tuple(t.shape)}; expected ({n},)")
+        values = t.detach().float()
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            raise FxqbnError(f"BatchNorm '{name}' has non-finite {key}{_first_bad(values, bad)}: fix or re-estimate the statistics")
+    var = running_var.detach().float()
+    negative = var < 0
+    if negative.any():
+        raise FxqbnError(f"BatchNorm '{name}' has negative running_var{_first_bad(var, negative)}: variances cannot be negative")
+    degenerate = (var + eps) <= 0
+    if degenerate.any():
+        raise FxqbnError(
+            f"BatchNorm '{name}' has running_var + eps <= 0 at channel {int(degenerate.nonzero()[0].item())} "
+            f"(eps = {eps!r}): the channel would divide by zero; use eps > 0"
+        )
 
 
 class _QuantizedBatchNorm(nn.Module):
@@ -104,6 +147,8 @@ class _QuantizedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if x.numel() == 0:  # the kernel would return the input's qparams
+            return qops.empty_quantized(x, self._scale, self._zero_point)
         weight = self.weight if self.weight is not None else self._unit_weight
         bias = self.bias if self.bias is not None else self._zero_bias
         return qops.batch_norm(
@@ -118,25 +163,54 @@ class _QuantizedBatchNorm(nn.Module):
         return mod[0] if cls._FUSED_MODULE is not None and isinstance(mod, cls._FUSED_MODULE) else mod
 
     @classmethod
-    def from_bn(cls, bn: nn.Module, qparams: QParams) -> "_QuantizedBatchNorm":
-        """Build from a float BatchNorm (or torch.ao's fused BNReLU) and the output qparams."""
+    def from_bn(cls, bn: nn.Module, qparams: QParams, name: str = "") -> "_QuantizedBatchNorm":
+        """Build from a float BatchNorm (or torch.ao's fused BNReLU) and the output qparams.
+
+        ``name`` (the module's qualified name) only makes error messages precise.
+        """
         bn = cls._unwrap(bn)
+        label = name or type(bn).__name__
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise FxqbnError(f"{cls.__name__}.from_bn expects a BatchNorm module, got {type(bn).__name__}")
         if bn.running_mean is None or bn.running_var is None:
             raise FxqbnError(
-                f"{type(bn).__name__}({bn.num_features}) has track_running_stats=False: it normalises with "
-                "batch statistics and cannot be quantized; keep it float"
+                f"BatchNorm '{label}' has track_running_stats=False: it normalises with batch statistics "
+                "and cannot be quantized; keep it float"
             )
+        return cls.from_tensors(
+            bn.running_mean, bn.running_var, bn.weight if bn.affine else None, bn.bias if bn.affine else None,
+            bn.eps, bn.momentum, qparams, name=label,
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        momentum: float | None,
+        qparams: QParams,
+        name: str = "BatchNorm",
+    ) -> "_QuantizedBatchNorm":
+        """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them.
+
+        Raises FxqbnError, naming ``name`` and the channel, for statistics the kernel would turn
+        into silently saturated channels.
+        """
+        check_statistics(name, running_mean, running_var, weight, bias, eps)
+        num_features = running_mean.numel()
+        affine = weight is not None or bias is not None
         # The kernel computes in float32: statistics are stored as float32 whatever the BN's dtype.
-        device = bn.running_mean.device
-        qbn = cls(bn.num_features, bn.eps, bn.momentum, affine=bn.affine, device=device, dtype=torch.float32)
+        qbn = cls(num_features, eps, momentum, affine=affine, device=running_mean.device, dtype=torch.float32)
         with torch.no_grad():
-            if bn.affine:
-                qbn.weight = nn.Parameter(_float32_copy(bn.weight), requires_grad=False)
-                qbn.bias = nn.Parameter(_float32_copy(bn.bias), requires_grad=False)
-            qbn.running_mean = _float32_copy(bn.running_mean)
-            qbn.running_var = _float32_copy(bn.running_var)
+            if affine:
+                ones, zeros = torch.ones_like(running_mean), torch.zeros_like(running_mean)
+                qbn.weight = nn.Parameter(_float32_copy(weight if weight is not None else ones), requires_grad=False)
+                qbn.bias = nn.Parameter(_float32_copy(bias if bias is not None else zeros), requires_grad=False)
+            qbn.running_mean = _float32_copy(running_mean)
+            qbn.running_var = _float32_copy(running_var)
         qbn.set_output_qparams(qparams.scale, qparams.zero_point)
         return qbn
 
@@ -213,3 +287,41 @@ class BNReLU3d(_QuantizedBatchNorm):
     """Quantized BatchNorm3d followed by ReLU (``quantized::batch_norm3d_relu``)."""
 
     _DIM, _RELU, _FLOAT_MODULE, _FUSED_MODULE = 3, True, nn.BatchNorm3d, nni.BNReLU3d
+
+
+class Quantize(nn.Module):
+    """The float -> quantized boundary: ``torch.quantize_per_tensor`` with fixed qparams.
+
+    A module (not a function node) so that the check of its input survives re-tracing, e.g.
+    when a converted GraphModule is unpickled.
+    """
+
+    def __init__(self, scale: float = 1.0, zero_point: int = 0, dtype: torch.dtype = torch.quint8) -> None:
+        super().__init__()
+        QParams(scale, zero_point, dtype)  # validates
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int64))
+        self.dtype = dtype
+        self._scale, self._zero_point = float(scale), int(zero_point)
+
+    @classmethod
+    def from_qparams(cls, qparams: QParams) -> "Quantize":
+        return cls(qparams.scale, qparams.zero_point, qparams.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = float(self.scale.item())
+        self._zero_point = int(self.zero_point.item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qops.quantize(x, self._scale, self._zero_point, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self._scale:.6g}, zero_point={self._zero_point}, dtype={self.dtype}"
+
+
+class DeQuantize(nn.Module):
+    """The quantized -> float boundary."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qops.dequantize(x)

@@ -104,11 +104,11 @@ class ActivationConfig:
             )
         self._specs: dict[int, ActivationSpec | str] = {}
 
-    def _lookup(self, module_name: str, module: nn.Module) -> Any:
+    def _lookup(self, module_name: str, object_type: object) -> Any:
         mapping = self._mapping
         if mapping is None:
             return self._single
-        qconfig = mapping.object_type_qconfigs.get(type(module), mapping.global_qconfig)
+        qconfig = mapping.object_type_qconfigs.get(object_type, mapping.global_qconfig)
         for pattern, regex_qconfig in mapping.module_name_regex_qconfigs.items():
             if re.match(pattern, module_name):
                 qconfig = regex_qconfig
@@ -121,12 +121,13 @@ class ActivationConfig:
                 break
         return _factory_of(qconfig)
 
-    def spec_for(self, module_name: str, module: nn.Module) -> ActivationSpec | None:
-        """The validated spec for this module, None when the qconfig leaves it float.
+    def spec_for(self, module_name: str, object_type: object) -> ActivationSpec | None:
+        """The validated spec for a BN (its module name, and its module type or ``F.batch_norm``).
 
-        Raises FxqbnError naming the module when its qconfig cannot drive a quantized BN.
+        None when the qconfig leaves it float. Raises FxqbnError naming the module when its
+        qconfig cannot drive a quantized BN.
         """
-        factory = self._lookup(module_name, module)
+        factory = self._lookup(module_name, object_type)
         if factory is None:
             return None
         key = id(factory)

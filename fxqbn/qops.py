@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize", "dequantize", "batch_norm", "BN_OP_NAMES"]
+from .errors import FxqbnError
+
+__all__ = ["quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
 
 
 # (spatial rank of the BN, fused ReLU) -> the kernel that computes it.
@@ -26,13 +28,27 @@ BN_OP_NAMES = {key: f"quantized::{op._qualified_op_name.split('::')[1]}" for key
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
-    """Float -> quantized boundary: the same rounding as ``torch.quantize_per_tensor``."""
+    """Float -> quantized boundary: the same rounding as ``torch.quantize_per_tensor``.
+
+    Refuses what the CPU-only kernels cannot take (another dtype or device) with an FxqbnError
+    instead of the dispatcher's message.
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise FxqbnError(
+            f"fxqbn's quantized BatchNorm takes float32 CPU tensors, got {x.dtype} on {x.device}: "
+            "pass x.float().cpu()"
+        )
     return torch.quantize_per_tensor(x, scale, zero_point, dtype)
 
 
 def dequantize(x: torch.Tensor) -> torch.Tensor:
     """Quantized -> float boundary."""
     return x.dequantize()
+
+
+def empty_quantized(like: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """An empty quantized tensor shaped like ``like``, carrying the given qparams."""
+    return torch._empty_affine_quantized(list(like.shape), scale=scale, zero_point=zero_point, dtype=like.dtype)
 
 
 def batch_norm(

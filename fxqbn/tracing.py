@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import traceback
 
+import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import FxqbnError
 
-__all__ = ["trace"]
+__all__ = ["trace", "propagate_shapes"]
 
 _OWN_DIRS = (
     os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,  # torch/
@@ -43,3 +45,32 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+class _ShapeAndDeviceProp(ShapeProp):
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["fxqbn_device"] = result.device.type
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Run ``gm`` once on ``example_inputs`` in eval mode, leaving ``tensor_meta`` (shape, dtype) and
+    ``fxqbn_device`` on its nodes. Training flags are restored afterwards, so no BN statistics move.
+    """
+    flags = {module: module.training for module in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _ShapeAndDeviceProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # the user's model failed on the user's inputs: say so, with the line
+        where = _user_frame(exc)
+        raise FxqbnError(
+            f"{type(gm).__name__} failed on example_inputs: {type(exc).__name__}: {exc}"
+            + (f"\n  at {where}" if where else "")
+            + "\nPass example_inputs that the model accepts (a tuple, one entry per forward argument)"
+        ) from exc
+    finally:
+        for module, training in flags.items():
+            module.training = training  # one module at a time: train() would recurse

@@ -1,27 +1,34 @@
 """Matching: find every BatchNorm in a traced graph and decide, with a reason, what becomes of it.
 
-Matching reads the graph and never edits it.
+A BatchNorm is a call of a BatchNorm module or of ``F.batch_norm``. Matching reads the graph
+(and, for ranks and dtypes, the ``tensor_meta`` that shape propagation left on its nodes) and
+never edits it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+from collections.abc import Callable, Collection
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
 from fxqbn.qconfig import ActivationConfig
 
-from .patterns import relu_input, rule_for
-from .records import Match, Skip
+from .patterns import RANK_TO_DIM, relu_input, rule_for
+from .records import FunctionalBn, Match, Skip
 
 __all__ = ["find_patterns", "source_of"]
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.dirname(os.path.abspath(module.__file__))) + os.sep for module in (fx, nn)
-)  # torch/
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,)  # torch/
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+
+SkipPredicate = Callable[[str, object], bool]  # (module name, module type or function) -> skip?
 
 
 def source_of(node: fx.Node) -> str:
@@ -45,61 +52,139 @@ def _fused_relu(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | N
     return None, ""
 
 
-def _match_one(
-    position: int, node: fx.Node, module: nn.Module, modules: dict[str, nn.Module], config: ActivationConfig
-) -> Match | Skip:
-    name = str(node.target)
-    kind = type(module).__name__
+def _input_problem(node: fx.Node, value: fx.Node) -> str:
+    """Why the BN's input cannot be quantized (dtype, device), from shape propagation; "" if it can."""
+    meta = value.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", torch.float32)
+    device = value.meta.get("fxqbn_device", "cpu")
+    if dtype != torch.float32 or device != "cpu":
+        return f"receives {dtype} input on {device}; the quantized kernel takes float32 CPU tensors: convert the model with model.float().cpu()"
+    return ""
 
-    source = source_of(node)
 
-    def skip(reason: str) -> Skip:
-        return Skip(position=position, node=node.name, module=name, pattern=kind, reason=reason, source=source)
+def _rank(value: fx.Node) -> int | None:
+    meta = value.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
 
-    if rule_for(type(module), relu=False) is None:
-        return skip(f"no quantized rule for {kind}")
-    activation = config.spec_for(name, module)
-    if activation is None:
-        return skip("excluded by qconfig (None for this module)")
-    if module.running_mean is None or module.running_var is None:
-        return skip("track_running_stats=False: normalises with batch statistics")
-    if module.training:
-        raise FxqbnError(
-            f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
-            "statistics. Call model.eval() before fxqbn.prepare"
-        )
-    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-        return skip("unsupported call: expected one positional tensor argument")
-    relu, note = _fused_relu(node, modules)
-    rule = rule_for(type(module), relu=relu is not None)
-    assert rule is not None  # every BN type has both forms in RULES
-    return Match(
-        rule=rule,
-        position=position,
-        bn_node=node.name,
-        relu_node=relu.name if relu is not None else None,
-        module=name,
-        activation=activation,
-        source=source,
-        note=note,
+
+def _functional_parts(node: fx.Node) -> tuple[FunctionalBn | None, str, str]:
+    """(tensors, owner module name, reason it cannot be quantized or "") of an ``F.batch_norm`` node."""
+    try:
+        bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError as exc:
+        return None, "", f"unsupported F.batch_norm call: {exc}"
+    bound.apply_defaults()
+    a = bound.arguments
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None, "", "unsupported F.batch_norm call: the input must be the first positional argument"
+
+    def attr(value: object) -> str | None:
+        return str(value.target) if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+    mean, var = attr(a["running_mean"]), attr(a["running_var"])
+    owner = (mean or "").rpartition(".")[0]
+    if a["training"] is not False:
+        return None, owner, "F.batch_norm with training=True (or not a constant) normalises with batch statistics"
+    if mean is None or var is None:
+        return None, owner, "F.batch_norm whose running statistics are not module buffers or parameters (get_attr)"
+    for key in ("weight", "bias"):
+        if a[key] is not None and attr(a[key]) is None:
+            return None, owner, f"F.batch_norm whose {key} is not a module buffer or parameter (get_attr)"
+    if not isinstance(a["eps"], (int, float)) or not (a["momentum"] is None or isinstance(a["momentum"], (int, float))):
+        return None, owner, "F.batch_norm whose eps or momentum is not a constant"
+    parts = FunctionalBn(
+        running_mean=mean, running_var=var, weight=attr(a["weight"]), bias=attr(a["bias"]),
+        eps=float(a["eps"]), momentum=a["momentum"],
     )
+    return parts, owner, ""
 
 
-def find_patterns(gm: fx.GraphModule, config: ActivationConfig) -> tuple[list[Match], list[Skip]]:
-    """Every BatchNorm module call in ``gm``, in graph order: matched, or skipped with a reason.
+class _Matcher:
+    def __init__(self, gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate) -> None:
+        self.gm = gm
+        self.config = config
+        self.skip_requested = skip
+        self.modules = dict(gm.named_modules())
 
-    Raises FxqbnError for a BN that must not be calibrated (training mode) or whose qconfig
-    cannot drive a quantized BN.
+    def match(self, position: int, node: fx.Node) -> Match | Skip | None:
+        if node.op == "call_module" and isinstance(self.modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            return self._match_module(position, node, self.modules[node.target])
+        if node.op == "call_function" and node.target is F.batch_norm:
+            return self._match_functional(position, node)
+        return None
+
+    def _skip(self, position: int, node: fx.Node, name: str, pattern: str, reason: str) -> Skip:
+        return Skip(position=position, node=node.name, module=name, pattern=pattern, reason=reason, source=source_of(node))
+
+    def _match_module(self, position: int, node: fx.Node, module: nn.Module) -> Match | Skip:
+        name, kind = str(node.target), type(module)
+        if rule_for(kind, relu=False) is None:
+            return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
+        if self.skip_requested(name, kind):
+            return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
+        activation = self.config.spec_for(name, kind)
+        if activation is None:
+            return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
+        if module.running_mean is None or module.running_var is None:
+            return self._skip(position, node, name, kind.__name__, "track_running_stats=False: normalises with batch statistics")
+        if module.training:
+            raise FxqbnError(
+                f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
+                "statistics. Call model.eval() before fxqbn.prepare"
+            )
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return self._skip(position, node, name, kind.__name__, "unsupported call: expected one positional tensor argument")
+        problem = _input_problem(node, node.args[0])
+        if problem:
+            raise FxqbnError(f"BatchNorm '{name}' {problem}")
+        return self._match(position, node, name, kind, activation)
+
+    def _match_functional(self, position: int, node: fx.Node) -> Match | Skip:
+        parts, owner, reason = _functional_parts(node)
+        name = owner or node.name
+        value = node.args[0] if node.args else node.kwargs.get("input")
+        rank = _rank(value) if isinstance(value, fx.Node) else None
+        dim = RANK_TO_DIM.get(rank) if rank is not None else None
+        pattern = f"F.batch_norm{dim}d" if dim else "F.batch_norm"
+        if parts is None:
+            return self._skip(position, node, name, pattern, reason)
+        if dim is None:
+            return self._skip(position, node, name, pattern, f"input rank {rank} unknown or unsupported (2 to 5 dims)")
+        if self.skip_requested(name, F.batch_norm):
+            return self._skip(position, node, name, pattern, "skipped on request (prepare's skip argument)")
+        activation = self.config.spec_for(name, F.batch_norm)
+        if activation is None:
+            return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
+        problem = _input_problem(node, value)
+        if problem:
+            raise FxqbnError(f"F.batch_norm node '{node.name}' ({name}) {problem}")
+        return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
+
+    def _match(self, position, node, name, target, activation, dim=None, functional=None, value=None) -> Match:
+        relu, note = _fused_relu(node, self.modules)
+        rule = rule_for(target, relu=relu is not None, dim=dim)
+        assert rule is not None  # every target has both forms in RULES
+        return Match(
+            rule=rule, position=position, bn_node=node.name, input_node=(value or node.args[0]).name,
+            relu_node=relu.name if relu is not None else None, module=name, activation=activation,
+            source=source_of(node), note=note, functional=functional,
+        )
+
+
+def find_patterns(
+    gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate = lambda name, kind: False
+) -> tuple[list[Match], list[Skip]]:
+    """Every BatchNorm call in ``gm``, in graph order: matched, or skipped with a reason.
+
+    Raises FxqbnError for a BN that must not be calibrated (training mode), whose input is not
+    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
     """
-    modules = dict(gm.named_modules())
+    matcher = _Matcher(gm, config, skip)
     matches: list[Match] = []
     skips: list[Skip] = []
     for position, node in enumerate(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = modules[node.target]
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        found = _match_one(position, node, module, modules, config)
-        (matches if isinstance(found, Match) else skips).append(found)
+        found = matcher.match(position, node)
+        if found is not None:
+            (matches if isinstance(found, Match) else skips).append(found)
     return matches, skips

@@ -15,7 +15,7 @@ from torch import fx, nn
 from fxqbn import nn as qnn
 from fxqbn.qops import BN_OP_NAMES
 
-__all__ = ["Rule", "RULES", "RELU_SPELLINGS", "rule_for", "relu_input"]
+__all__ = ["Rule", "RULES", "RANK_TO_DIM", "RELU_SPELLINGS", "rule_for", "relu_input"]
 
 
 @dataclass(frozen=True)
@@ -23,39 +23,57 @@ class Rule:
     """One quantizable pattern.
 
     name: what the report calls it, e.g. ``BatchNorm2d+ReLU``.
-    bn_type: the float BatchNorm module type matched (exactly, not subclasses).
+    target: what the BN node calls: a BatchNorm module type (matched exactly, not subclasses)
+        or ``F.batch_norm`` (whose statistics must be module attributes).
     relu: True when a ReLU that is the BN output's only user is fused into the kernel.
-    qmodule: the ``fxqbn.nn`` module that replaces the pattern.
+    qmodule: the ``fxqbn.nn`` module that replaces the pattern; its dim picks the kernel.
     """
 
     name: str
-    bn_type: type
+    target: object
     relu: bool
     qmodule: type
 
     def __post_init__(self) -> None:
-        if self.qmodule._RELU != self.relu or self.qmodule._FLOAT_MODULE is not self.bn_type:
+        module_rule = isinstance(self.target, type)
+        if self.qmodule._RELU != self.relu or (module_rule and self.qmodule._FLOAT_MODULE is not self.target):
             raise TypeError(f"rule {self.name}: {self.qmodule.__name__} does not compute {self.name}")
+
+    @property
+    def dim(self) -> int:
+        return self.qmodule._DIM
 
     @property
     def op(self) -> str:
         """The quantized kernel the replacement calls, e.g. ``quantized::batch_norm2d_relu``."""
-        return BN_OP_NAMES[(self.qmodule._DIM, self.relu)]
+        return BN_OP_NAMES[(self.dim, self.relu)]
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(name="BatchNorm2d", bn_type=nn.BatchNorm2d, relu=False, qmodule=qnn.BatchNorm2d),  # bn(x)
-    Rule(name="BatchNorm2d+ReLU", bn_type=nn.BatchNorm2d, relu=True, qmodule=qnn.BNReLU2d),  # relu(bn(x))
-    Rule(name="BatchNorm3d", bn_type=nn.BatchNorm3d, relu=False, qmodule=qnn.BatchNorm3d),  # bn(x)
-    Rule(name="BatchNorm3d+ReLU", bn_type=nn.BatchNorm3d, relu=True, qmodule=qnn.BNReLU3d),  # relu(bn(x))
+    Rule(name="BatchNorm1d", target=nn.BatchNorm1d, relu=False, qmodule=qnn.BatchNorm1d),  # bn(x), x (N, C[, L])
+    Rule(name="BatchNorm1d+ReLU", target=nn.BatchNorm1d, relu=True, qmodule=qnn.BNReLU1d),  # relu(bn(x))
+    Rule(name="BatchNorm2d", target=nn.BatchNorm2d, relu=False, qmodule=qnn.BatchNorm2d),  # bn(x)
+    Rule(name="BatchNorm2d+ReLU", target=nn.BatchNorm2d, relu=True, qmodule=qnn.BNReLU2d),  # relu(bn(x))
+    Rule(name="BatchNorm3d", target=nn.BatchNorm3d, relu=False, qmodule=qnn.BatchNorm3d),  # bn(x)
+    Rule(name="BatchNorm3d+ReLU", target=nn.BatchNorm3d, relu=True, qmodule=qnn.BNReLU3d),  # relu(bn(x))
+    Rule(name="F.batch_norm1d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm1d),  # F.batch_norm(x, m, v, ...), x (N, C[, L])
+    Rule(name="F.batch_norm1d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU1d),  # relu(F.batch_norm(x, ...))
+    Rule(name="F.batch_norm2d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm2d),  # x (N, C, H, W)
+    Rule(name="F.batch_norm2d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU2d),
+    Rule(name="F.batch_norm3d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm3d),  # x (N, C, D, H, W)
+    Rule(name="F.batch_norm3d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU3d),
 )
 
-_RULES_BY_KEY = {(rule.bn_type, rule.relu): rule for rule in RULES}
+# The input ranks each kernel dim takes.
+RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
 
 
-def rule_for(bn_type: type, relu: bool) -> Rule | None:
-    """The rule for a BN module type with or without a fused ReLU; None when there is none."""
-    return _RULES_BY_KEY.get((bn_type, relu))
+def rule_for(target: object, relu: bool, dim: int | None = None) -> Rule | None:
+    """The rule for a BN target with or without a fused ReLU (functional BN: also its dim); None when none."""
+    for rule in RULES:
+        if rule.target is target and rule.relu == relu and (dim is None or rule.dim == dim):
+            return rule
+    return None
 
 
 # Every way a traced graph spells ReLU, as (node.op, target); call_module targets match by type.

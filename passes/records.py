@@ -13,7 +13,19 @@ from fxqbn.qparams import Observation
 
 from .patterns import Rule
 
-__all__ = ["Match", "Skip", "Observed", "Prepared", "Rewrite"]
+__all__ = ["FunctionalBn", "Match", "Skip", "Observed", "Prepared", "Rewrite"]
+
+
+@dataclass(frozen=True)
+class FunctionalBn:
+    """The tensors of an ``F.batch_norm`` call, as attribute targets of the GraphModule."""
+
+    running_mean: str
+    running_var: str
+    weight: str | None  # None: no affine weight (ones)
+    bias: str | None  # None: no affine bias (zeros)
+    eps: float
+    momentum: float | None
 
 
 @dataclass(frozen=True)
@@ -22,12 +34,14 @@ class Match:
 
     rule: Rule  # which pattern matched
     position: int  # the BN node's index in graph order, for the report
-    bn_node: str  # name of the BatchNorm call_module node
+    bn_node: str  # name of the BatchNorm node (call_module, or call_function F.batch_norm)
+    input_node: str  # name of the node the BN normalises
     relu_node: str | None  # name of the fused ReLU node; None when not fused
-    module: str  # qualified name of the BatchNorm module
+    module: str  # qualified name of the BatchNorm module (functional: of the statistics' owner)
     activation: ActivationSpec  # observer for the pattern's input and output
     source: str = ""  # "file.py:123" of the BN call in the user's code ("" when unknown)
     note: str = ""  # why a ReLU after the BN was left unfused, when one was
+    functional: FunctionalBn | None = None  # set for F.batch_norm; None for a BatchNorm module
 
     @property
     def output_node(self) -> str:

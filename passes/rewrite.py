@@ -10,9 +10,9 @@ Before (one pattern, input x from float code, output read by float code)::
 
 After::
 
-    q = fxqbn.qops.quantize(x, 0.02, 128, torch.quint8)
+    q = fxqbn_quantize_0(x)         # fxqbn.nn.Quantize(0.02, 128, torch.quint8)
     bn = bn(q)                      # fxqbn.nn.BNReLU2d holding the output qparams
-    dq = fxqbn.qops.dequantize(bn)
+    dq = fxqbn_dequantize(bn)       # fxqbn.nn.DeQuantize, one module for every such node
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
@@ -21,17 +21,22 @@ dequantize/quantize pair between them.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import fx, nn
 
-from fxqbn import qops
 from fxqbn.errors import FxqbnError
+from fxqbn.nn import DeQuantize, Quantize
 from fxqbn.qparams import Observation, observer_has_data, read_observer
 
-from .records import Observed, Rewrite
+from .records import Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns"]
+__all__ = ["read_observers", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_NAME"]
+
+QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
+DEQUANTIZE_NAME = "fxqbn_dequantize"  # the quantized -> float boundary module, shared
 
 
 def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str, Observation]:
@@ -65,8 +70,35 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings
 
 
-def _install(gm: fx.GraphModule, name: str, module: nn.Module, taken: set[str]) -> str:
-    """Put ``module`` at ``name`` (replacing the float BN); a BN called twice gets a fresh name."""
+def _quantized_module(gm: fx.GraphModule, match: Match, output: Observation) -> nn.Module:
+    """The replacement for one pattern, built from the BN module or the F.batch_norm tensors."""
+    qmodule = match.rule.qmodule
+    f = match.functional
+    if f is None:
+        return qmodule.from_bn(gm.get_submodule(match.module), output.qparams, name=match.module)
+
+    def tensor(target: str | None) -> torch.Tensor | None:
+        return None if target is None else operator.attrgetter(target)(gm)
+
+    return qmodule.from_tensors(
+        tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias),
+        f.eps, f.momentum, output.qparams, name=match.module,
+    )
+
+
+def _install_new(gm: fx.GraphModule, prefix: str, module: nn.Module) -> str:
+    """Add ``module`` at the root under the first free name ``prefix<k>``."""
+    k = 0
+    while hasattr(gm, f"{prefix}{k}"):
+        k += 1
+    gm.add_submodule(f"{prefix}{k}", module)
+    return f"{prefix}{k}"
+
+
+def _install(gm: fx.GraphModule, match: Match, module: nn.Module, taken: set[str]) -> str:
+    """Put ``module`` where the float BN module was (a BN called twice gets a fresh name);
+    an F.batch_norm's replacement goes at the root, named after its node."""
+    name = match.module if match.functional is None else f"fxqbn_{match.bn_node}"
     target, k = name, 0
     while target in taken:
         k += 1
@@ -86,13 +118,15 @@ def rewrite_patterns(
     """
     graph = gm.graph
     nodes = {node.name: node for node in graph.nodes}
-    modules = dict(gm.named_modules())
     quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
     taken: set[str] = set()
     rewrites = []
 
+    # 0. Every replacement is built (and its statistics checked) before the graph changes.
+    qmodules = [_quantized_module(gm, p.match, readings[p.output_observer]) for p in patterns]
+
     # 1. A quantized twin for every pattern, reading quantized inputs.
-    for pattern in patterns:
+    for pattern, qmodule in zip(patterns, qmodules):
         match = pattern.match
         bn = nodes[match.bn_node]
         in_obs, out_obs = nodes[pattern.input_observer], nodes[pattern.output_observer]
@@ -100,12 +134,11 @@ def rewrite_patterns(
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
         q_in = quantized.get(in_obs)
         if q_in is None:
-            qp = readings[in_obs.name].qparams
+            boundary = _install_new(gm, QUANTIZE_PREFIX, Quantize.from_qparams(readings[in_obs.name].qparams))
             with graph.inserting_before(bn):
-                q_in = graph.call_function(qops.quantize, (in_obs, qp.scale, qp.zero_point, qp.dtype))
+                q_in = graph.call_module(boundary, (in_obs,))
             quantized[in_obs] = q_in
-        qmodule = match.rule.qmodule.from_bn(modules[match.module], readings[out_obs.name].qparams)
-        target = _install(gm, match.module, qmodule, taken)
+        target = _install(gm, match, qmodule, taken)
         with graph.inserting_before(out_obs):
             quantized[out_obs] = graph.call_module(target, (q_in,))
         rewrites.append(Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name]))
@@ -116,14 +149,20 @@ def rewrite_patterns(
         out_obs = nodes[pattern.output_observer]
         readers = list(out_obs.users)
         if readers:
+            if not hasattr(gm, DEQUANTIZE_NAME):
+                gm.add_submodule(DEQUANTIZE_NAME, DeQuantize())
             q_out = quantized[out_obs]
             with graph.inserting_after(q_out):
-                dq = graph.call_function(qops.dequantize, (q_out,))
+                dq = graph.call_module(DEQUANTIZE_NAME, (q_out,))
             for reader in readers:
                 reader.replace_input_with(out_obs, dq)
+        statistics = [arg for arg in nodes[pattern.match.bn_node].all_input_nodes if arg.op == "get_attr"]
         for name in (pattern.output_observer, pattern.match.relu_node, pattern.match.bn_node):
             if name is not None:
                 graph.erase_node(nodes[name])
+        for node in statistics:  # F.batch_norm's get_attr nodes, unless something else reads them
+            if not node.users:
+                graph.erase_node(node)
 
     # 3. Input observers that no pattern produced: their readers get the float value back.
     outputs = {pattern.output_observer for pattern in patterns}

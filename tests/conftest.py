@@ -39,6 +39,12 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["state"][key], value), key
 
 
+def calls(gm, module_type) -> list:
+    """The call_module nodes of ``gm`` whose module is exactly of ``module_type``."""
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and type(modules[n.target]) is module_type]
+
+
 @pytest.fixture
 def calibrate():
     def run(observed, batches):
@@ -50,4 +56,4 @@ def calibrate():
     return run
 
 
-__all__ = ["randomize_bn", "snapshot", "assert_unchanged", "copy"]
+__all__ = ["randomize_bn", "snapshot", "assert_unchanged", "calls", "copy"]

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, randomize_bn, snapshot
+from conftest import assert_unchanged, calls, randomize_bn, snapshot
 from torch import nn
 from torch.ao.quantization import (
     HistogramObserver,
@@ -18,7 +18,6 @@ from torch.ao.quantization import (
 )
 
 import fxqbn
-from fxqbn import qops
 
 
 class Chain(nn.Module):
@@ -45,18 +44,14 @@ def converted(model, qconfig=None, data=None):
     return fxqbn.convert(observed)
 
 
-def targets(gm, op):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
-
-
 # -- the pipeline --------------------------------------------------------------------------------
 
 
 def test_chain_hands_quantized_tensors_from_pattern_to_pattern():
     model = randomize_bn(Chain()).eval()
     q = converted(model, MinMaxObserver)
-    assert len(targets(q, qops.quantize)) == 1
-    assert len(targets(q, qops.dequantize)) == 1
+    assert len(calls(q, fxqbn.nn.Quantize)) == 1
+    assert len(calls(q, fxqbn.nn.DeQuantize)) == 1
     assert [type(q.get_submodule(n)) for n in ("bn1", "bn2", "bn3")] == [
         fxqbn.nn.BatchNorm2d, fxqbn.nn.BNReLU2d, fxqbn.nn.BatchNorm2d,
     ]

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn
+from conftest import calls, randomize_bn
 from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
-from fxqbn import qops
 from fxqbn.passes import RELU_SPELLINGS, RULES, rule_for
 
 SPELLINGS = {  # name -> function applying ReLU to the BN output in forward
@@ -21,7 +20,12 @@ SPELLINGS = {  # name -> function applying ReLU to the BN output in forward
     ".relu()": lambda self, y: y.relu(),
     ".relu_()": lambda self, y: y.relu_(),
 }
-DIMS = {2: (nn.BatchNorm2d, (2, 4, 5, 5)), 3: (nn.BatchNorm3d, (2, 4, 3, 4, 4))}
+DIMS = {
+    "1d": (nn.BatchNorm1d, (6, 4)),
+    "1d-seq": (nn.BatchNorm1d, (2, 4, 7)),
+    "2d": (nn.BatchNorm2d, (2, 4, 5, 5)),
+    "3d": (nn.BatchNorm3d, (2, 4, 3, 4, 4)),
+}
 
 
 class BnRelu(nn.Module):
@@ -58,9 +62,15 @@ def test_every_rule_is_consistent_and_reachable():
     names = [rule.name for rule in RULES]
     assert len(names) == len(set(names))
     for rule in RULES:
-        assert rule_for(rule.bn_type, rule.relu) is rule
-        assert rule.op == f"quantized::batch_norm{rule.qmodule._DIM}d" + ("_relu" if rule.relu else "")
-        assert rule.name == rule.bn_type.__name__ + ("+ReLU" if rule.relu else "")
+        functional = rule.target is F.batch_norm
+        assert rule_for(rule.target, rule.relu, rule.dim if functional else None) is rule
+        assert rule.op == f"quantized::batch_norm{rule.dim}d" + ("_relu" if rule.relu else "")
+        stem = f"F.batch_norm{rule.dim}d" if functional else rule.target.__name__
+        assert rule.name == stem + ("+ReLU" if rule.relu else "")
+    assert {(r.target, r.dim, r.relu) for r in RULES} == {
+        (t, d, relu) for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm) for d in (1, 2, 3)
+        for relu in (False, True) if t is F.batch_norm or t.__name__.endswith(f"{d}d")
+    }
 
 
 def test_every_spelling_is_tested():
@@ -74,10 +84,11 @@ def test_relu_is_fused_in_every_spelling(dim, spelling):
     model = randomize_bn(BnRelu(bn_type, spelling)).eval()
     q = calibrated(model, shape)
     (row,) = fxqbn.get_report(q).rows
+    d = dim[:2]
     assert (row.pattern, row.op, row.status, row.reason) == (
-        f"BatchNorm{dim}d+ReLU", f"quantized::batch_norm{dim}d_relu", "rewritten", "",
+        f"BatchNorm{d}+ReLU", f"quantized::batch_norm{d}_relu", "rewritten", "",
     )
-    assert type(q.bn) is getattr(fxqbn.nn, f"BNReLU{dim}d")
+    assert type(q.bn) is getattr(fxqbn.nn, f"BNReLU{d}")
     assert not any(n.op == "call_method" and "relu" in str(n.target) for n in q.graph.nodes)
     assert not any(n.op == "call_function" and n.target in (F.relu, torch.relu, torch.relu_) for n in q.graph.nodes)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
@@ -91,7 +102,7 @@ def test_bn_alone_is_within_one_step_of_the_float_reference(dim):
     model = randomize_bn(nn.Sequential(bn_type(4))).eval()
     q = calibrated(model, shape)
     (row,) = fxqbn.get_report(q).rows
-    assert row.pattern == f"BatchNorm{dim}d"
+    assert row.pattern == f"BatchNorm{dim[:2]}"
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
     assert (q(x) - float_reference(model[0], x, row, relu=False)).abs().max() <= row.output_scale * 1.0001
 
@@ -117,7 +128,7 @@ def test_relu_on_a_shared_bn_output_is_left_float_with_the_reason():
     assert row.reason == "ReLU not fused: the BN output has 2 users"
     assert type(q.bn) is fxqbn.nn.BatchNorm2d
     assert len([n for n in q.graph.nodes if n.target is F.relu]) == 1
-    assert len([n for n in q.graph.nodes if n.target is qops.dequantize]) == 1
+    assert len(calls(q, fxqbn.nn.DeQuantize)) == 1
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(7))
     out = q(x)
     assert (out >= 0).all()  # the inplace ReLU reached the add's other operand, as in eager
@@ -140,14 +151,14 @@ def test_relu_not_applied_to_the_bn_output_is_not_fused():
 
 
 def test_unsupported_batchnorm_types_are_reported():
-    class WithBn1d(nn.Module):
+    class Sync(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn = nn.BatchNorm1d(4)
+            self.bn = nn.SyncBatchNorm(4)
 
         def forward(self, x):
             return self.bn(x)
 
-    q = calibrated(WithBn1d().eval(), (2, 4, 5))
+    q = calibrated(Sync().eval(), (2, 4, 5, 5))
     (row,) = fxqbn.get_report(q).rows
-    assert (row.status, row.reason) == ("skipped", "no quantized rule for BatchNorm1d")
+    assert (row.status, row.reason) == ("skipped", "no quantized rule for SyncBatchNorm")
