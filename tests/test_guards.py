@@ -1,0 +1,198 @@
+"""Bad input never reaches the quantized kernel: each case is refused or handled, never silent."""
+
+import math
+
+import pytest
+import torch
+from conftest import assert_unchanged, randomize_bn, snapshot
+from torch import nn
+from torch.ao.quantization import MinMaxObserver
+from torch.ao.quantization.observer import ObserverBase
+
+import fxqbn
+from fxqbn import nn as qnn
+
+
+class Chain(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(x) * 2)
+
+
+def observed_chain(model=None, observer=MinMaxObserver, shape=(2, 4, 5, 5)):
+    model = model if model is not None else randomize_bn(Chain()).eval()
+    observed = fxqbn.prepare(model, (torch.randn(*shape),), observer)
+    with torch.no_grad():
+        for seed in range(3):
+            observed(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+    return observed
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+
+def test_expanded_and_strided_statistics_are_materialised():
+    plain = randomize_bn(Chain()).eval()
+    odd = randomize_bn(Chain()).eval()
+    with torch.no_grad():
+        odd.bn1.weight = nn.Parameter(torch.full((1,), 1.5).expand(4))  # stride 0
+        plain.bn1.weight.fill_(1.5)
+        wide = torch.zeros(8)
+        wide[::2] = plain.bn1.running_var
+        odd.bn1.running_var = wide[::2]  # stride 2
+    assert odd.bn1.weight.stride() == (0,) and odd.bn1.running_var.stride() == (2,)
+    x = torch.randn(2, 4, 5, 5)
+    q_odd, q_plain = fxqbn.convert(observed_chain(odd)), fxqbn.convert(observed_chain(plain))
+    assert torch.equal(q_odd(x), q_plain(x))
+    assert q_odd.bn1.weight.is_contiguous() and q_odd.bn1.running_var.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "tensor, channel, value, message",
+    [
+        ("running_mean", 2, float("nan"), r"'bn1' has non-finite running_mean\[2\] = nan"),
+        ("running_var", 1, float("inf"), r"'bn1' has non-finite running_var\[1\] = inf"),
+        ("weight", 3, float("-inf"), r"'bn1' has non-finite weight\[3\] = -inf"),
+        ("bias", 0, float("nan"), r"'bn1' has non-finite bias\[0\] = nan"),
+        ("running_var", 2, -0.5, r"'bn1' has negative running_var\[2\] = -0.5"),
+    ],
+)
+def test_bad_statistics_are_refused_naming_module_and_channel(tensor, channel, value, message):
+    observed = observed_chain()
+    with torch.no_grad():
+        getattr(observed.bn1, tensor)[channel] = value
+    with pytest.raises(fxqbn.FxqbnError, match=message):
+        fxqbn.convert(observed)
+
+
+@pytest.mark.parametrize(
+    "eps, message",
+    [(-1e-3, r"eps = -0.001: eps must be a non-negative"), (float("nan"), r"eps = nan"), (0.0, r"running_var \+ eps <= 0 at channel 1")],
+)
+def test_bad_eps_is_refused(eps, message):
+    observed = observed_chain()
+    observed.bn1.eps = eps
+    with torch.no_grad():
+        observed.bn1.running_var[1] = 0.0
+    with pytest.raises(fxqbn.FxqbnError, match=message):
+        fxqbn.convert(observed, inplace=True)
+    assert hasattr(observed, "fxqbn_observer_0")  # refused before the graph changed
+
+
+def test_refusal_leaves_the_user_model_unchanged():
+    model = randomize_bn(Chain()).eval()
+    with torch.no_grad():
+        model.bn2.running_var[0] = -1.0
+    before = snapshot(model)
+    with pytest.raises(fxqbn.FxqbnError):
+        fxqbn.convert(observed_chain(model))
+    assert_unchanged(model, before)
+
+
+# -- qparams ---------------------------------------------------------------------------------------
+
+
+class FixedObserver(ObserverBase):
+    """Returns whatever qparams it is told to, after seeing data."""
+
+    def __init__(self, scale=0.1, zero_point=0, dtype=torch.quint8):
+        super().__init__(dtype=dtype)
+        self.scale, self.zero_point = scale, zero_point
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x):
+        self.min_val.fill_(x.min())
+        self.max_val.fill_(x.max())
+        return x
+
+    def calculate_qparams(self):
+        return torch.tensor([self.scale]), torch.tensor([self.zero_point])
+
+
+@pytest.mark.parametrize(
+    "scale, zero_point, message",
+    [
+        (0.0, 0, "scale 0.0 is not a finite, positive, normal"),
+        (-0.1, 0, "scale -0.1"),
+        (float("nan"), 0, "scale nan"),
+        (float("inf"), 0, "scale inf"),
+        (1e-40, 0, r"scale 9\.9+\d*e-41 is not a finite, positive, normal"),  # float32 subnormal
+        (0.1, 300, r"zero point 300 is outside \[0, 255\]"),
+        (0.1, -1, r"zero point -1 is outside \[0, 255\]"),
+    ],
+)
+def test_bad_output_qparams_are_refused_naming_the_observer(scale, zero_point, message):
+    observed = observed_chain(observer=FixedObserver.with_args(scale=scale, zero_point=zero_point))
+    with pytest.raises(fxqbn.FxqbnError, match=rf"observer 'fxqbn_observer_0' \(for BatchNorm 'bn1'\): {message}"):
+        fxqbn.convert(observed)
+
+
+def test_nan_calibration_data_is_refused_at_convert():
+    observed = observed_chain()
+    with torch.no_grad():
+        observed(torch.full((2, 4, 5, 5), float("nan")))
+    with pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_0'.*scale nan.*NaN or infinite"):
+        fxqbn.convert(observed)
+
+
+# -- run-time inputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qcls, shape", [(qnn.BatchNorm2d, (0, 4, 5, 5)), (qnn.BNReLU2d, (2, 4, 0, 5)), (qnn.BatchNorm3d, (1, 4, 2, 0, 3)), (qnn.BatchNorm1d, (0, 4))])
+def test_empty_batches_carry_the_output_qparams(qcls, shape):
+    q = qcls.from_reference(randomize_bn(qcls._FLOAT_MODULE(4)).eval(), 0.125, 3)
+    x = torch.quantize_per_tensor(torch.randn(*shape), 0.05, 128, torch.quint8)
+    out = q(x)
+    assert out.shape == x.shape and (out.q_scale(), out.q_zero_point()) == (0.125, 3)
+
+
+def test_empty_batch_through_a_converted_model():
+    q = fxqbn.convert(observed_chain())
+    assert q(torch.randn(0, 4, 5, 5)).shape == (0, 4, 5, 5)
+
+
+def test_wrong_channel_count_at_run_time_names_the_expected_shape():
+    q = fxqbn.convert(observed_chain())
+    with pytest.raises(fxqbn.FxqbnError, match=r"QuantizedBatchNorm2d has 4 channels, got input of shape \(2, 3, 5, 5\)"):
+        q(torch.randn(2, 3, 5, 5))
+
+
+def test_wrong_rank_at_run_time_names_the_expected_shape():
+    q = fxqbn.convert(observed_chain())
+    with pytest.raises(fxqbn.FxqbnError, match=r"expects input of shape \(N, C, H, W\), got \(4, 5, 5\)"):
+        q(torch.randn(4, 5, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_non_float32_inputs_to_a_converted_model_are_refused(dtype):
+    q = fxqbn.convert(observed_chain())
+    with pytest.raises(fxqbn.FxqbnError, match=rf"takes float32 CPU tensors, got {dtype} on cpu"):
+        q(torch.randn(2, 4, 5, 5, dtype=dtype))
+
+
+@pytest.mark.parametrize("convert_model", [lambda m: m.double(), lambda m: m.half()])
+def test_non_float32_models_are_refused_at_prepare(convert_model):
+    model = convert_model(randomize_bn(Chain()).eval())
+    dtype = model.bn1.weight.dtype
+    with pytest.raises(fxqbn.FxqbnError, match=rf"BatchNorm 'bn1' receives {dtype} input on cpu.*model.float\(\)"):
+        fxqbn.prepare(model, (torch.randn(2, 4, 5, 5, dtype=dtype),))
+
+
+def test_meta_tensors_are_refused_at_prepare():
+    model = Chain().eval().to("meta")
+    with pytest.raises(fxqbn.FxqbnError, match=r"BatchNorm 'bn1' receives torch.float32 input on meta"):
+        fxqbn.prepare(model, (torch.randn(2, 4, 5, 5, device="meta"),))
+
+
+def test_example_inputs_the_model_rejects():
+    with pytest.raises(fxqbn.FxqbnError, match=r"Chain failed on example_inputs: RuntimeError"):
+        fxqbn.prepare(Chain().eval(), (torch.randn(2, 3, 5, 5),))
+
+
+def test_quantize_module_checks_its_qparams():
+    with pytest.raises(fxqbn.FxqbnError, match="scale"):
+        qnn.Quantize(math.nan, 0, torch.quint8)
