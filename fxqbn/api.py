@@ -10,7 +10,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import Prepared, Rewrite, Skip, find_patterns, insert_observers, read_observers, rewrite_patterns
+from fxqbn.passes import (
+    Prepared,
+    Rewrite,
+    Skip,
+    adopt_observers,
+    find_patterns,
+    insert_observers,
+    is_torch_ao_observed,
+    read_observers,
+    remove_observers,
+    rewrite_patterns,
+)
 
 from .errors import FxqbnError
 from .nn import DeQuantize, Quantize
@@ -64,7 +75,9 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Replace every observed BatchNorm pattern with its quantized module.
 
     Args:
-        observed: the result of ``prepare``, after calibration.
+        observed: the result of ``prepare``, after calibration; or a GraphModule observed and
+            calibrated by torch.ao's ``prepare_fx``: its observed BN / BN+ReLU patterns are
+            converted, its other observers removed (listed in the report's ``dropped``).
         inplace: rewrite ``observed`` itself instead of a deep copy.
 
     Returns:
@@ -72,6 +85,8 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """
     start = time.perf_counter()
     state: Prepared | None = attached(observed, PREPARED_KEY)
+    if state is None and attached(observed, REPORT_KEY) is None and is_torch_ao_observed(observed):
+        state = adopt_observers(observed)
     if state is None:
         raise FxqbnError(
             "this model was already converted by fxqbn" if attached(observed, REPORT_KEY) is not None
@@ -80,6 +95,7 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
     gm = observed if inplace else copy.deepcopy(observed)
     rewrites = rewrite_patterns(gm, state.patterns, readings)
+    remove_observers(gm, state.dropped)
     gm.delete_all_unused_submodules()  # fused nn.ReLU modules
     gm.graph.lint()
     gm.recompile()
@@ -92,7 +108,8 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         convert_seconds=time.perf_counter() - start,
     )
     attach(gm, REWRITES_KEY, rewrites)
-    attach(gm, REPORT_KEY, Report(rows=_rows(rewrites, state.skips), summary=summary))
+    dropped = tuple(f"{d.observer} on {d.observed}: not part of a BN pattern; removed, left float" for d in state.dropped)
+    attach(gm, REPORT_KEY, Report(rows=_rows(rewrites, state.skips), summary=summary, dropped=dropped))
     return gm
 
 

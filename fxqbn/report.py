@@ -111,6 +111,7 @@ class Report:
 
     rows: tuple[ReportRow, ...]
     summary: ReportSummary
+    dropped: tuple[str, ...] = ()  # observers found outside any BN pattern (torch.ao graphs), removed
 
     @property
     def rewritten(self) -> tuple[ReportRow, ...]:
@@ -124,7 +125,7 @@ class Report:
         """JSON-ready data: rows and summary, without the conversion time; inf/NaN become None."""
         summary = {k: _finite(v) for k, v in asdict(self.summary).items() if k != "convert_seconds"}
         rows = [{k: _finite(v) for k, v in asdict(row).items()} for row in self.rows]
-        return {"rows": rows, "summary": summary}
+        return {"rows": rows, "summary": summary, "dropped": list(self.dropped)}
 
     def summary_line(self) -> str:
         s = self.summary
@@ -150,7 +151,10 @@ class Report:
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
         table = [[cell(row) for cell in _COLUMNS.values()] for row in self.rows]
         style = "simple" if fmt == "plain" else "github"
-        return tabulate(table, headers=list(_COLUMNS), tablefmt=style, disable_numparse=True) + "\n" + self.summary_line()
+        text = tabulate(table, headers=list(_COLUMNS), tablefmt=style, disable_numparse=True) + "\n" + self.summary_line()
+        if self.dropped:
+            text += "\nobservers removed without conversion:\n" + "\n".join(f"  {line}" for line in self.dropped)
+        return text
 
     def with_numbers(self, numbers: dict[str, tuple[float, float]], model_sqnr_db: float | None) -> "Report":
         """A copy with ``sqnr_db`` / ``max_error_steps`` filled for the rows whose node is in ``numbers``."""

@@ -29,9 +29,19 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping every module a pattern rule replaces (e.g. torch.ao's fused
+    ``BNReLU2d``, a Sequential) as one call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from fxqbn.passes.patterns import MODULE_TARGETS
+
+        return type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` with stack traces recorded on every node."""
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     tracer.record_stack_traces = True
     try:
         graph = tracer.trace(model)

@@ -19,7 +19,7 @@ from torch import fx, nn
 from fxqbn.errors import FxqbnError
 from fxqbn.qconfig import ActivationConfig
 
-from .patterns import RANK_TO_DIM, relu_input, rule_for
+from .patterns import MODULE_TARGETS, RANK_TO_DIM, relu_input, rule_for
 from .records import FunctionalBn, Match, Skip
 
 __all__ = ["find_patterns", "source_of"]
@@ -105,11 +105,12 @@ class _Matcher:
         self.gm = gm
         self.config = config
         self.skip_requested = skip
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules(remove_duplicate=False))
 
     def match(self, position: int, node: fx.Node) -> Match | Skip | None:
-        if node.op == "call_module" and isinstance(self.modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-            return self._match_module(position, node, self.modules[node.target])
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in MODULE_TARGETS:
+            return self._match_module(position, node, module)
         if node.op == "call_function" and node.target is F.batch_norm:
             return self._match_functional(position, node)
         return None
@@ -119,16 +120,18 @@ class _Matcher:
 
     def _match_module(self, position: int, node: fx.Node, module: nn.Module) -> Match | Skip:
         name, kind = str(node.target), type(module)
-        if rule_for(kind, relu=False) is None:
+        rule = rule_for(kind, relu=False) or rule_for(kind, relu=True)
+        if rule is None:
             return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
+        bn = module[0] if rule.prefused else module
         if self.skip_requested(name, kind):
             return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
         activation = self.config.spec_for(name, kind)
         if activation is None:
             return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
-        if module.running_mean is None or module.running_var is None:
+        if bn.running_mean is None or bn.running_var is None:
             return self._skip(position, node, name, kind.__name__, "track_running_stats=False: normalises with batch statistics")
-        if module.training:
+        if bn.training:
             raise FxqbnError(
                 f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
                 "statistics. Call model.eval() before fxqbn.prepare"
@@ -162,8 +165,9 @@ class _Matcher:
         return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
 
     def _match(self, position, node, name, target, activation, dim=None, functional=None, value=None) -> Match:
-        relu, note = _fused_relu(node, self.modules)
-        rule = rule_for(target, relu=relu is not None, dim=dim)
+        prefused = rule_for(target, relu=False, dim=dim) is None  # the ReLU is inside the module
+        relu, note = (None, "") if prefused else _fused_relu(node, self.modules)
+        rule = rule_for(target, relu=prefused or relu is not None, dim=dim)
         assert rule is not None  # every target has both forms in RULES
         return Match(
             rule=rule, position=position, bn_node=node.name, input_node=(value or node.args[0]).name,

@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn import nn as qnn
 from fxqbn.qops import BN_OP_NAMES
 
-__all__ = ["Rule", "RULES", "RANK_TO_DIM", "RELU_SPELLINGS", "rule_for", "relu_input"]
+__all__ = ["Rule", "RULES", "RANK_TO_DIM", "RELU_SPELLINGS", "MODULE_TARGETS", "rule_for", "relu_input"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,14 @@ class Rule:
 
     def __post_init__(self) -> None:
         module_rule = isinstance(self.target, type)
-        if self.qmodule._RELU != self.relu or (module_rule and self.qmodule._FLOAT_MODULE is not self.target):
+        replaces = (self.qmodule._FLOAT_MODULE, self.qmodule._FUSED_MODULE)
+        if self.qmodule._RELU != self.relu or (module_rule and self.target not in replaces):
             raise TypeError(f"rule {self.name}: {self.qmodule.__name__} does not compute {self.name}")
+
+    @property
+    def prefused(self) -> bool:
+        """True for torch.ao's fused BN+ReLU modules: the ReLU is inside the module, not after it."""
+        return self.target is self.qmodule._FUSED_MODULE
 
     @property
     def dim(self) -> int:
@@ -56,6 +63,8 @@ RULES: tuple[Rule, ...] = (
     Rule(name="BatchNorm2d+ReLU", target=nn.BatchNorm2d, relu=True, qmodule=qnn.BNReLU2d),  # relu(bn(x))
     Rule(name="BatchNorm3d", target=nn.BatchNorm3d, relu=False, qmodule=qnn.BatchNorm3d),  # bn(x)
     Rule(name="BatchNorm3d+ReLU", target=nn.BatchNorm3d, relu=True, qmodule=qnn.BNReLU3d),  # relu(bn(x))
+    Rule(name="BNReLU2d", target=nni.BNReLU2d, relu=True, qmodule=qnn.BNReLU2d),  # torch.ao's fused BN+ReLU module
+    Rule(name="BNReLU3d", target=nni.BNReLU3d, relu=True, qmodule=qnn.BNReLU3d),  # torch.ao's fused BN+ReLU module
     Rule(name="F.batch_norm1d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm1d),  # F.batch_norm(x, m, v, ...), x (N, C[, L])
     Rule(name="F.batch_norm1d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU1d),  # relu(F.batch_norm(x, ...))
     Rule(name="F.batch_norm2d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm2d),  # x (N, C, H, W)
@@ -63,6 +72,9 @@ RULES: tuple[Rule, ...] = (
     Rule(name="F.batch_norm3d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm3d),  # x (N, C, D, H, W)
     Rule(name="F.batch_norm3d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU3d),
 )
+
+# Module types some rule replaces.
+MODULE_TARGETS = frozenset(rule.target for rule in RULES if isinstance(rule.target, type))
 
 # The input ranks each kernel dim takes.
 RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}

@@ -13,7 +13,7 @@ from fxqbn.qparams import Observation
 
 from .patterns import Rule
 
-__all__ = ["FunctionalBn", "Match", "Skip", "Observed", "Prepared", "Rewrite"]
+__all__ = ["FunctionalBn", "Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,20 @@ class Observed:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """An observer that belongs to no BN pattern (e.g. torch.ao's on a conv): removed, left float."""
+
+    observer: str  # name of the observer node
+    observed: str  # what it observed: "conv1 (call_module conv1)"
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """What ``prepare`` leaves in ``gm.meta`` for ``convert``."""
+    """What ``prepare`` leaves in ``gm.meta`` for ``convert`` (or what adopting a torch.ao graph finds)."""
 
     patterns: tuple[Observed, ...]
     skips: tuple[Skip, ...]
+    dropped: tuple[Dropped, ...] = ()  # observers convert removes without converting anything
 
 
 @dataclass(frozen=True)

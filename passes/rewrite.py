@@ -31,9 +31,9 @@ from fxqbn.errors import FxqbnError
 from fxqbn.nn import DeQuantize, Quantize
 from fxqbn.qparams import Observation, observer_has_data, read_observer
 
-from .records import Match, Observed, Rewrite
+from .records import Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_NAME"]
+__all__ = ["read_observers", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_NAME"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_NAME = "fxqbn_dequantize"  # the quantized -> float boundary module, shared
@@ -174,3 +174,14 @@ def rewrite_patterns(
     for name in dict.fromkeys(n for pattern in patterns for n in (pattern.input_observer, pattern.output_observer)):
         gm.delete_submodule(str(nodes[name].target))
     return tuple(rewrites)
+
+
+def remove_observers(gm: fx.GraphModule, dropped: Sequence[Dropped]) -> None:
+    """Remove observer nodes that belong to no pattern; their readers get the observed value."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for item in dropped:
+        node = nodes[item.observer]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        if not any(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+            gm.delete_submodule(str(node.target))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
 from conftest import calls, randomize_bn
 from torch import nn
@@ -66,11 +67,12 @@ def test_every_rule_is_consistent_and_reachable():
         assert rule_for(rule.target, rule.relu, rule.dim if functional else None) is rule
         assert rule.op == f"quantized::batch_norm{rule.dim}d" + ("_relu" if rule.relu else "")
         stem = f"F.batch_norm{rule.dim}d" if functional else rule.target.__name__
-        assert rule.name == stem + ("+ReLU" if rule.relu else "")
-    assert {(r.target, r.dim, r.relu) for r in RULES} == {
+        assert rule.name == stem + ("+ReLU" if rule.relu and not rule.prefused else "")
+    assert {(r.target, r.dim, r.relu) for r in RULES if not r.prefused} == {
         (t, d, relu) for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm) for d in (1, 2, 3)
         for relu in (False, True) if t is F.batch_norm or t.__name__.endswith(f"{d}d")
     }
+    assert {(r.target, r.dim) for r in RULES if r.prefused} == {(nni.BNReLU2d, 2), (nni.BNReLU3d, 3)}
 
 
 def test_every_spelling_is_tested():

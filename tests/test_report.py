@@ -71,7 +71,7 @@ def test_json_is_deterministic_and_strict():
     first, second = build()[2], build()[2]
     assert fxqbn.get_report(first).format("json") == fxqbn.get_report(second).format("json")
     data = json.loads(fxqbn.get_report(first).format("json"))
-    assert list(data) == ["rows", "summary"] and "convert_seconds" not in data["summary"]
+    assert list(data) == ["rows", "summary", "dropped"] and "convert_seconds" not in data["summary"]
     assert list(data["rows"][0])[:5] == ["node", "module", "pattern", "op", "status"]
 
 
