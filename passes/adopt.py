@@ -57,7 +57,8 @@ def adopt_observers(gm: fx.GraphModule) -> Prepared:
     skips), and the other observers (as ``Dropped``)."""
     observers = _observer_nodes(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
-    matches, skips = find_patterns(gm, _ObservedEverywhere())  # type: ignore[arg-type]
+    # Calibration already happened: a BN left in training mode is converted with the statistics it has.
+    matches, skips = find_patterns(gm, _ObservedEverywhere(), refuse_training=False)  # type: ignore[arg-type]
     patterns: list[Observed] = []
     for match in matches:
         bn, out = nodes[match.bn_node], nodes[match.output_node]

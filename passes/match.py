@@ -101,8 +101,9 @@ def _functional_parts(node: fx.Node) -> tuple[FunctionalBn | None, str, str]:
 
 
 class _Matcher:
-    def __init__(self, gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate) -> None:
+    def __init__(self, gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate, refuse_training: bool) -> None:
         self.gm = gm
+        self.refuse_training = refuse_training
         self.config = config
         self.skip_requested = skip
         self.modules = dict(gm.named_modules(remove_duplicate=False))
@@ -131,7 +132,7 @@ class _Matcher:
             return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
         if bn.running_mean is None or bn.running_var is None:
             return self._skip(position, node, name, kind.__name__, "track_running_stats=False: normalises with batch statistics")
-        if bn.training:
+        if bn.training and self.refuse_training:
             raise FxqbnError(
                 f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
                 "statistics. Call model.eval() before fxqbn.prepare"
@@ -177,14 +178,18 @@ class _Matcher:
 
 
 def find_patterns(
-    gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate = lambda name, kind: False
+    gm: fx.GraphModule,
+    config: ActivationConfig,
+    skip: SkipPredicate = lambda name, kind: False,
+    refuse_training: bool = True,
 ) -> tuple[list[Match], list[Skip]]:
     """Every BatchNorm call in ``gm``, in graph order: matched, or skipped with a reason.
 
-    Raises FxqbnError for a BN that must not be calibrated (training mode), whose input is not
-    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
+    Raises FxqbnError for a BN that must not be calibrated (training mode, unless
+    ``refuse_training`` is False: a graph someone else calibrated), whose input is not float32
+    on the CPU, or whose qconfig cannot drive a quantized BN.
     """
-    matcher = _Matcher(gm, config, skip)
+    matcher = _Matcher(gm, config, skip, refuse_training)
     matches: list[Match] = []
     skips: list[Skip] = []
     for position, node in enumerate(gm.graph.nodes):
