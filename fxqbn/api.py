@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.passes import (
@@ -28,7 +29,7 @@ from .nn import DeQuantize, Quantize
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
-from .tracing import propagate_shapes, trace
+from .tracing import build_graph_module, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -45,11 +46,13 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
         skip: BNs to keep float: module names (a name covers the modules inside it) and types
             (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
 
-    ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) to learn the
-    rank and dtype of every BN input.
+    ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) when it calls
+    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced.
 
     Returns:
         An observed ``GraphModule``: run calibration batches through it, then call ``convert``.
+        It shares the model's modules (calibration in eval mode leaves them as they are);
+        ``convert`` returns a model that shares nothing with either.
     """
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"fxqbn.prepare expects a torch.nn.Module, got {type(model).__name__}")
@@ -61,12 +64,13 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
         raise FxqbnError("this model was already prepared by fxqbn: calibrate it and call fxqbn.convert")
     config = ActivationConfig(qconfig)
     skip_requested = _skip_predicate(model, skip)
-    gm = trace(copy.deepcopy(model))
-    propagate_shapes(gm, tuple(example_inputs))
-    matches, skips = find_patterns(gm, config, skip_requested)
-    observed = insert_observers(gm, matches)
-    gm.graph.lint()
-    gm.recompile()
+    graph = trace_graph(model)
+    if any(node.op == "call_function" and node.target is F.batch_norm for node in graph.nodes):
+        propagate_shapes(model, graph, tuple(example_inputs))  # F.batch_norm's kernel depends on the input rank
+    matches, skips = find_patterns(graph, model, config, skip_requested)
+    observed, observers = insert_observers(graph, model, matches)
+    graph.lint()
+    gm = build_graph_module(model, graph, observers)
     attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
     return gm
 
@@ -93,10 +97,11 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             else f"fxqbn.convert expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}"
         )
     readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
-    gm = observed if inplace else copy.deepcopy(observed)
+    gm = observed if inplace else build_graph_module(observed, copy.deepcopy(observed.graph), class_name=type(observed).__name__)
     rewrites = rewrite_patterns(gm, state.patterns, readings)
     remove_observers(gm, state.dropped)
     gm.delete_all_unused_submodules()  # fused nn.ReLU modules
+    _own_float_parts(gm, {rewrite.qmodule for rewrite in rewrites})
     gm.graph.lint()
     gm.recompile()
     detach(gm, PREPARED_KEY)
@@ -119,6 +124,27 @@ def get_report(gm: nn.Module) -> Report:
     if report is None:
         raise FxqbnError("no fxqbn report on this module: pass the GraphModule returned by fxqbn.convert")
     return report
+
+
+def _own_float_parts(gm: fx.GraphModule, replaced: set[str]) -> None:
+    """Give ``gm`` its own copies of the modules and tensors it still shares with the float model
+    (one copy per shared object, so a module called twice stays one module)."""
+    ours = (Quantize, DeQuantize)
+    copies: dict[int, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in replaced:
+            continue
+        parent_name, _, leaf = str(node.target).rpartition(".")
+        parent = gm.get_submodule(parent_name)
+        value = getattr(parent, leaf)
+        if isinstance(value, ours) or not isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        if id(value) not in copies:
+            copies[id(value)] = copy.deepcopy(value)  # a Parameter stays a Parameter
+        if isinstance(value, nn.Module):
+            parent.add_module(leaf, copies[id(value)])
+        else:
+            setattr(parent, leaf, copies[id(value)])
 
 
 def _skip_predicate(model: nn.Module, skip: Iterable[Any]) -> Callable[[str, object], bool]:

@@ -1,17 +1,23 @@
-"""Trace a model with torch.fx, turning tracer failures into an FxqbnError that names the line."""
+"""Trace a model with torch.fx (failures become an FxqbnError naming the line), build GraphModules,
+and propagate shapes when the BN ranks are not known from modules."""
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
+import sys
 import traceback
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import FxqbnError
 
-__all__ = ["trace", "propagate_shapes"]
+__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes"]
 
 _OWN_DIRS = (
     os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,  # torch/
@@ -19,32 +25,51 @@ _OWN_DIRS = (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _own(filename: str) -> bool:
+    return filename.startswith("<") or os.path.abspath(filename).startswith(_OWN_DIRS)
+
+
 def _user_frame(exc: BaseException) -> str:
     """``file:line: code`` of the innermost frame of the user's code in the exception's traceback."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if not path.startswith(_OWN_DIRS) and not frame.filename.startswith("<"):
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if not _own(frame.filename):
             return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
     return ""
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping every module a pattern rule replaces (e.g. torch.ao's fused
-    ``BNReLU2d``, a Sequential) as one call_module node."""
+    """torch.fx's tracer, with two changes:
+
+    * every module a pattern rule replaces (e.g. torch.ao's fused ``BNReLU2d``, a Sequential) stays
+      one call_module node;
+    * each call node's ``stack_trace`` holds just the innermost frame of the user's code, found by
+      walking the Python stack (torch's own recording extracts whole tracebacks: several times
+      slower on large models).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from fxqbn.passes.patterns import MODULE_TARGETS
 
         return type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind in ("call_module", "call_function", "call_method"):
+            frame = sys._getframe(1)
+            while frame is not None and _own(frame.f_code.co_filename):
+                frame = frame.f_back
+            if frame is not None:
+                node.meta["stack_trace"] = (
+                    f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'
+                )
+        return node
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` with stack traces recorded on every node."""
-    tracer = _Tracer()
-    tracer.record_stack_traces = True
+
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """Symbolically trace ``model`` into a Graph whose targets refer to ``model``'s attributes."""
     try:
-        graph = tracer.trace(model)
+        return _Tracer().trace(model)
     except Exception as exc:  # any tracer failure is the model's: report it with its line
         where = _user_frame(exc)
         raise FxqbnError(
@@ -53,31 +78,51 @@ def trace(model: nn.Module) -> fx.GraphModule:
             + "\nMake the model symbolically traceable (no data-dependent control flow in forward), "
             "or wrap the untraceable part with torch.fx.wrap / a leaf module"
         ) from exc
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
 
 
-class _ShapeAndDeviceProp(ShapeProp):
-    def run_node(self, n: fx.Node):
+def build_graph_module(
+    root: nn.Module, graph: fx.Graph, extra: Mapping[str, Any] = {}, class_name: str | None = None
+) -> fx.GraphModule:
+    """A GraphModule running ``graph``: its targets resolve in ``extra`` first, then in ``root``.
+
+    The leaves are shared with ``root`` (not copied); the module hierarchy above them is new.
+    """
+    attrs: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in attrs:
+            target = str(node.target)
+            attrs[target] = extra[target] if target in extra else operator.attrgetter(target)(root)
+    return fx.GraphModule(attrs, graph, class_name or type(root).__name__)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced into a GraphModule that shares its leaf modules."""
+    return build_graph_module(model, trace_graph(model))
+
+
+class _ShapeAndDeviceProp(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
             n.meta["fxqbn_device"] = result.device.type
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Run ``gm`` once on ``example_inputs`` in eval mode, leaving ``tensor_meta`` (shape, dtype) and
-    ``fxqbn_device`` on its nodes. Training flags are restored afterwards, so no BN statistics move.
+def propagate_shapes(root: nn.Module, graph: fx.Graph, example_inputs: tuple) -> None:
+    """Run ``graph`` over ``root`` once on ``example_inputs`` in eval mode and without gradients,
+    leaving ``tensor_meta`` (shape, dtype) and ``fxqbn_device`` on its nodes. Training flags are
+    restored afterwards, so no BN statistics move.
     """
-    flags = {module: module.training for module in gm.modules()}
-    gm.eval()
+    flags = {module: module.training for module in root.modules()}
+    root.eval()
     try:
         with torch.no_grad():
-            _ShapeAndDeviceProp(gm).propagate(*example_inputs)
+            _ShapeAndDeviceProp(root, graph=graph).run(*example_inputs)
     except Exception as exc:  # the user's model failed on the user's inputs: say so, with the line
         where = _user_frame(exc)
         raise FxqbnError(
-            f"{type(gm).__name__} failed on example_inputs: {type(exc).__name__}: {exc}"
+            f"{type(root).__name__} failed on example_inputs: {type(exc).__name__}: {exc}"
             + (f"\n  at {where}" if where else "")
             + "\nPass example_inputs that the model accepts (a tuple, one entry per forward argument)"
         ) from exc

@@ -58,7 +58,7 @@ def adopt_observers(gm: fx.GraphModule) -> Prepared:
     observers = _observer_nodes(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
     # Calibration already happened: a BN left in training mode is converted with the statistics it has.
-    matches, skips = find_patterns(gm, _ObservedEverywhere(), refuse_training=False)  # type: ignore[arg-type]
+    matches, skips = find_patterns(gm.graph, gm, _ObservedEverywhere(), refuse_training=False)  # type: ignore[arg-type]
     patterns: list[Observed] = []
     for match in matches:
         bn, out = nodes[match.bn_node], nodes[match.output_node]

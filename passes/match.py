@@ -8,6 +8,7 @@ never edits it.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 from collections.abc import Callable, Collection
@@ -52,13 +53,13 @@ def _fused_relu(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | N
     return None, ""
 
 
-def _input_problem(node: fx.Node, value: fx.Node) -> str:
-    """Why the BN's input cannot be quantized (dtype, device), from shape propagation; "" if it can."""
-    meta = value.meta.get("tensor_meta")
-    dtype = getattr(meta, "dtype", torch.float32)
-    device = value.meta.get("fxqbn_device", "cpu")
-    if dtype != torch.float32 or device != "cpu":
-        return f"receives {dtype} input on {device}; the quantized kernel takes float32 CPU tensors: convert the model with model.float().cpu()"
+def _tensor_problem(statistic: torch.Tensor) -> str:
+    """Why a BN whose statistics are ``statistic``'s dtype and device cannot be quantized; "" if it can."""
+    if statistic.dtype != torch.float32 or statistic.device.type != "cpu":
+        return (
+            f"holds {statistic.dtype} statistics on {statistic.device.type}; the quantized kernel computes "
+            "in float32 on the CPU: convert the model with model.float().cpu()"
+        )
     return ""
 
 
@@ -101,12 +102,12 @@ def _functional_parts(node: fx.Node) -> tuple[FunctionalBn | None, str, str]:
 
 
 class _Matcher:
-    def __init__(self, gm: fx.GraphModule, config: ActivationConfig, skip: SkipPredicate, refuse_training: bool) -> None:
-        self.gm = gm
+    def __init__(self, root: nn.Module, config: ActivationConfig, skip: SkipPredicate, refuse_training: bool) -> None:
+        self.root = root
         self.refuse_training = refuse_training
         self.config = config
         self.skip_requested = skip
-        self.modules = dict(gm.named_modules(remove_duplicate=False))
+        self.modules = dict(root.named_modules(remove_duplicate=False))
 
     def match(self, position: int, node: fx.Node) -> Match | Skip | None:
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -139,7 +140,7 @@ class _Matcher:
             )
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return self._skip(position, node, name, kind.__name__, "unsupported call: expected one positional tensor argument")
-        problem = _input_problem(node, node.args[0])
+        problem = _tensor_problem(bn.running_mean)
         if problem:
             raise FxqbnError(f"BatchNorm '{name}' {problem}")
         return self._match(position, node, name, kind, activation)
@@ -160,7 +161,7 @@ class _Matcher:
         activation = self.config.spec_for(name, F.batch_norm)
         if activation is None:
             return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
-        problem = _input_problem(node, value)
+        problem = _tensor_problem(operator.attrgetter(parts.running_mean)(self.root))
         if problem:
             raise FxqbnError(f"F.batch_norm node '{node.name}' ({name}) {problem}")
         return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
@@ -178,21 +179,24 @@ class _Matcher:
 
 
 def find_patterns(
-    gm: fx.GraphModule,
+    graph: fx.Graph,
+    root: nn.Module,
     config: ActivationConfig,
     skip: SkipPredicate = lambda name, kind: False,
     refuse_training: bool = True,
 ) -> tuple[list[Match], list[Skip]]:
-    """Every BatchNorm call in ``gm``, in graph order: matched, or skipped with a reason.
+    """Every BatchNorm call in ``graph`` (whose targets resolve in ``root``), in graph order:
+    matched, or skipped with a reason. ``F.batch_norm`` nodes need ``tensor_meta`` on their input
+    (``fxqbn.tracing.propagate_shapes``) for their rank.
 
     Raises FxqbnError for a BN that must not be calibrated (training mode, unless
-    ``refuse_training`` is False: a graph someone else calibrated), whose input is not float32
-    on the CPU, or whose qconfig cannot drive a quantized BN.
+    ``refuse_training`` is False: a graph someone else calibrated), whose statistics are not
+    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
     """
-    matcher = _Matcher(gm, config, skip, refuse_training)
+    matcher = _Matcher(root, config, skip, refuse_training)
     matches: list[Match] = []
     skips: list[Skip] = []
-    for position, node in enumerate(gm.graph.nodes):
+    for position, node in enumerate(graph.nodes):
         found = matcher.match(position, node)
         if found is not None:
             (matches if isinstance(found, Match) else skips).append(found)

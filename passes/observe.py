@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .records import Match, Observed
 
@@ -22,19 +22,22 @@ OBSERVER_PREFIX = "fxqbn_observer_"
 class _Observers:
     """Observer nodes added to one graph, with the value and dtype each one watches."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self, graph: fx.Graph, root: nn.Module) -> None:
+        self.graph = graph
+        self.root = root
+        self.modules: dict[str, nn.Module] = {}  # target -> new observer
         self.dtype_of: dict[str, torch.dtype] = {}  # observer node name -> dtype
         self.by_value: dict[tuple[str, torch.dtype], fx.Node] = {}  # (observed node name, dtype) -> observer node
         self._count = 0
 
     def add(self, value: fx.Node, match: Match) -> fx.Node:
-        while hasattr(self.gm, f"{OBSERVER_PREFIX}{self._count}"):
+        while hasattr(self.root, f"{OBSERVER_PREFIX}{self._count}"):
             self._count += 1
         target = f"{OBSERVER_PREFIX}{self._count}"
-        self.gm.add_submodule(target, match.activation.factory())
-        with self.gm.graph.inserting_after(value):
-            node = self.gm.graph.call_module(target, (value,))
+        self._count += 1
+        self.modules[target] = match.activation.factory()
+        with self.graph.inserting_after(value):
+            node = self.graph.call_module(target, (value,))
         self.dtype_of[node.name] = match.activation.dtype
         self.by_value[(value.name, match.activation.dtype)] = node
         return node
@@ -57,17 +60,18 @@ class _Observers:
         return observer
 
 
-def insert_observers(gm: fx.GraphModule, matches: Sequence[Match]) -> tuple[Observed, ...]:
-    """Add observer submodules and nodes for ``matches`` (in graph order) to ``gm``.
-
-    The caller lints and recompiles ``gm``.
+def insert_observers(
+    graph: fx.Graph, root: nn.Module, matches: Sequence[Match]
+) -> tuple[tuple[Observed, ...], dict[str, nn.Module]]:
+    """Add observer nodes for ``matches`` (in graph order) to ``graph``, whose targets resolve in
+    ``root``. Returns the records and the new observer modules by target, for the GraphModule.
     """
-    nodes = {node.name: node for node in gm.graph.nodes}
-    observers = _Observers(gm)
+    nodes = {node.name: node for node in graph.nodes}
+    observers = _Observers(graph, root)
     observed = []
     for match in matches:
         bn = nodes[match.bn_node]
         input_observer = observers.for_input(bn, match)
         output_observer = observers.for_output(nodes[match.output_node], match)
         observed.append(Observed(match, input_observer.name, output_observer.name))
-    return tuple(observed)
+    return tuple(observed), observers.modules

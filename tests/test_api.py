@@ -295,3 +295,29 @@ def test_non_module_and_bad_example_inputs():
         fxqbn.prepare(lambda x: x, (batches()[0],))
     with pytest.raises(fxqbn.FxqbnError, match="example_inputs must be a tuple"):
         fxqbn.prepare(Chain().eval(), {"x": batches()[0]})
+
+
+def test_converted_model_shares_no_tensor_with_the_float_or_observed_model():
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.register_buffer("offset", torch.ones(1))
+
+        def forward(self, x):
+            return self.bn(self.conv(x) + self.offset) + self.conv(x)  # conv called twice
+
+    model = randomize_bn(WithConv()).eval()
+    observed = fxqbn.prepare(model, (batches()[0],))
+    with torch.no_grad():
+        observed(batches()[0])
+    q = fxqbn.convert(observed)
+    originals = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not originals & {t.data_ptr() for t in list(q.parameters()) + list(q.buffers())}
+    assert sum(isinstance(m, nn.Conv2d) for m in q.modules()) == 1  # one copy for both calls
+    x = batches(seed=4)[0]
+    expected = q(x)
+    with torch.no_grad():
+        model.conv.weight.add_(1.0)  # later changes to the float model do not reach the quantized one
+    assert torch.equal(q(x), expected)
