@@ -97,13 +97,20 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             else f"fxqbn.convert expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}"
         )
     readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
-    gm = observed if inplace else build_graph_module(observed, copy.deepcopy(observed.graph), class_name=type(observed).__name__)
-    rewrites = rewrite_patterns(gm, state.patterns, readings)
-    remove_observers(gm, state.dropped)
-    gm.delete_all_unused_submodules()  # fused nn.ReLU modules
-    _own_float_parts(gm, {rewrite.qmodule for rewrite in rewrites})
+    graph = observed.graph if inplace else copy.deepcopy(observed.graph)
+    rewrites, new_modules = rewrite_patterns(graph, observed, state.patterns, readings)
+    remove_observers(graph, state.dropped)
+    if inplace:
+        gm = observed
+        for target, module in new_modules.items():
+            gm.add_submodule(target, module)
+        gm.delete_all_unused_submodules()  # observers, fused nn.ReLU modules
+    else:
+        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__)
+    _own_float_parts(gm, new_modules)
     gm.graph.lint()
-    gm.recompile()
+    if inplace:
+        gm.recompile()  # a new GraphModule generated its code when it was built
     detach(gm, PREPARED_KEY)
     summary = ReportSummary(
         rewritten=len(rewrites),
@@ -126,18 +133,19 @@ def get_report(gm: nn.Module) -> Report:
     return report
 
 
-def _own_float_parts(gm: fx.GraphModule, replaced: set[str]) -> None:
+def _own_float_parts(gm: fx.GraphModule, ours: Iterable[str]) -> None:
     """Give ``gm`` its own copies of the modules and tensors it still shares with the float model
-    (one copy per shared object, so a module called twice stays one module)."""
-    ours = (Quantize, DeQuantize)
+    (one copy per shared object, so a module called twice stays one module); ``ours`` are the
+    targets of the modules convert made."""
+    ours = set(ours)
     copies: dict[int, Any] = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr") or node.target in replaced:
+        if node.op not in ("call_module", "get_attr") or node.target in ours:
             continue
         parent_name, _, leaf = str(node.target).rpartition(".")
         parent = gm.get_submodule(parent_name)
         value = getattr(parent, leaf)
-        if isinstance(value, ours) or not isinstance(value, (nn.Module, torch.Tensor)):
+        if not isinstance(value, (nn.Module, torch.Tensor)):
             continue
         if id(value) not in copies:
             copies[id(value)] = copy.deepcopy(value)  # a Parameter stays a Parameter

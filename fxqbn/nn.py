@@ -56,6 +56,12 @@ def check_statistics(
     if not isinstance(eps, (int, float)) or not eps >= 0:  # catches NaN too
         raise FxqbnError(f"BatchNorm '{name}' has eps = {eps!r}: eps must be a non-negative number")
     n = running_mean.numel()
+    present = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    if all(t.dim() == 1 and t.numel() == n for t in present):  # the common case, in three reductions
+        var = running_var.detach().float()
+        if bool(torch.isfinite(torch.stack([t.detach().float() for t in present])).all()) and bool((var >= 0).all()) and bool(((var + eps) > 0).all()):
+            return
+    # Something is wrong: find the first offender and name it.
     tensors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
     for key, t in tensors.items():
         if t is None:
@@ -95,33 +101,45 @@ class _QuantizedBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        ones, zeros = torch.ones(num_features, **factory), torch.zeros(num_features, **factory)
+        self._setup(zeros, ones.clone(), ones if affine else None, zeros.clone() if affine else None, eps, momentum, 1.0, 0)
+
+    def _setup(
+        self,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        momentum: float | None,
+        scale: float,
+        zero_point: int,
+    ) -> None:
+        """Register the given tensors (taken as they are, not copied)."""
+        n = running_mean.numel()
+        self.num_features = n
         self.eps = float(eps)
         self.momentum = momentum
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.affine = weight is not None
+        if self.affine:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.bias = nn.Parameter(bias if bias is not None else torch.zeros_like(weight), requires_grad=False)
+            unit_weight = zero_bias = None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+            unit_weight, zero_bias = torch.ones_like(running_mean), torch.zeros_like(running_mean)
         # What the kernel gets for an affine=False BN: not saved, rebuilt on construction.
-        self.register_buffer("_unit_weight", torch.ones(num_features, **factory), persistent=False)
-        self.register_buffer("_zero_bias", torch.zeros(num_features, **factory), persistent=False)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64, device=device))
-        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int64, device=device))
-        self._scale = 1.0
-        self._zero_point = 0
-
-    # -- qparams ---------------------------------------------------------------------------
-    def set_output_qparams(self, scale: float, zero_point: int) -> None:
-        self.scale.fill_(scale)
-        self.zero_point.fill_(zero_point)
+        self.register_buffer("_unit_weight", unit_weight, persistent=False)
+        self.register_buffer("_zero_bias", zero_bias, persistent=False)
+        self.register_buffer("running_mean", running_mean)
+        self.register_buffer("running_var", running_var)
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64, device=running_mean.device))
+        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64, device=running_mean.device))
         self._scale = float(scale)
         self._zero_point = int(zero_point)
 
+    # -- qparams ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._scale = float(self.scale.item())
@@ -200,18 +218,16 @@ class _QuantizedBatchNorm(nn.Module):
         into silently saturated channels.
         """
         check_statistics(name, running_mean, running_var, weight, bias, eps)
-        num_features = running_mean.numel()
-        affine = weight is not None or bias is not None
         # The kernel computes in float32: statistics are stored as float32 whatever the BN's dtype.
-        qbn = cls(num_features, eps, momentum, affine=affine, device=running_mean.device, dtype=torch.float32)
-        with torch.no_grad():
-            if affine:
-                ones, zeros = torch.ones_like(running_mean), torch.zeros_like(running_mean)
-                qbn.weight = nn.Parameter(_float32_copy(weight if weight is not None else ones), requires_grad=False)
-                qbn.bias = nn.Parameter(_float32_copy(bias if bias is not None else zeros), requires_grad=False)
-            qbn.running_mean = _float32_copy(running_mean)
-            qbn.running_var = _float32_copy(running_var)
-        qbn.set_output_qparams(qparams.scale, qparams.zero_point)
+        if weight is None and bias is not None:
+            weight = torch.ones_like(running_mean)
+        qbn = cls.__new__(cls)
+        nn.Module.__init__(qbn)
+        qbn._setup(
+            _float32_copy(running_mean), _float32_copy(running_var),
+            None if weight is None else _float32_copy(weight), None if bias is None else _float32_copy(bias),
+            eps, momentum, qparams.scale, qparams.zero_point,
+        )
         return qbn
 
     @classmethod

@@ -33,10 +33,10 @@ from fxqbn.qparams import Observation, observer_has_data, read_observer
 
 from .records import Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_NAME"]
+__all__ = ["read_observers", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
-DEQUANTIZE_NAME = "fxqbn_dequantize"  # the quantized -> float boundary module, shared
+DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
 
 
 def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str, Observation]:
@@ -70,15 +70,15 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings
 
 
-def _quantized_module(gm: fx.GraphModule, match: Match, output: Observation) -> nn.Module:
+def _quantized_module(root: nn.Module, match: Match, output: Observation) -> nn.Module:
     """The replacement for one pattern, built from the BN module or the F.batch_norm tensors."""
     qmodule = match.rule.qmodule
     f = match.functional
     if f is None:
-        return qmodule.from_bn(gm.get_submodule(match.module), output.qparams, name=match.module)
+        return qmodule.from_bn(root.get_submodule(match.module), output.qparams, name=match.module)
 
     def tensor(target: str | None) -> torch.Tensor | None:
-        return None if target is None else operator.attrgetter(target)(gm)
+        return None if target is None else operator.attrgetter(target)(root)
 
     return qmodule.from_tensors(
         tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias),
@@ -86,44 +86,60 @@ def _quantized_module(gm: fx.GraphModule, match: Match, output: Observation) -> 
     )
 
 
-def _install_new(gm: fx.GraphModule, prefix: str, module: nn.Module) -> str:
-    """Add ``module`` at the root under the first free name ``prefix<k>``."""
-    k = 0
-    while hasattr(gm, f"{prefix}{k}"):
-        k += 1
-    gm.add_submodule(f"{prefix}{k}", module)
-    return f"{prefix}{k}"
+class _NewModules:
+    """Targets for the modules a rewrite adds, unique against ``root``'s attributes and each other."""
 
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.modules: dict[str, nn.Module] = {}
+        self._next: dict[str, int] = {}
 
-def _install(gm: fx.GraphModule, match: Match, module: nn.Module, taken: set[str]) -> str:
-    """Put ``module`` where the float BN module was (a BN called twice gets a fresh name);
-    an F.batch_norm's replacement goes at the root, named after its node."""
-    name = match.module if match.functional is None else f"fxqbn_{match.bn_node}"
-    target, k = name, 0
-    while target in taken:
-        k += 1
-        target = f"{name}_{k}"
-    taken.add(target)
-    parent_name, _, leaf = target.rpartition(".")
-    gm.get_submodule(parent_name).add_module(leaf, module)
-    return target
+    def _free(self, name: str) -> bool:
+        if name in self.modules:
+            return False
+        try:
+            operator.attrgetter(name)(self.root)
+        except AttributeError:
+            return True
+        return False
+
+    def add(self, prefix: str, module: nn.Module) -> str:
+        """Under the first free ``prefix<k>``."""
+        k = self._next.get(prefix, 0)
+        while not self._free(f"{prefix}{k}"):
+            k += 1
+        self._next[prefix] = k + 1
+        self.modules[f"{prefix}{k}"] = module
+        return f"{prefix}{k}"
+
+    def replace(self, match: Match, module: nn.Module) -> str:
+        """Where the float BN module was (a BN called twice: a fresh name beside it); an
+        F.batch_norm's replacement at the root, named after its node."""
+        name = match.module if match.functional is None else f"fxqbn_{match.bn_node}"
+        target, k = name, 0
+        while target in self.modules or (k and not self._free(target)):
+            k += 1
+            target = f"{name}_{k}"
+        self.modules[target] = module
+        return target
 
 
 def rewrite_patterns(
-    gm: fx.GraphModule, patterns: Sequence[Observed], readings: Mapping[str, Observation]
-) -> tuple[Rewrite, ...]:
-    """Replace every observed pattern (in graph order) and remove all their observers.
+    graph: fx.Graph, root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation]
+) -> tuple[tuple[Rewrite, ...], dict[str, nn.Module]]:
+    """Replace every observed pattern (in graph order) in ``graph`` and remove their observers.
 
-    The caller lints and recompiles ``gm``.
+    ``graph``'s targets resolve in ``root``, which is not changed. Returns the records and the
+    modules the rewritten graph needs beyond ``root``'s, by target (a replaced BN's target maps
+    to its quantized module). The caller builds or updates the GraphModule.
     """
-    graph = gm.graph
     nodes = {node.name: node for node in graph.nodes}
     quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
-    taken: set[str] = set()
+    new = _NewModules(root)
     rewrites = []
 
     # 0. Every replacement is built (and its statistics checked) before the graph changes.
-    qmodules = [_quantized_module(gm, p.match, readings[p.output_observer]) for p in patterns]
+    qmodules = [_quantized_module(root, p.match, readings[p.output_observer]) for p in patterns]
 
     # 1. A quantized twin for every pattern, reading quantized inputs.
     for pattern, qmodule in zip(patterns, qmodules):
@@ -134,26 +150,26 @@ def rewrite_patterns(
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
         q_in = quantized.get(in_obs)
         if q_in is None:
-            boundary = _install_new(gm, QUANTIZE_PREFIX, Quantize.from_qparams(readings[in_obs.name].qparams))
+            boundary = new.add(QUANTIZE_PREFIX, Quantize.from_qparams(readings[in_obs.name].qparams))
             with graph.inserting_before(bn):
-                q_in = graph.call_module(boundary, (in_obs,))
+                q_in = graph.create_node("call_module", boundary, (in_obs,))  # the module is added later
             quantized[in_obs] = q_in
-        target = _install(gm, match, qmodule, taken)
+        target = new.replace(match, qmodule)
         with graph.inserting_before(out_obs):
-            quantized[out_obs] = graph.call_module(target, (q_in,))
+            quantized[out_obs] = graph.create_node("call_module", target, (q_in,))
         rewrites.append(Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name]))
 
     # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
     #    output observer is float code and gets one dequantize. Then the float nodes go.
+    dequantize = None
     for pattern in reversed(patterns):
         out_obs = nodes[pattern.output_observer]
         readers = list(out_obs.users)
         if readers:
-            if not hasattr(gm, DEQUANTIZE_NAME):
-                gm.add_submodule(DEQUANTIZE_NAME, DeQuantize())
+            dequantize = dequantize or new.add(DEQUANTIZE_PREFIX, DeQuantize())
             q_out = quantized[out_obs]
             with graph.inserting_after(q_out):
-                dq = graph.call_module(DEQUANTIZE_NAME, (q_out,))
+                dq = graph.create_node("call_module", dequantize, (q_out,))
             for reader in readers:
                 reader.replace_input_with(out_obs, dq)
         statistics = [arg for arg in nodes[pattern.match.bn_node].all_input_nodes if arg.op == "get_attr"]
@@ -171,17 +187,13 @@ def rewrite_patterns(
             observer = nodes[name]
             observer.replace_all_uses_with(observer.args[0])
             graph.erase_node(observer)
-    for name in dict.fromkeys(n for pattern in patterns for n in (pattern.input_observer, pattern.output_observer)):
-        gm.delete_submodule(str(nodes[name].target))
-    return tuple(rewrites)
+    return tuple(rewrites), new.modules
 
 
-def remove_observers(gm: fx.GraphModule, dropped: Sequence[Dropped]) -> None:
+def remove_observers(graph: fx.Graph, dropped: Sequence[Dropped]) -> None:
     """Remove observer nodes that belong to no pattern; their readers get the observed value."""
-    nodes = {node.name: node for node in gm.graph.nodes}
+    nodes = {node.name: node for node in graph.nodes}
     for item in dropped:
         node = nodes[item.observer]
         node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        if not any(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
-            gm.delete_submodule(str(node.target))
+        graph.erase_node(node)
