@@ -35,7 +35,7 @@ __all__ = ["prepare", "convert", "get_report"]
 
 
 def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
-    """Trace a copy of ``model`` and insert observers around every quantizable BatchNorm pattern.
+    """Trace ``model`` and insert observers around every quantizable BatchNorm pattern.
 
     Args:
         model: the float model, in eval mode (a BN in training mode is refused). Never changed.
@@ -82,10 +82,11 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         observed: the result of ``prepare``, after calibration; or a GraphModule observed and
             calibrated by torch.ao's ``prepare_fx``: its observed BN / BN+ReLU patterns are
             converted, its other observers removed (listed in the report's ``dropped``).
-        inplace: rewrite ``observed`` itself instead of a deep copy.
+        inplace: rewrite ``observed`` itself instead of building a new GraphModule.
 
     Returns:
-        The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm.
+        The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
+        holds its own copies of everything it keeps from the float model.
     """
     start = time.perf_counter()
     state: Prepared | None = attached(observed, PREPARED_KEY)
