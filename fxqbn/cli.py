@@ -356,6 +356,8 @@ def _check_output_path(prog: str, option: str, path: str | None) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise _usage(prog, f"argument {option}: folder {os.path.dirname(path) or '.'} does not exist")
+        if os.path.isdir(path):
+            raise _usage(prog, f"argument {option}: {path} is a folder; give a file name")
 
 
 def _write_torchscript(quantized: nn.Module, inputs: tuple[Any, ...], path: str) -> None:
@@ -431,7 +433,7 @@ def run_convert(args: argparse.Namespace) -> int:
     spec = args.model or BUILTIN_MODEL
     # 1. the command line: everything that can be checked before any work
     if args.calib is not None and not os.path.isfile(args.calib):
-        raise _usage(prog, f"argument --calib: {args.calib} does not exist")
+        raise _usage(prog, f"argument --calib: {args.calib} {'is not a file' if os.path.exists(args.calib) else 'does not exist'}")
     for option in ("out", "torchscript", "report"):
         _check_output_path(prog, f"--{option}", getattr(args, option))
     # 2. the model and its inputs

@@ -299,6 +299,8 @@ def test_debug_adds_the_traceback(work):
          "fxqbn convert: error: argument --skip: the model has no module 'blok' (did you mean block"),
         (["m.py:net_with_inputs", "--calib", "nothere.pt"], 2, "fxqbn convert: error: argument --calib: nothere.pt does not exist"),
         (["m.py:net_with_inputs", "--out", "no/such/folder/q.pt"], 2, "fxqbn convert: error: argument --out: folder no/such/folder does not exist"),
+        (["m.py:net_with_inputs", "--report", "."], 2, "fxqbn convert: error: argument --report: . is a folder; give a file name"),
+        (["m.py:net_with_inputs", "--calib", "."], 2, "fxqbn convert: error: argument --calib: . is not a file"),
         (["m.py:net_with_inputs", "--calib", "calib.pt", "--calib-batches", "2"], 2,
          "fxqbn convert: error: argument --calib-batches: not allowed with argument --calib"),
         (["m.py:broken"], 1, "fxqbn: error: m.py:broken raised RuntimeError: no weights here"),
