@@ -5,6 +5,7 @@
         observed(batch)
     quantized = fxqbn.convert(observed)
     print(fxqbn.get_report(quantized))
+    fxqbn.save(quantized, "model.fxqbn.pt")  # data only: fxqbn.load("model.fxqbn.pt", model)
 """
 
 from . import nn
@@ -14,9 +15,10 @@ from .errors import FxqbnError
 from .qconfig import DEFAULT_OBSERVER
 from .qparams import QParams
 from .report import Report, ReportRow, ReportSummary
+from .serialize import load, load_report, save
 
 __all__ = [
-    "prepare", "convert", "get_report", "compare",
+    "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
     "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
 ]
 __version__ = "0.1.0"

@@ -85,6 +85,7 @@ def check_statistics(
 
 
 class _QuantizedBatchNorm(nn.Module):
+    __constants__ = ["_DIM", "_RELU"]  # what torch.jit.script compiles in as constants
     _DIM: int = 0
     _RELU: bool = False
     _FLOAT_MODULE: type = nn.Module  # the float BN this class replaces
@@ -146,6 +147,7 @@ class _QuantizedBatchNorm(nn.Module):
         self._zero_point = int(self.zero_point.item())
 
     # -- forward ---------------------------------------------------------------------------
+    @torch.jit.unused  # torch.jit.script cannot compile these messages: forward uses _check_scripted_input
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() not in _RANKS[self._DIM]:
             raise FxqbnError(
@@ -163,8 +165,20 @@ class _QuantizedBatchNorm(nn.Module):
                 f"with {x.shape[1]} channels"
             )
 
+    def _check_scripted_input(self, x: torch.Tensor) -> None:
+        """The checks of ``_check_input`` in a form torch.jit.script compiles (shapes print as lists)."""
+        rank_ok = x.dim() == self._DIM + 2 or (self._DIM == 1 and x.dim() == 2)
+        if not rank_ok or not x.is_quantized or x.size(1) != self.num_features:
+            raise FxqbnError(
+                f"quantized BatchNorm{self._DIM}d with {self.num_features} channels expects a per-tensor quantized "
+                f"{self._DIM}-d input (N, C, ...), got shape {x.shape} (quantized: {x.is_quantized})"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if torch.jit.is_scripting():
+            self._check_scripted_input(x)
+        else:
+            self._check_input(x)
         if x.numel() == 0:  # the kernel would return the input's qparams
             return qops.empty_quantized(x, self._scale, self._zero_point)
         weight = self.weight if self.weight is not None else self._unit_weight

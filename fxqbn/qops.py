@@ -63,6 +63,15 @@ def batch_norm(
     dim: int,
     relu: bool,
 ) -> torch.Tensor:
-    """Run ``quantized::batch_norm{dim}d[_relu]`` on a per-tensor quantized input."""
-    op = _BN_OPS[(dim, relu)]
-    return op(x, weight, bias, running_mean, running_var, eps, output_scale, output_zero_point)
+    """Run ``quantized::batch_norm{dim}d[_relu]`` on a per-tensor quantized input.
+
+    Spelled as branches, not a lookup in ``_BN_OPS``, so that ``torch.jit.script`` compiles it.
+    """
+    args = (weight, bias, running_mean, running_var, eps, output_scale, output_zero_point)
+    if dim == 1:
+        return torch.ops.quantized.batch_norm1d_relu(x, *args) if relu else torch.ops.quantized.batch_norm1d(x, *args)
+    if dim == 2:
+        return torch.ops.quantized.batch_norm2d_relu(x, *args) if relu else torch.ops.quantized.batch_norm2d(x, *args)
+    if dim == 3:
+        return torch.ops.quantized.batch_norm3d_relu(x, *args) if relu else torch.ops.quantized.batch_norm3d(x, *args)
+    raise ValueError(f"no quantized batch_norm kernel for dim={dim}")

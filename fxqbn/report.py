@@ -127,6 +127,13 @@ class Report:
         rows = [{k: _finite(v) for k, v in asdict(row).items()} for row in self.rows]
         return {"rows": rows, "summary": summary, "dropped": list(self.dropped)}
 
+    @classmethod
+    def from_dict(cls, data: dict, convert_seconds: float = 0.0) -> "Report":
+        """The inverse of ``to_dict`` (which leaves out the conversion time: pass it if known)."""
+        rows = tuple(ReportRow(**row) for row in data["rows"])
+        summary = ReportSummary(**data["summary"], convert_seconds=convert_seconds)
+        return cls(rows=rows, summary=summary, dropped=tuple(data.get("dropped", ())))
+
     def summary_line(self) -> str:
         s = self.summary
         line = (

@@ -19,15 +19,16 @@ from .errors import FxqbnError
 
 __all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes"]
 
-_OWN_DIRS = (
-    os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,  # torch/
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # fxqbn/
+_TORCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep
+_PIPELINE = tuple(  # fxqbn's own frames around the user's code (fxqbn/models.py is user code)
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("tracing.py", "api.py")
 )
 
 
 @functools.lru_cache(maxsize=None)
 def _own(filename: str) -> bool:
-    return filename.startswith("<") or os.path.abspath(filename).startswith(_OWN_DIRS)
+    path = os.path.abspath(filename)
+    return filename.startswith("<") or path.startswith(_TORCH_DIR) or path in _PIPELINE
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -92,7 +93,13 @@ def build_graph_module(
         if node.op in ("call_module", "get_attr") and node.target not in attrs:
             target = str(node.target)
             attrs[target] = extra[target] if target in extra else operator.attrgetter(target)(root)
-    return fx.GraphModule(attrs, graph, class_name or type(root).__name__)
+    gm = fx.GraphModule(attrs, graph, class_name or type(root).__name__)
+    for name, module in gm.named_modules():  # the new containers (and new modules) take root's flags
+        try:
+            module.training = root.get_submodule(name).training
+        except AttributeError:
+            module.training = root.training  # a new module at a new name
+    return gm
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -11,7 +11,7 @@ import inspect
 import operator
 import os
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

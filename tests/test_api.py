@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_unchanged, calls, randomize_bn, snapshot
 from torch import nn
 from torch.ao.quantization import (

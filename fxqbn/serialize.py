@@ -1,0 +1,276 @@
+"""Save and load converted models as plain data, loadable with ``torch.load(weights_only=True)``.
+
+A converted model pickled whole can only be loaded with ``weights_only=False``, which runs code
+from the file. ``save`` writes data only (tensors, numbers, strings, lists, dicts)::
+
+    {"format": "fxqbn.quantized", "version": 1, "torch": "2.13.0",
+     "patterns": [{"node", "module", "pattern", "status", "dtype", "input": [scale, zero_point],
+                   "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
+     "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
+     "training": [...],        # names of the modules in training mode
+     "code": "...",            # the converted graph's Python code, to check the rebuild against
+     "report": {...}}          # Report.to_dict()
+
+The structure of a converted model is a function of the float model, of which BatchNorms were
+rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
+float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, observers that hold
+the saved qparams instead of observing data, and the ordinary ``convert``. No calibration runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import pickle
+import re
+from collections.abc import Sequence
+from typing import IO, Any, Union
+
+import torch
+from torch import fx, nn
+from torch.ao.quantization import QConfigMapping
+
+from .api import convert, get_report, prepare
+from .errors import FxqbnError
+from .qparams import DTYPE_RANGES
+from .report import Report
+from .state import PREPARED_KEY, REPORT_KEY, attach, attached
+
+__all__ = ["save", "load", "load_report", "describe_load_error", "FORMAT", "VERSION"]
+
+FORMAT = "fxqbn.quantized"
+VERSION = 1
+
+PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPE_RANGES}  # "quint8" -> torch.quint8
+
+
+class StoredQParams(nn.Module):
+    """Stands in for an observer on ``load``: observes nothing, returns the qparams read from the file."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.qscheme = torch.per_tensor_affine
+        self.qparams: tuple[float, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qparams is None:
+            raise FxqbnError("internal: a stored-qparams observer was not given its qparams")
+        scale, zero_point = self.qparams
+        return torch.tensor([scale], dtype=torch.float64), torch.tensor([zero_point], dtype=torch.int64)
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+
+def _plan(report: Report) -> list[dict[str, Any]]:
+    """What ``load`` replays: every BN pattern in graph order, with the qparams of rewritten ones."""
+    return [
+        {
+            "node": row.node, "module": row.module, "pattern": row.pattern, "status": row.status, "dtype": row.dtype,
+            "input": [row.input_scale, row.input_zero_point], "output": [row.output_scale, row.output_zero_point],
+        }
+        for row in report.rows
+    ]
+
+
+def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
+    """Write the converted model ``quantized`` to ``path`` as data only (no pickled code).
+
+    Load it with ``fxqbn.load(path, float_model)``, or read it with ``torch.load(path, weights_only=True)``.
+    """
+    if attached(quantized, REPORT_KEY) is None:
+        raise FxqbnError(
+            f"fxqbn.save expects the GraphModule returned by fxqbn.convert, got {type(quantized).__name__}"
+        )
+    report = get_report(quantized)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch": str(torch.__version__),
+        "patterns": _plan(report),
+        "state_dict": dict(quantized.state_dict()),
+        "training": [name for name, module in quantized.named_modules() if module.training],
+        "code": quantized.code,
+        "report": report.to_dict(),
+        "convert_seconds": report.summary.convert_seconds,  # the one field to_dict leaves out
+    }
+    torch.save(payload, path)
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+def _name(path: PathOrFile) -> str:
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<file object>")
+
+
+def describe_load_error(exc: Exception) -> str:
+    """One line on why ``torch.load(..., weights_only=True)`` failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message has terminal bold codes
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it holds pickled Python objects (found {refused.group(1)}), which weights_only=True refuses to run"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "PytorchStreamReader" in text or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
+        return "it is not a file written by torch.save, or it is truncated"
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _read(path: PathOrFile) -> dict[str, Any]:
+    """The saved dict, read with ``weights_only=True``; FxqbnError when it is no fxqbn file."""
+    where = _name(path)
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch.load's errors for missing, non-torch, pickled-code or truncated files
+        raise FxqbnError(
+            f"cannot read {where}: {describe_load_error(exc)}; write it with fxqbn.save (or `fxqbn convert --out`)"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FxqbnError(f"{where} is not an fxqbn.save file: write it with fxqbn.save (or `fxqbn convert --out`)")
+    if payload.get("version") != VERSION:
+        raise FxqbnError(
+            f"{where} is fxqbn.save format version {payload.get('version')}; this fxqbn reads version {VERSION}"
+        )
+    return payload
+
+
+def _report_from_dict(data: dict[str, Any], where: str, convert_seconds: float = 0.0) -> Report:
+    try:
+        return Report.from_dict(data, convert_seconds)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FxqbnError(f"the report in {where} does not fit this fxqbn's Report ({exc}): re-save it with this version") from None
+
+
+def load_report(path: PathOrFile) -> Report:
+    """The report stored in an ``fxqbn.save`` file, without the float model."""
+    payload = _read(path)
+    return _report_from_dict(payload["report"], _name(path), payload.get("convert_seconds", 0.0))
+
+
+def _replay_qconfig(plan: Sequence[dict[str, Any]], where: str) -> QConfigMapping:
+    """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype."""
+    mapping = QConfigMapping()  # global None: every other BN stays float
+    for row in plan:
+        if row["status"] == "rewritten":
+            dtype = _DTYPES.get(row["dtype"])
+            if dtype is None:
+                raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
+            mapping.set_module_name(row["module"], functools.partial(StoredQParams, dtype))
+    return mapping
+
+
+def _describe_mismatch(saved: list[tuple[str, str, str, str]], rebuilt: list[tuple[str, str, str, str]]) -> str:
+    """Name the first difference between the saved and the rebuilt BN patterns (node, module, pattern, status)."""
+    saved_modules = {module for _, module, _, _ in saved}
+    model_modules = {module for _, module, _, _ in rebuilt}
+    parts = []
+    missing = sorted(saved_modules - model_modules)
+    extra = sorted(model_modules - saved_modules)
+    if missing:
+        parts.append("BatchNorm " + ", ".join(repr(m) for m in missing) + " in the file, not in the model")
+    if extra:
+        parts.append("BatchNorm " + ", ".join(repr(m) for m in extra) + " in the model, not in the file")
+    if not parts:
+        if len(saved) != len(rebuilt):
+            parts.append(f"{len(saved)} BatchNorm calls in the file, {len(rebuilt)} in the model")
+        else:
+            for (node, module, pattern, status), theirs in zip(saved, rebuilt):
+                if (node, module, pattern, status) != theirs:
+                    parts.append(
+                        f"BatchNorm '{module}' (node '{node}') is {pattern} ({status}) in the file, "
+                        f"{theirs[2]} ({theirs[3]}) at node '{theirs[0]}' in the model"
+                    )
+                    break
+    return "; ".join(parts)
+
+
+def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], where: str) -> None:
+    """Give every stored-qparams observer its saved qparams, after checking the patterns are the saved ones."""
+    state = attached(observed, PREPARED_KEY)
+    rows = [(s.position, (s.node, s.module, s.pattern, "skipped")) for s in state.skips]
+    rows += [(p.match.position, (p.match.bn_node, p.match.module, p.match.rule.name, "rewritten")) for p in state.patterns]
+    rebuilt = [row for _, row in sorted(rows)]
+    saved = [(row["node"], row["module"], row["pattern"], row["status"]) for row in plan]
+    if rebuilt != saved:
+        raise FxqbnError(
+            f"the model does not match {where}: {_describe_mismatch(saved, rebuilt)}. "
+            "Pass the float model the file was converted from"
+        )
+    nodes = {node.name: node for node in observed.graph.nodes}
+    rewritten = [row for row in plan if row["status"] == "rewritten"]
+    for pattern, row in zip(state.patterns, rewritten):
+        for observer_node, key in ((pattern.input_observer, "input"), (pattern.output_observer, "output")):
+            observer = observed.get_submodule(str(nodes[observer_node].target))
+            scale, zero_point = row[key]
+            qparams = (float(scale), int(zero_point))
+            if observer.qparams not in (None, qparams):
+                raise FxqbnError(f"{where} is inconsistent: BatchNorm '{row['module']}' has {key} qparams {qparams}, "
+                                 f"its neighbour {observer.qparams}")
+            observer.qparams = qparams
+
+
+def _check_code(quantized: fx.GraphModule, payload: dict[str, Any], where: str) -> None:
+    saved, rebuilt = payload["code"].strip().splitlines(), quantized.code.strip().splitlines()
+    if saved == rebuilt:
+        return
+    line = next((i for i, (a, b) in enumerate(zip(saved, rebuilt)) if a != b), min(len(saved), len(rebuilt)))
+    theirs = saved[line].strip() if line < len(saved) else "<end>"
+    ours = rebuilt[line].strip() if line < len(rebuilt) else "<end>"
+    versions = "" if payload["torch"] == str(torch.__version__) else f" (saved with torch {payload['torch']}, this is {torch.__version__})"
+    raise FxqbnError(
+        f"the model does not match {where}{versions}: line {line + 1} of the converted forward is "
+        f"`{theirs}` in the file and `{ours}` from the model. Pass the float model the file was converted from"
+    )
+
+
+def _load_state(quantized: fx.GraphModule, state: dict[str, torch.Tensor], where: str) -> None:
+    ours = quantized.state_dict()
+    problems = [f"'{key}' missing from the model" for key in state if key not in ours]
+    problems += [f"'{key}' not in the file" for key in ours if key not in state]
+    problems += [
+        f"'{key}' is {tuple(state[key].shape)} {state[key].dtype} in the file, {tuple(ours[key].shape)} {ours[key].dtype} in the model"
+        for key in state
+        if key in ours and (state[key].shape != ours[key].shape or state[key].dtype != ours[key].dtype)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise FxqbnError(f"the model's tensors do not match {where}: {'; '.join(problems[:3])}{more}")
+    quantized.load_state_dict(state, strict=True)
+
+
+def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.GraphModule:
+    """Rebuild the converted model saved at ``path`` from its float ``model``, without calibration.
+
+    Args:
+        path: a file written by ``fxqbn.save``; read with ``torch.load(weights_only=True)``.
+        model: the float model it was converted from (same architecture; its weights are replaced by
+            the saved ones). Never changed.
+        example_inputs: passed to ``fxqbn.prepare``.
+
+    Returns:
+        The converted ``GraphModule``, with outputs bit-identical to the saved one, and its report.
+    """
+    where = _name(path)
+    payload = _read(path)
+    if not isinstance(model, nn.Module):
+        raise FxqbnError(f"fxqbn.load expects the float torch.nn.Module, got {type(model).__name__}")
+    plan = payload["patterns"]
+    float_model = copy.deepcopy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
+    observed = prepare(float_model, example_inputs, _replay_qconfig(plan, where))
+    _fill_observers(observed, plan, where)
+    quantized = convert(observed)  # a new GraphModule: modules in the same order as the saved one's
+    _check_code(quantized, payload, where)
+    _load_state(quantized, payload["state_dict"], where)
+    training = set(payload["training"])
+    for name, module in quantized.named_modules():
+        module.training = name in training
+    attach(quantized, REPORT_KEY, _report_from_dict(payload["report"], where, payload.get("convert_seconds", 0.0)))
+    return quantized

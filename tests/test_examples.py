@@ -1,0 +1,73 @@
+"""Every script in examples/ runs (as `python examples/NAME.py`), and converts with the command too."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxqbn import cli
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# script -> (its report's summary line, the statuses of its rows by pattern)
+SCRIPTS = {
+    "quickstart.py": ("2 rewritten, 0 skipped", {"BatchNorm2d+ReLU": {"rewritten"}}),
+    "densenet_bc.py": ("27 rewritten, 12 skipped", {"BatchNorm2d+ReLU": {"rewritten"}, "BatchNorm2d": {"skipped"}}),
+    "preact_resnet.py": ("17 rewritten, 0 skipped", {"BatchNorm2d+ReLU": {"rewritten"}}),
+    "cnn3d.py": ("15 rewritten, 0 skipped", {"BatchNorm3d+ReLU": {"rewritten"}, "BatchNorm3d": {"rewritten"}}),
+    "tabular_mlp.py": ("4 rewritten, 0 skipped", {"BatchNorm1d": {"rewritten"}, "BatchNorm1d+ReLU": {"rewritten"}}),
+}
+# the command each BN-heavy example's docstring shows, with fewer calibration batches
+COMMANDS = {
+    "densenet_bc.py": ["--skip", "features.4"],
+    "preact_resnet.py": [],
+    "cnn3d.py": [],
+    "tabular_mlp.py": [],
+}
+
+
+def test_every_example_is_listed_here():
+    assert {path.name for path in EXAMPLES.glob("*.py")} == set(SCRIPTS)
+    assert set(COMMANDS) == set(SCRIPTS) - {"quickstart.py"}
+
+
+def report_rows(stdout: str) -> list[list[str]]:
+    """The rows of a plain report table: the lines between the dashes and the summary."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("----")) + 1
+    end = next(i for i, line in enumerate(lines) if re.match(r"\d+ rewritten, \d+ skipped; ", line))
+    return [line.split() for line in lines[start:end]]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_example_script_runs(name, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    summary, statuses = SCRIPTS[name]
+    assert any(line.startswith(summary + "; ") for line in result.stdout.splitlines())
+    seen: dict[str, set[str]] = {}
+    for row in report_rows(result.stdout):
+        pattern = row[2]
+        seen.setdefault(pattern, set()).add("rewritten" if "rewritten" in row else "skipped")
+    assert seen == statuses
+    sqnr = float(re.search(r"(?:output SQNR against the float model:|model output SQNR) ([\d.]+) dB", result.stdout).group(1))
+    assert sqnr > 20
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_example_converts_with_the_command(name, capsys):
+    args = ["convert", f"{EXAMPLES / name}:build", *COMMANDS[name], "--calib-batches", "2", "--verify", "--format", "json"]
+    assert cli.main(args) == 0
+    document = json.loads(capsys.readouterr().out)
+    rewritten, skipped = (int(n) for n in re.findall(r"\d+", SCRIPTS[name][0]))
+    summary = document["report"]["summary"]
+    assert (summary["rewritten"], summary["skipped"]) == (rewritten, skipped)
+    verification = document["verification"]
+    assert verification["sqnr_db"] > 15 and verification["max_abs_error"] > 0
