@@ -6,10 +6,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.ao.quantization import MinMaxObserver, MovingAverageMinMaxObserver
 
 from .errors import FxqbnError
 
-__all__ = ["QParams", "Observation", "DTYPE_RANGES", "observer_has_data", "qparams_from_observer", "read_observer"]
+__all__ = [
+    "QParams", "Observation", "DTYPE_RANGES",
+    "observer_has_data", "qparams_from_observer", "read_observer", "read_many",
+]
 
 # The activation dtypes the quantized BatchNorm kernel takes, with their integer range.
 DTYPE_RANGES = {
@@ -90,3 +94,64 @@ def read_observer(observer: torch.nn.Module) -> Observation:
         min_val=float(lo.item()) if has_range else None,
         max_val=float(hi.item()) if has_range else None,
     )
+
+
+# Observers whose calculate_qparams is torch.ao's min/max formula, computed here for many at once.
+_MIN_MAX_OBSERVERS = (MinMaxObserver, MovingAverageMinMaxObserver)
+
+
+def _min_max_key(observer: torch.nn.Module) -> tuple | None:
+    """What the min/max formula depends on besides the range; None when the observer is not eligible."""
+    if type(observer) not in _MIN_MAX_OBSERVERS or observer.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return None
+    if observer.min_val.numel() != 1 or observer.dtype not in DTYPE_RANGES:
+        return None
+    return (observer.qscheme, observer.dtype, observer.quant_min, observer.quant_max,
+            observer.has_customized_qrange, float(observer.eps))
+
+
+def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ao's ``UniformQuantizationObserverBase._calculate_qparams`` for per-tensor schemes, on
+    stacked ranges: the same float32 operations element by element, so the same bits."""
+    qscheme, dtype, quant_min, quant_max, customized, eps = key
+    eps_t = torch.tensor([eps], dtype=torch.float32)
+    min_neg = torch.min(min_val, torch.zeros_like(min_val))
+    max_pos = torch.max(max_val, torch.zeros_like(max_val))
+    if qscheme == torch.per_tensor_symmetric:
+        max_pos = torch.max(-min_neg, max_pos)
+        scale = torch.max(max_pos / (float(quant_max - quant_min) / 2), eps_t)
+        midpoint = (quant_min + quant_max) // 2 if customized else 128
+        zero_point = torch.full_like(scale, midpoint if dtype == torch.quint8 else 0, dtype=torch.int64)
+    else:
+        scale = torch.max((max_pos - min_neg) / float(quant_max - quant_min), eps_t)
+        zero_point = quant_min - torch.round(min_neg / scale).to(torch.int)
+        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    return scale, zero_point
+
+
+def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError]:
+    """``read_observer`` for many observers (that have seen data): MinMax-style ones in one vectorised
+    computation per configuration, the others one by one. A failure is returned, not raised."""
+    groups: dict[tuple, list[str]] = {}
+    result: dict[str, Observation | FxqbnError] = {}
+    for name, observer in observers.items():
+        key = _min_max_key(observer)
+        if key is None:
+            try:
+                result[name] = read_observer(observer)
+            except FxqbnError as exc:
+                result[name] = exc
+        else:
+            groups.setdefault(key, []).append(name)
+    for key, names in groups.items():
+        lows = torch.stack([observers[n].min_val.reshape(()) for n in names])
+        highs = torch.stack([observers[n].max_val.reshape(()) for n in names])
+        scales, zero_points = _min_max_qparams(key, lows, highs)
+        for name, lo, hi, scale, zero_point in zip(names, lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist()):
+            try:
+                qparams = QParams(scale, int(zero_point), key[1])
+            except FxqbnError as exc:
+                result[name] = exc
+                continue
+            result[name] = Observation(qparams, type(observers[name]).__name__, lo, hi)
+    return {name: result[name] for name in observers}

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
 from fxqbn.nn import DeQuantize, Quantize
-from fxqbn.qparams import Observation, observer_has_data, read_observer
+from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Dropped, Match, Observed, Rewrite
 
@@ -58,16 +58,14 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
             f"observers never saw data for BatchNorm {', '.join(repr(m) for m in modules)}: run calibration "
             "batches through the prepared model (in eval mode, under torch.no_grad()) before fxqbn.convert"
         )
-    readings = {}
-    for name, observer in observers.items():
-        try:
-            readings[name] = read_observer(observer)
-        except FxqbnError as exc:
+    readings = read_many(observers)
+    for name, reading in readings.items():
+        if isinstance(reading, FxqbnError):
             raise FxqbnError(
-                f"observer '{name}' (for BatchNorm {', '.join(repr(m) for m in users[name])}): {exc}. "
+                f"observer '{name}' (for BatchNorm {', '.join(repr(m) for m in users[name])}): {reading}. "
                 "Check the calibration data for NaN or infinite values"
-            ) from None
-    return readings
+            )
+    return readings  # type: ignore[return-value]
 
 
 def _quantized_module(root: nn.Module, match: Match, output: Observation) -> nn.Module:
