@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.ao.quantization import HistogramObserver, MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
+from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm import tqdm
 
 from .api import convert, get_report, prepare
+from .compare import compare
 from .errors import FxqbnError
 from .report import Report
 from .serialize import describe_load_error, load_report, save
@@ -258,17 +259,15 @@ def _read_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]
 # -- quantization choices ---------------------------------------------------------------------------
 
 
-def _qconfig(prog: str, model: nn.Module, observer: str, dtype: str, skip: Sequence[str]) -> QConfigMapping:
-    activation = OBSERVERS[observer].with_args(dtype=DTYPES[dtype], qscheme=torch.per_tensor_affine, reduce_range=False)
-    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=default_weight_observer))
+def _qconfig(prog: str, model: nn.Module, observer: str, dtype: str, skip: Sequence[str]) -> Any:
+    """The activation observer for ``prepare``, after checking that every ``--skip`` module exists."""
     names = [name for name, _ in model.named_modules() if name]
     for name in skip:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise _usage(prog, f"argument --skip: the model has no module {name!r}{hint}")
-        mapping.set_module_name(name, None)
-    return mapping
+    return OBSERVERS[observer].with_args(dtype=DTYPES[dtype], qscheme=torch.per_tensor_affine, reduce_range=False)
 
 
 # -- verification ----------------------------------------------------------------------------------
@@ -432,13 +431,16 @@ def run_convert(args: argparse.Namespace) -> int:
     verify_it = args.verify or (args.model is None and args.calib is None)  # `fxqbn convert` alone verifies
     calibration = _calibration(args, example, verify_it)
     # 3. prepare, calibrate, convert
-    observed = prepare(model, example, qconfig)
+    observed = prepare(model, example, qconfig, skip=args.skip)
     for i, batch in enumerate(tqdm(calibration.batches, desc="calibrating", unit="batch", file=sys.stderr,
                                    disable=args.quiet or not sys.stderr.isatty())):
         _run(observed, batch, f"calibration batch {i}")
     quantized = convert(observed)
     # 4. check, write, tell
-    checked = verify(model, quantized, calibration.held_out) if calibration.held_out is not None else None
+    checked = None
+    if calibration.held_out is not None:
+        checked = verify(model, quantized, calibration.held_out)
+        compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
     if args.out:
         save(quantized, args.out)
     if args.torchscript:

@@ -182,7 +182,7 @@ def test_json_with_calibration_file_observer_dtype_skip_and_every_output(work):
     assert (document["observer"], document["dtype"], document["skip"]) == ("minmax", "qint8", ["block"])
     rows = {row["module"]: row for row in document["report"]["rows"]}
     assert (rows["bn"]["status"], rows["bn"]["dtype"]) == ("rewritten", "qint8")
-    assert (rows["block.0"]["status"], rows["block.0"]["reason"]) == ("skipped", "excluded by qconfig (None for this module)")
+    assert (rows["block.0"]["status"], rows["block.0"]["reason"]) == ("skipped", "skipped on request (prepare's skip argument)")
     assert (document["report"]["summary"]["rewritten"], document["report"]["summary"]["skipped"]) == (1, 1)
 
     # The input qparams are a qint8 MinMaxObserver's over the conv outputs of the first two batches.
