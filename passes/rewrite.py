@@ -12,7 +12,7 @@ After::
 
     q = fxqbn_quantize_0(x)         # fxqbn.nn.Quantize(0.02, 128, torch.quint8)
     bn = bn(q)                      # fxqbn.nn.BNReLU2d holding the output qparams
-    dq = fxqbn_dequantize(bn)       # fxqbn.nn.DeQuantize, one module for every such node
+    dq = fxqbn_dequantize_0(bn)     # fxqbn.nn.DeQuantize, one module for every such node
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
