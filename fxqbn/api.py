@@ -18,6 +18,7 @@ from fxqbn.passes import (
     rewrite_patterns,
 )
 
+from .backends import backend_named
 from .errors import FxqbnError
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow
@@ -60,16 +61,19 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None) -> fx.Gr
     return gm
 
 
-def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "native") -> fx.GraphModule:
     """Replace every observed BatchNorm pattern with its quantized module.
 
     Args:
         observed: the result of ``prepare``, after calibration.
         inplace: rewrite ``observed`` itself instead of a deep copy.
+        backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
+            or ``"fused"`` (a compiled integer map on plain uint8/int8 tensors, ``fxqbn.fused``).
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm.
     """
+    chosen = backend_named(backend)
     if not isinstance(observed, fx.GraphModule) or PREPARED_KEY not in observed.meta:
         already = isinstance(observed, fx.GraphModule) and REPORT_KEY in observed.meta
         raise FxqbnError(
@@ -79,7 +83,7 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     state: Prepared = observed.meta[PREPARED_KEY]
     qparams = collect_qparams(observed, state.patterns)  # refuse before copying or changing anything
     gm = observed if inplace else copy.deepcopy(observed)
-    rewrites = rewrite_patterns(gm, state.patterns, qparams)
+    rewrites = rewrite_patterns(gm, state.patterns, qparams, chosen)
     gm.delete_all_unused_submodules()  # fused nn.ReLU modules
     gm.graph.lint()
     gm.recompile()
@@ -102,7 +106,7 @@ def _report(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> Report:
         match = rewrite.observed.match
         qin, qout = rewrite.input_qparams, rewrite.output_qparams
         row = ReportRow(
-            node=match.bn_node, module=match.module, pattern=match.rule.name, op=match.rule.op,
+            node=match.bn_node, module=match.module, pattern=match.rule.name, op=rewrite.op or match.rule.op,
             status="rewritten", reason=match.note, dtype=str(qout.dtype).removeprefix("torch."),
             input_scale=qin.scale, input_zero_point=qin.zero_point,
             output_scale=qout.scale, output_zero_point=qout.zero_point,

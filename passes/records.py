@@ -74,3 +74,4 @@ class Rewrite:
     qmodule: str  # qualified name of the installed quantized module
     input_qparams: QParams
     output_qparams: QParams
+    op: str = ""  # the kernel the installed module runs, as the report names it

@@ -16,7 +16,8 @@ After::
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them.
+dequantize/quantize pair between them. The ``Backend`` record (``fxqbn.backends``) supplies the
+replacement modules and the quantize/dequantize targets; the default is the native one above.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import fx, nn
 
-from fxqbn import qops
+from fxqbn.backends import NATIVE, Backend
 from fxqbn.errors import FxqbnError
 from fxqbn.qparams import QParams, observer_has_data, qparams_from_observer
 
@@ -78,9 +79,9 @@ def _install(gm: fx.GraphModule, name: str, module: nn.Module, taken: set[str]) 
 
 
 def rewrite_patterns(
-    gm: fx.GraphModule, patterns: Sequence[Observed], qparams: Mapping[str, QParams]
+    gm: fx.GraphModule, patterns: Sequence[Observed], qparams: Mapping[str, QParams], backend: Backend = NATIVE
 ) -> tuple[Rewrite, ...]:
-    """Replace every observed pattern (in graph order) and remove all their observers.
+    """Replace every observed pattern (in graph order) with ``backend``'s modules and remove all their observers.
 
     The caller lints and recompiles ``gm``.
     """
@@ -102,14 +103,14 @@ def rewrite_patterns(
         if q_in is None:
             qp = qparams[in_obs.name]
             with graph.inserting_before(bn):
-                q_in = graph.call_function(qops.quantize, (in_obs, qp.scale, qp.zero_point, qp.dtype))
+                q_in = graph.call_function(backend.quantize, (in_obs, qp.scale, qp.zero_point, qp.dtype))
             quantized[in_obs] = q_in
-        out_qp = qparams[out_obs.name]
-        qmodule = match.rule.qmodule.from_bn(modules[match.module], out_qp)
+        in_qp, out_qp = qparams[in_obs.name], qparams[out_obs.name]
+        qmodule = backend.module_for(match.rule, modules[match.module], in_qp, out_qp)
         target = _install(gm, match.module, qmodule, taken)
         with graph.inserting_before(out_obs):
             quantized[out_obs] = graph.call_module(target, (q_in,))
-        rewrites.append(Rewrite(pattern, target, qparams[in_obs.name], out_qp))
+        rewrites.append(Rewrite(pattern, target, in_qp, out_qp, backend.op_for(match.rule)))
 
     # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
     #    output observer is float code and gets one dequantize. Then the float nodes go.
@@ -119,7 +120,7 @@ def rewrite_patterns(
         if readers:
             q_out = quantized[out_obs]
             with graph.inserting_after(q_out):
-                dq = graph.call_function(qops.dequantize, (q_out,))
+                dq = graph.call_function(backend.dequantize, backend.dequantize_args(q_out, qparams[out_obs.name]))
             for reader in readers:
                 reader.replace_input_with(out_obs, dq)
         for name in (pattern.output_observer, pattern.match.relu_node, pattern.match.bn_node):
