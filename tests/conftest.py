@@ -39,6 +39,15 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["state"][key], value), key
 
 
+@pytest.fixture(autouse=True)
+def eager_fused_kernels(monkeypatch):
+    """fxqbn.fused runs its kernels eagerly in tests (compiling costs seconds per kernel on CI);
+    the tests of the compiled path set fxqbn.fused.COMPILE = True themselves."""
+    import fxqbn.fused
+
+    monkeypatch.setattr(fxqbn.fused, "COMPILE", False)
+
+
 @pytest.fixture
 def calibrate():
     def run(observed, batches):
