@@ -357,6 +357,9 @@ class FusedBatchNorm(nn.Module):
         self._plain = ((float(zin),), (zout - _MAGIC_BITS, out_lo, out_hi))
         shift, flip = (128, _FLIP) if input_qparams.dtype == torch.qint8 else (0, 0)
         self._words = ((float(zin + shift),), (zout + shift - _MAGIC_BITS, out_lo + shift, out_hi + shift, flip))
+        for name, (fc, ic) in (("plain", self._plain), ("words", self._words)):  # what the compiled kernels take
+            self.register_buffer(f"_{name}_fc", torch.tensor(fc, dtype=_F32), persistent=False)
+            self.register_buffer(f"_{name}_ic", torch.tensor(ic, dtype=_I32), persistent=False)
         self._code_lo = lo
 
     @classmethod
@@ -415,13 +418,11 @@ class FusedBatchNorm(nn.Module):
             return restore(self._run_words(w, a4, b4).view(x.dtype).view(-1))
         fc, ic = self._plain
         a_c, b_c = a.view(channel), b.view(channel)
-        return _call(_bn_plain, (x, a_c, b_c, fc, ic),
-                     lambda: (x, a_c, b_c, torch.tensor(fc, dtype=_F32), torch.tensor(ic, dtype=_I32)))
+        return _call(_bn_plain, (x, a_c, b_c, fc, ic), lambda: (x, a_c, b_c, self._plain_fc, self._plain_ic))
 
     def _run_words(self, w: torch.Tensor, a4: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
         fc, ic = self._words
-        return _call(_bn_words, (w, a4, b4, fc, ic),
-                     lambda: (w, a4, b4, torch.tensor(fc, dtype=_F32), torch.tensor(ic, dtype=_I32)))
+        return _call(_bn_words, (w, a4, b4, fc, ic), lambda: (w, a4, b4, self._words_fc, self._words_ic))
 
     # -- presentation --------------------------------------------------------------------------------
     def _get_name(self) -> str:
