@@ -242,3 +242,28 @@ def test_compiled_kernels_equal_eager_and_native(monkeypatch):
                 assert torch.equal(fused.dequantize(out, qout.scale, qout.zero_point), (out.float() - qout.zero_point) * qout.scale)
     assert not fused._compile_failed
     assert fused._compiled_ok >= {fused._bn_words, fused._bn_plain, fused._quantize_words, fused._dequantize_words}
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
+    def no_compiler(fn, args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "COMPILE", True)
+    monkeypatch.setattr(fused, "_compile", no_compiler)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_compiled_ok", set())
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.warns(RuntimeWarning, match="compiling the kernels failed.*running them eagerly"):
+        codes = fused.quantize(x, 0.05, 128, torch.quint8)
+    assert fused._compile_failed == ["RuntimeError: no C++ compiler"]
+    assert torch.equal(codes, qops.quantize(x, 0.05, 128, torch.quint8).int_repr())
+    module = FusedBatchNorm.from_bn(randomize_bn(nn.BatchNorm2d(8)).eval(), 2, False,
+                                    QParams(0.05, 128, torch.quint8), QParams(0.04, 120, torch.quint8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        out = module(codes)
+    monkeypatch.setattr(fused, "COMPILE", False)
+    assert torch.equal(out, module(codes))
