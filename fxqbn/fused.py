@@ -142,6 +142,7 @@ def _compile(fn: Callable, args: tuple) -> Callable:
     the callers make every tensor argument contiguous and the cache key carries dtypes, ranks and
     size-1 dimensions, which is everything the traced graph is specialised on.
     """
+    from torch.fx.experimental import _config as fx_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
@@ -153,7 +154,13 @@ def _compile(fn: Callable, args: tuple) -> Callable:
         return fn(*full)
 
     examples = [args[i] for i in tensors]
-    graph = make_fx(tensor_fn, tracing_mode="symbolic")(*examples)
+    # No duck shaping: equal sizes in the example (a 4-word row and the 4 byte lanes, C == L, ...)
+    # must not become one symbol, or the kernel would only be right for that coincidence.
+    with fx_config.patch(use_duck_shape=False):
+        graph = make_fx(tensor_fn, tracing_mode="symbolic")(*examples)
+    for node in graph.graph.nodes:  # standalone_compile(from_graph) takes the shape env from here
+        if "val" in node.meta:
+            node.meta.setdefault("example_value", node.meta["val"])
     artifact = torch._inductor.standalone_compile(graph, examples, dynamic_shapes="from_graph")
 
     def run(*call_args: Any) -> torch.Tensor:
