@@ -115,16 +115,6 @@ def _quantize_words(x4: torch.Tensor, fc: Any, ic: Any) -> torch.Tensor:
     return out ^ ic[3]
 
 
-def _dequantize_plain(x: torch.Tensor, fc: Any) -> torch.Tensor:
-    return (x.to(_F32) - fc[0]) * fc[1]
-
-
-def _dequantize_words(w: torch.Tensor, fc: Any, ic: Any) -> torch.Tensor:
-    """n int32 words of four codes -> floats (n, 4)."""
-    w = w ^ ic[0]
-    return torch.stack([(((w >> (8 * k)) & 255).to(_F32) - fc[0]) * fc[1] for k in range(4)], dim=-1)
-
-
 _compiled: dict[tuple, Callable] = {}  # (kernel, argument signature) -> compiled artifact
 _compiled_ok: set[Callable] = set()  # kernels that compiled and ran at least once
 _compile_failed: list[str] = []  # the reason, once compiling has failed in this process
@@ -267,18 +257,9 @@ def dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """Plain uint8/int8 codes -> float32, exactly as ``Tensor.dequantize`` of the quantized tensor."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.uint8, torch.int8):
         raise FxqbnError(f"fxqbn.fused.dequantize expects uint8 or int8 codes, got {getattr(x, 'dtype', type(x).__name__)}")
-    scale32 = float(torch.tensor(scale, dtype=_F32))
-    flat = _flat(x)
-    if flat is None or not _packable(x):
-        codes, restore = flat if flat is not None else (x.contiguous().view(-1), lambda y: y.view(x.shape))
-        fc = (float(zero_point), scale32)
-        return restore(_call(_dequantize_plain, (codes, fc), lambda: (codes, torch.tensor(fc, dtype=_F32))))
-    codes, restore = flat
-    shift, flip = (128, _FLIP) if x.dtype == torch.int8 else (0, 0)
-    fc, ic = (float(zero_point + shift), scale32), (flip,)
-    w = codes.view(_I32)
-    out = _call(_dequantize_words, (w, fc, ic), lambda: (w, torch.tensor(fc, dtype=_F32), torch.tensor(ic, dtype=_I32)))
-    return restore(out.view(-1))
+    # Eager on purpose: ATen's uint8 -> float32 conversion and two in-place float ops beat a compiled
+    # kernel here (which loads 8-bit codes 8 at a time). (q - zp) is exact; one rounding in the multiply.
+    return x.to(_F32).sub_(float(zero_point)).mul_(float(torch.tensor(scale, dtype=_F32)))
 
 
 # -- exact emulation of the native kernel (construction time only) -----------------------------------

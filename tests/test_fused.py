@@ -222,14 +222,16 @@ def test_bad_input_and_bad_statistics_are_refused():
 
 def test_compiled_kernels_equal_eager_and_native(monkeypatch):
     """The one test that compiles (a few seconds per kernel): word kernels (contiguous and
-    channels-last), the plain kernel (7x7 spatial) and both boundaries, against the native ops."""
+    channels-last), the plain kernel (7x7 spatial) and quantize, against the native ops."""
     monkeypatch.setattr(fused, "COMPILE", True)
     gen = torch.Generator().manual_seed(11)
     bn = random_bn(2, 8, gen)
     for dtype in DTYPES:
         qin, qout = random_qparams(gen, dtype), random_qparams(gen, dtype)
         module = FusedBatchNorm.from_bn(bn, 2, True, qin, qout)
-        for shape in ((4, 8, 8, 8), (2, 8, 7, 7)):
+        # (2, 8, 4, 4) first: rows of 4 words, as many as the byte lanes; the kernel compiled for it
+        # must not assume that for (4, 8, 8, 8), which reuses it.
+        for shape in ((2, 8, 4, 4), (4, 8, 8, 8), (2, 8, 7, 7)):
             x = floats_with_ties(gen, qin, shape)
             for name, xx in layouts(x):
                 if name not in ("contiguous", "channels_last"):
@@ -241,7 +243,7 @@ def test_compiled_kernels_equal_eager_and_native(monkeypatch):
                 assert torch.equal(out, native(bn, xq.int_repr(), qin, qout, 2, True)), (dtype, shape, name)
                 assert torch.equal(fused.dequantize(out, qout.scale, qout.zero_point), (out.float() - qout.zero_point) * qout.scale)
     assert not fused._compile_failed
-    assert fused._compiled_ok >= {fused._bn_words, fused._bn_plain, fused._quantize_words, fused._dequantize_words}
+    assert fused._compiled_ok >= {fused._bn_words, fused._bn_plain, fused._quantize_words}
 
 
 def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
