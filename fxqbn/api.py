@@ -23,9 +23,10 @@ from fxqbn.passes import (
     remove_observers,
     rewrite_patterns,
 )
+from fxqbn.passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
 
 from .errors import FxqbnError
-from .nn import DeQuantize, Quantize
+from .backends import backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
@@ -75,7 +76,7 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
     return gm
 
 
-def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "native") -> fx.GraphModule:
     """Replace every observed BatchNorm pattern with its quantized module.
 
     Args:
@@ -83,12 +84,15 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             calibrated by torch.ao's ``prepare_fx``: its observed BN / BN+ReLU patterns are
             converted, its other observers removed (listed in the report's ``dropped``).
         inplace: rewrite ``observed`` itself instead of building a new GraphModule.
+        backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
+            or ``"fused"`` (a compiled integer map on plain uint8/int8 tensors, ``fxqbn.fused``).
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
         holds its own copies of everything it keeps from the float model.
     """
     start = time.perf_counter()
+    chosen = backend_named(backend)
     state: Prepared | None = attached(observed, PREPARED_KEY)
     if state is None and attached(observed, REPORT_KEY) is None and is_torch_ao_observed(observed):
         state = adopt_observers(observed)
@@ -99,7 +103,7 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         )
     readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
     graph = observed.graph if inplace else copy.deepcopy(observed.graph)
-    rewrites, new_modules = rewrite_patterns(graph, observed, state.patterns, readings)
+    rewrites, new_modules = rewrite_patterns(graph, observed, state.patterns, readings, chosen)
     remove_observers(graph, state.dropped)
     if inplace:
         gm = observed
@@ -116,8 +120,8 @@ def convert(observed: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     summary = ReportSummary(
         rewritten=len(rewrites),
         skipped=len(state.skips),
-        quantize_nodes=_count_calls(gm, Quantize),
-        dequantize_nodes=_count_calls(gm, DeQuantize),
+        quantize_nodes=_count_calls(gm, QUANTIZE_PREFIX),
+        dequantize_nodes=_count_calls(gm, DEQUANTIZE_PREFIX),
         convert_seconds=time.perf_counter() - start,
     )
     attach(gm, REWRITES_KEY, rewrites)
@@ -179,9 +183,8 @@ def _skip_predicate(model: nn.Module, skip: Iterable[Any]) -> Callable[[str, obj
     return requested
 
 
-def _count_calls(gm: fx.GraphModule, module_type: type) -> int:
-    modules = dict(gm.named_modules())
-    return sum(1 for node in gm.graph.nodes if node.op == "call_module" and type(modules[node.target]) is module_type)
+def _count_calls(gm: fx.GraphModule, prefix: str) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op == "call_module" and str(node.target).startswith(prefix))
 
 
 def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[ReportRow, ...]:
@@ -189,7 +192,7 @@ def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[Repor
     for rewrite in rewrites:
         match, obs_in, obs_out = rewrite.observed.match, rewrite.input, rewrite.output
         row = ReportRow(
-            node=match.bn_node, module=match.module, pattern=match.rule.name, op=match.rule.op,
+            node=match.bn_node, module=match.module, pattern=match.rule.name, op=rewrite.op or match.rule.op,
             status="rewritten", reason=match.note, source=match.source,
             dtype=str(obs_out.qparams.dtype).removeprefix("torch."), observer=obs_out.observer,
             input_scale=obs_in.qparams.scale, input_zero_point=obs_in.qparams.zero_point,

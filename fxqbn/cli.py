@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
     c.add_argument("--observer", choices=sorted(OBSERVERS), default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
+    c.add_argument("--backend", choices=["native", "fused"], default="native",
+                   help="native: PyTorch's quantized kernels; fused: a compiled integer map on uint8/int8 tensors")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable")
     c.add_argument("--out", metavar="PATH", help="save the converted model with fxqbn.save (load with fxqbn.load)")
@@ -435,7 +437,7 @@ def run_convert(args: argparse.Namespace) -> int:
     for i, batch in enumerate(tqdm(calibration.batches, desc="calibrating", unit="batch", file=sys.stderr,
                                    disable=args.quiet or not sys.stderr.isatty())):
         _run(observed, batch, f"calibration batch {i}")
-    quantized = convert(observed)
+    quantized = convert(observed, backend=args.backend)
     # 4. check, write, tell
     checked = None
     if calibration.held_out is not None:

@@ -20,8 +20,8 @@ from torch import fx, nn
 from fxqbn.passes import Rewrite
 from fxqbn.passes.observe import OBSERVER_PREFIX
 
-from . import qops
 from .api import get_report
+from .backends import BACKENDS
 from .errors import FxqbnError
 from .report import Report
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
@@ -118,7 +118,8 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
                 name = rw.observed.match.bn_node
                 x, y = (capture.values[n] for n in ends[name])
                 qin, qout = rw.input.qparams, rw.output.qparams
-                y_q = qops.dequantize(quantized.get_submodule(rw.qmodule)(qops.quantize(x, qin.scale, qin.zero_point, qin.dtype)))
+                backend = BACKENDS[rw.backend]
+                y_q = backend.dequantize(qout)(quantized.get_submodule(rw.qmodule)(backend.quantize(qin)(x)))
                 error = (y_q - y).double()
                 acc = sums[name]
                 acc[0] += float(y.double().pow(2).sum())

@@ -35,7 +35,7 @@ from .api import convert, get_report, prepare
 from .errors import FxqbnError
 from .qparams import DTYPE_RANGES
 from .report import Report
-from .state import PREPARED_KEY, REPORT_KEY, attach, attached
+from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "FORMAT", "VERSION"]
 
@@ -99,6 +99,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
         "code": quantized.code,
         "report": report.to_dict(),
         "convert_seconds": report.summary.convert_seconds,  # the one field to_dict leaves out
+        "backend": next((rw.backend for rw in attached(quantized, REWRITES_KEY) or ()), "native"),
     }
     torch.save(payload, path)
 
@@ -266,7 +267,8 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     float_model = copy.deepcopy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
     observed = prepare(float_model, example_inputs, _replay_qconfig(plan, where))
     _fill_observers(observed, plan, where)
-    quantized = convert(observed)  # a new GraphModule: modules in the same order as the saved one's
+    # a new GraphModule: modules in the same order as the saved one's
+    quantized = convert(observed, backend=payload.get("backend", "native"))
     _check_code(quantized, payload, where)
     _load_state(quantized, payload["state_dict"], where)
     training = set(payload["training"])

@@ -99,3 +99,5 @@ class Rewrite:
     qmodule: str  # qualified name of the installed quantized module
     input: Observation  # of the pattern's input observer
     output: Observation  # of the pattern's output observer
+    backend: str = "native"  # the fxqbn.backends record that built it
+    op: str = ""  # the kernel the installed module runs, as the report names it

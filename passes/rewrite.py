@@ -16,7 +16,8 @@ After::
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them.
+dequantize/quantize pair between them. The ``Backend`` record (``fxqbn.backends``) supplies the
+replacement and boundary modules; the default is the native one above.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
+from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
-from fxqbn.nn import DeQuantize, Quantize
 from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Dropped, Match, Observed, Rewrite
@@ -68,20 +69,20 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings  # type: ignore[return-value]
 
 
-def _quantized_module(root: nn.Module, match: Match, output: Observation) -> nn.Module:
-    """The replacement for one pattern, built from the BN module or the F.batch_norm tensors."""
-    qmodule = match.rule.qmodule
+def _bn_tensors(root: nn.Module, match: Match) -> BnTensors:
+    """The BN's tensors: from its module (inside torch.ao's fused BNReLU too) or its F.batch_norm call."""
     f = match.functional
     if f is None:
-        return qmodule.from_bn(root.get_submodule(match.module), output.qparams, name=match.module)
+        bn = match.rule.qmodule._unwrap(root.get_submodule(match.module))
+        if bn.running_mean is None or bn.running_var is None:
+            raise FxqbnError(f"BatchNorm '{match.module}' has track_running_stats=False: it cannot be quantized; keep it float")
+        affine = bn.affine
+        return BnTensors(bn.running_mean, bn.running_var, bn.weight if affine else None, bn.bias if affine else None, bn.eps, bn.momentum)
 
     def tensor(target: str | None) -> torch.Tensor | None:
         return None if target is None else operator.attrgetter(target)(root)
 
-    return qmodule.from_tensors(
-        tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias),
-        f.eps, f.momentum, output.qparams, name=match.module,
-    )
+    return BnTensors(tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias), f.eps, f.momentum)
 
 
 class _NewModules:
@@ -123,9 +124,14 @@ class _NewModules:
 
 
 def rewrite_patterns(
-    graph: fx.Graph, root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation]
+    graph: fx.Graph,
+    root: nn.Module,
+    patterns: Sequence[Observed],
+    readings: Mapping[str, Observation],
+    backend: Backend = NATIVE,
 ) -> tuple[tuple[Rewrite, ...], dict[str, nn.Module]]:
-    """Replace every observed pattern (in graph order) in ``graph`` and remove their observers.
+    """Replace every observed pattern (in graph order) in ``graph`` with ``backend``'s modules and
+    remove their observers.
 
     ``graph``'s targets resolve in ``root``, which is not changed. Returns the records and the
     modules the rewritten graph needs beyond ``root``'s, by target (a replaced BN's target maps
@@ -137,7 +143,13 @@ def rewrite_patterns(
     rewrites = []
 
     # 0. Every replacement is built (and its statistics checked) before the graph changes.
-    qmodules = [_quantized_module(root, p.match, readings[p.output_observer]) for p in patterns]
+    qmodules = [
+        backend.module_for(
+            p.match.rule, _bn_tensors(root, p.match), readings[p.input_observer].qparams,
+            readings[p.output_observer].qparams, p.match.module,
+        )
+        for p in patterns
+    ]
 
     # 1. A quantized twin for every pattern, reading quantized inputs.
     for pattern, qmodule in zip(patterns, qmodules):
@@ -148,23 +160,29 @@ def rewrite_patterns(
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
         q_in = quantized.get(in_obs)
         if q_in is None:
-            boundary = new.add(QUANTIZE_PREFIX, Quantize.from_qparams(readings[in_obs.name].qparams))
+            boundary = new.add(QUANTIZE_PREFIX, backend.quantize(readings[in_obs.name].qparams))
             with graph.inserting_before(bn):
                 q_in = graph.create_node("call_module", boundary, (in_obs,))  # the module is added later
             quantized[in_obs] = q_in
         target = new.replace(match, qmodule)
         with graph.inserting_before(out_obs):
             quantized[out_obs] = graph.create_node("call_module", target, (q_in,))
-        rewrites.append(Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name]))
+        rewrites.append(
+            Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name], backend.name, backend.op_for(match.rule))
+        )
 
     # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
     #    output observer is float code and gets one dequantize. Then the float nodes go.
-    dequantize = None
+    dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
     for pattern in reversed(patterns):
         out_obs = nodes[pattern.output_observer]
         readers = list(out_obs.users)
         if readers:
-            dequantize = dequantize or new.add(DEQUANTIZE_PREFIX, DeQuantize())
+            qparams = readings[out_obs.name].qparams
+            key = None if backend.dequantize_shared else qparams
+            if key not in dequantizers:
+                dequantizers[key] = new.add(DEQUANTIZE_PREFIX, backend.dequantize(qparams))
+            dequantize = dequantizers[key]
             q_out = quantized[out_obs]
             with graph.inserting_after(q_out):
                 dq = graph.create_node("call_module", dequantize, (q_out,))
