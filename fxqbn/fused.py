@@ -417,8 +417,7 @@ class FusedBatchNorm(nn.Module):
                 f"{type(bn).__name__}({bn.num_features}) has track_running_stats=False: it normalises with "
                 "batch statistics and cannot be quantized; keep it float"
             )
-        alpha, beta = fold(bn, input_qparams, output_qparams)
-        return cls(dim, relu, alpha, beta, input_qparams, output_qparams, kernel)
+        return cls.from_tensors(bn, dim, relu, input_qparams, output_qparams, name=type(bn).__name__, kernel=kernel)
 
     @classmethod
     def from_tensors(cls, bn: Any, dim: int, relu: bool, input_qparams: QParams, output_qparams: QParams,
@@ -497,16 +496,24 @@ class FusedBatchNorm(nn.Module):
 
 
 
-class FusedQuantize(nn.Module):
-    """The float -> plain-codes boundary of the fused backend: ``quantize`` with fixed qparams."""
+class _FusedBoundary(nn.Module):
+    """A boundary of the fused backend: plain codes carry no qparams, so the module holds them."""
 
     def __init__(self, scale: float, zero_point: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.qparams = QParams(scale, zero_point, dtype)
 
     @classmethod
-    def from_qparams(cls, qparams: QParams) -> "FusedQuantize":
+    def from_qparams(cls, qparams: QParams) -> "_FusedBoundary":
         return cls(qparams.scale, qparams.zero_point, qparams.dtype)
+
+    def extra_repr(self) -> str:
+        q = self.qparams
+        return f"scale={q.scale:.6g}, zero_point={q.zero_point}, dtype={q.dtype}"
+
+
+class FusedQuantize(_FusedBoundary):
+    """The float -> plain-codes boundary: ``quantize`` with fixed qparams."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != _F32 or x.device.type != "cpu":
@@ -515,25 +522,9 @@ class FusedQuantize(nn.Module):
             )
         return quantize(x, self.qparams.scale, self.qparams.zero_point, self.qparams.dtype)
 
-    def extra_repr(self) -> str:
-        q = self.qparams
-        return f"scale={q.scale:.6g}, zero_point={q.zero_point}, dtype={q.dtype}"
 
-
-class FusedDeQuantize(nn.Module):
-    """The plain-codes -> float boundary of the fused backend (plain codes carry no qparams: this holds them)."""
-
-    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.qparams = QParams(scale, zero_point, dtype)
-
-    @classmethod
-    def from_qparams(cls, qparams: QParams) -> "FusedDeQuantize":
-        return cls(qparams.scale, qparams.zero_point, qparams.dtype)
+class FusedDeQuantize(_FusedBoundary):
+    """The plain-codes -> float boundary: ``dequantize`` with fixed qparams."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dequantize(x, self.qparams.scale, self.qparams.zero_point)
-
-    def extra_repr(self) -> str:
-        q = self.qparams
-        return f"scale={q.scale:.6g}, zero_point={q.zero_point}, dtype={q.dtype}"
