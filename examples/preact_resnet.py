@@ -71,10 +71,7 @@ def main() -> None:
             observed(torch.randn(2, 3, 32, 32))
         quantized = fxqbn.convert(observed)
         x = torch.randn(2, 3, 32, 32)
-        reference, output = model(x), quantized(x)
-    print(fxqbn.get_report(quantized))
-    sqnr = 10 * torch.log10(reference.pow(2).sum() / (output - reference).pow(2).sum())
-    print(f"output SQNR against the float model: {sqnr:.1f} dB")
+    print(fxqbn.compare(model, quantized, x))  # the report, with each BN's error and the model's output SQNR
 
 
 if __name__ == "__main__":
