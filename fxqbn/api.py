@@ -192,7 +192,7 @@ def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[Repor
     for rewrite in rewrites:
         match, obs_in, obs_out = rewrite.observed.match, rewrite.input, rewrite.output
         row = ReportRow(
-            node=match.bn_node, module=match.module, pattern=match.rule.name, op=rewrite.op or match.rule.op,
+            node=match.bn_node, module=match.module, pattern=match.rule.name, op=rewrite.op,
             status="rewritten", reason=match.note, source=match.source,
             dtype=str(obs_out.qparams.dtype).removeprefix("torch."), observer=obs_out.observer,
             input_scale=obs_in.qparams.scale, input_zero_point=obs_in.qparams.zero_point,

@@ -33,7 +33,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm import tqdm
 
 from .api import convert, get_report, prepare
-from .compare import compare
+from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .report import Report
 from .serialize import describe_load_error, load_report, save
@@ -275,16 +275,6 @@ def _qconfig(prog: str, model: nn.Module, observer: str, dtype: str, skip: Seque
 # -- verification ----------------------------------------------------------------------------------
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
-
-
 def _median_ms(model: nn.Module, inputs: tuple[Any, ...], runs: int) -> float:
     times = []
     with torch.no_grad():
@@ -320,13 +310,13 @@ class Verification:
 
 
 def verify(float_model: nn.Module, quantized: nn.Module, inputs: tuple[Any, ...], runs: int = LATENCY_RUNS) -> Verification:
-    reference = _tensors(_run(float_model, inputs, "the verification batch"))
-    output = _tensors(_run(quantized, inputs, "the verification batch"))
+    reference = tensors_in(_run(float_model, inputs, "the verification batch"))
+    output = tensors_in(_run(quantized, inputs, "the verification batch"))
     pairs = [(r.double(), o.double()) for r, o in zip(reference, output) if r.is_floating_point()]
     signal = sum(float(r.pow(2).sum()) for r, _ in pairs)
     noise = sum(float((r - o).pow(2).sum()) for r, o in pairs)
     max_err = max((float((r - o).abs().max()) for r, o in pairs if r.numel()), default=0.0)
-    sqnr = None if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    sqnr = None if noise == 0 else sqnr_db(signal, noise)
     return Verification(
         batch=_shapes(inputs), sqnr_db=sqnr, max_abs_error=max_err,
         float_ms=_median_ms(float_model, inputs, runs), quantized_ms=_median_ms(quantized, inputs, runs), runs=runs,
@@ -350,7 +340,7 @@ def _write_torchscript(quantized: nn.Module, inputs: tuple[Any, ...], path: str)
         scripted = torch.jit.script(quantized)
     except Exception as exc:
         raise FxqbnError(f"torch.jit.script cannot compile the converted model: {_first_line(exc)} (--out needs no scripting)") from exc
-    if not all(torch.equal(a, b) for a, b in zip(_tensors(_run(scripted, inputs, "the example input")), _tensors(_run(quantized, inputs, "the example input")))):
+    if not all(torch.equal(a, b) for a, b in zip(tensors_in(_run(scripted, inputs, "the example input")), tensors_in(_run(quantized, inputs, "the example input")))):
         raise FxqbnError("the TorchScript model's outputs differ from the converted model's; not writing --torchscript")
     torch.jit.save(scripted, path)
 

@@ -27,7 +27,7 @@ from .report import Report
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 from .tracing import trace
 
-__all__ = ["compare", "sqnr_db"]
+__all__ = ["compare", "sqnr_db", "tensors_in"]
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -67,13 +67,14 @@ def _batches(inputs: Any) -> list[tuple]:
     raise FxqbnError(f"inputs must be a tensor, a tuple of tensors or a list of batches, got {type(inputs).__name__}")
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in tensors_in(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in tensors_in(item)]
     return []
 
 
@@ -125,7 +126,7 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
                 acc[0] += float(y.double().pow(2).sum())
                 acc[1] += float(error.pow(2).sum())
                 acc[2] = max(acc[2], float(error.abs().max()) / qout.scale if error.numel() else 0.0)
-            for f, q in zip(_tensors(float_out), _tensors(quantized(*batch))):
+            for f, q in zip(tensors_in(float_out), tensors_in(quantized(*batch))):
                 model_signal += float(f.double().pow(2).sum())
                 model_noise += float((q.double() - f.double()).pow(2).sum())
     numbers = {name: (sqnr_db(s, n), m) for name, (s, n, m) in sums.items()}

@@ -2,7 +2,8 @@
 
 Everything that creates quantized tensors or runs a quantized kernel goes through
 these functions, so the deprecation of quantized dtypes (pytorch#184982) touches
-one file.  Graph nodes created by the passes target these functions directly.
+one file. The graph reaches them through the modules of ``fxqbn.nn`` (Quantize, DeQuantize and the
+quantized BatchNorms).
 """
 
 from __future__ import annotations
@@ -14,17 +15,8 @@ from .errors import FxqbnError
 __all__ = ["quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
 
 
-# (spatial rank of the BN, fused ReLU) -> the kernel that computes it.
-_BN_OPS = {
-    (1, False): torch.ops.quantized.batch_norm1d,
-    (1, True): torch.ops.quantized.batch_norm1d_relu,
-    (2, False): torch.ops.quantized.batch_norm2d,
-    (2, True): torch.ops.quantized.batch_norm2d_relu,
-    (3, False): torch.ops.quantized.batch_norm3d,
-    (3, True): torch.ops.quantized.batch_norm3d_relu,
-}
-
-BN_OP_NAMES = {key: f"quantized::{op._qualified_op_name.split('::')[1]}" for key, op in _BN_OPS.items()}
+# (spatial rank of the BN, fused ReLU) -> the name of the kernel ``batch_norm`` runs for it.
+BN_OP_NAMES = {(dim, relu): f"quantized::batch_norm{dim}d" + ("_relu" if relu else "") for dim in (1, 2, 3) for relu in (False, True)}
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
@@ -65,7 +57,7 @@ def batch_norm(
 ) -> torch.Tensor:
     """Run ``quantized::batch_norm{dim}d[_relu]`` on a per-tensor quantized input.
 
-    Spelled as branches, not a lookup in ``_BN_OPS``, so that ``torch.jit.script`` compiles it.
+    Spelled as branches, not a table lookup, so that ``torch.jit.script`` compiles it.
     """
     args = (weight, bias, running_mean, running_var, eps, output_scale, output_zero_point)
     if dim == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxqbn.backends import BACKENDS
 from fxqbn.qconfig import ActivationSpec
 from fxqbn.qparams import Observation
 
@@ -100,4 +101,8 @@ class Rewrite:
     input: Observation  # of the pattern's input observer
     output: Observation  # of the pattern's output observer
     backend: str = "native"  # the fxqbn.backends record that built it
-    op: str = ""  # the kernel the installed module runs, as the report names it
+
+    @property
+    def op(self) -> str:
+        """The kernel the installed module runs, as the report names it."""
+        return BACKENDS[self.backend].op_for(self.observed.match.rule)

@@ -168,7 +168,7 @@ def rewrite_patterns(
         with graph.inserting_before(out_obs):
             quantized[out_obs] = graph.create_node("call_module", target, (q_in,))
         rewrites.append(
-            Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name], backend.name, backend.op_for(match.rule))
+            Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name], backend.name)
         )
 
     # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
