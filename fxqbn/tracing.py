@@ -59,7 +59,9 @@ class _Tracer(fx.Tracer):
         if kind in ("call_module", "call_function", "call_method"):
             frame = sys._getframe(1)
             while frame is not None and _own(frame.f_code.co_filename):
-                frame = frame.f_back
+                # Past trace_graph lies whoever called prepare, not the model: no source then
+                # (e.g. an nn.Sequential, whose forward is torch's).
+                frame = None if frame.f_code is trace_graph.__code__ else frame.f_back
             if frame is not None:
                 node.meta["stack_trace"] = (
                     f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'

@@ -183,3 +183,13 @@ def test_formats(converted):
     assert report.to_dict()["rows"][0]["node"] == "stem"
     with pytest.raises(ValueError, match="unknown report format 'xml'"):
         report.format("xml")
+
+
+def test_no_source_when_the_model_has_no_code_of_its_own():
+    # nn.Sequential's forward is torch's: the line calling prepare is not the BN's source.
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())).eval()
+    observed = fxqbn.prepare(model, (batches(1, 0)[0],), MinMaxObserver)
+    with torch.no_grad():
+        observed(batches(1, 0)[0])
+    (row,) = fxqbn.get_report(fxqbn.convert(observed)).rows
+    assert row.source == ""
