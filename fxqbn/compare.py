@@ -110,6 +110,15 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
     ends = {rw.observed.match.bn_node: (nodes[rw.observed.match.bn_node].args[0].name, rw.observed.match.output_node) for rw in rewrites}
     wanted = {name for pair in ends.values() for name in pair}
     sums = {name: [0.0, 0.0, 0.0] for name in ends}  # signal, noise, max |error| in steps
+    # Each pattern on its own: the backend's boundaries around the installed module, built once.
+    pipelines = {
+        rw.observed.match.bn_node: torch.nn.Sequential(
+            BACKENDS[rw.backend].quantize(rw.input.qparams),
+            quantized.get_submodule(rw.qmodule),
+            BACKENDS[rw.backend].dequantize(rw.output.qparams),
+        )
+        for rw in rewrites
+    }
     model_signal = model_noise = 0.0
     with torch.no_grad():
         for batch in _batches(inputs):
@@ -118,14 +127,11 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
             for rw in rewrites:
                 name = rw.observed.match.bn_node
                 x, y = (capture.values[n] for n in ends[name])
-                qin, qout = rw.input.qparams, rw.output.qparams
-                backend = BACKENDS[rw.backend]
-                y_q = backend.dequantize(qout)(quantized.get_submodule(rw.qmodule)(backend.quantize(qin)(x)))
-                error = (y_q - y).double()
+                error = (pipelines[name](x) - y).double()
                 acc = sums[name]
                 acc[0] += float(y.double().pow(2).sum())
                 acc[1] += float(error.pow(2).sum())
-                acc[2] = max(acc[2], float(error.abs().max()) / qout.scale if error.numel() else 0.0)
+                acc[2] = max(acc[2], float(error.abs().max()) / rw.output.qparams.scale if error.numel() else 0.0)
             for f, q in zip(tensors_in(float_out), tensors_in(quantized(*batch))):
                 model_signal += float(f.double().pow(2).sum())
                 model_noise += float((q.double() - f.double()).pow(2).sum())
