@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .errors import FxqbnError
+from .nn import RANKS, check_shape, check_statistics
 from .qparams import DTYPE_RANGES, QParams
 
 __all__ = [
@@ -65,8 +66,6 @@ _MAGIC = 12582912.0
 _MAGIC_BITS = 0x4B400000
 _FLIP = -2139062144  # 0x80808080 as int32: int8 codes <-> uint8 codes (x + 128), four per word
 _LITTLE_ENDIAN = sys.byteorder == "little"
-_SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
-_RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
 _SEARCH_ULPS = 4  # how far a channel's kernel constants may move, in float32 ulps, to match every code
 
 
@@ -370,7 +369,7 @@ class FusedBatchNorm(nn.Module):
     def __init__(self, dim: int, relu: bool, alpha: torch.Tensor, beta: torch.Tensor, input_qparams: QParams,
                  output_qparams: QParams, kernel: str = "auto") -> None:
         super().__init__()
-        if dim not in _RANKS:
+        if dim not in RANKS:
             raise FxqbnError(f"FusedBatchNorm dim must be 1, 2 or 3, got {dim}")
         if input_qparams.dtype != output_qparams.dtype:
             raise FxqbnError(f"input dtype {input_qparams.dtype} and output dtype {output_qparams.dtype} differ")
@@ -424,8 +423,6 @@ class FusedBatchNorm(nn.Module):
                      name: str = "BatchNorm", kernel: str = "auto") -> "FusedBatchNorm":
         """Build from BN tensors (``fxqbn.backends.BnTensors``), refusing statistics that would
         silently saturate a channel (``fxqbn.nn.check_statistics``), naming ``name``."""
-        from .nn import check_statistics
-
         check_statistics(name, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         alpha, beta = fold(bn, input_qparams, output_qparams)
         return cls(dim, relu, alpha, beta, input_qparams, output_qparams, kernel)
@@ -439,13 +436,7 @@ class FusedBatchNorm(nn.Module):
                 f"{self._get_name()} expects {want} codes of {self.input_qparams.dtype} input, got {got}: "
                 f"quantize it with fxqbn.fused.quantize(x, scale, zero_point, {self.input_qparams.dtype}) first"
             )
-        if x.dim() not in _RANKS[self.dim]:
-            raise FxqbnError(f"{self._get_name()} expects input of shape {_SHAPES[self.dim]}, got {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise FxqbnError(
-                f"{self._get_name()} has {self.num_features} channels, got input of shape {tuple(x.shape)} "
-                f"with {x.shape[1]} channels"
-            )
+        check_shape(self._get_name(), x, self.dim, self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

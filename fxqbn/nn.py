@@ -27,11 +27,19 @@ from .qparams import QParams, observer_has_data, qparams_from_observer
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d",
-    "Quantize", "DeQuantize", "check_statistics",
+    "Quantize", "DeQuantize", "check_statistics", "check_shape",
 ]
 
-_SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
-_RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
+SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}  # input shape, by BN dim
+RANKS = {1: (2, 3), 2: (4,), 3: (5,)}  # input ranks, by BN dim
+
+
+def check_shape(who: str, x: torch.Tensor, dim: int, num_features: int) -> None:
+    """Refuse an input of the wrong rank or channel count for a ``dim``-d BatchNorm, naming ``who``."""
+    if x.dim() not in RANKS[dim]:
+        raise FxqbnError(f"{who} expects input of shape {SHAPES[dim]}, got {tuple(x.shape)}")
+    if x.shape[1] != num_features:
+        raise FxqbnError(f"{who} has {num_features} channels, got input of shape {tuple(x.shape)} with {x.shape[1]} channels")
 
 
 def _float32_copy(t: torch.Tensor) -> torch.Tensor:
@@ -149,20 +157,12 @@ class _QuantizedBatchNorm(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     @torch.jit.unused  # torch.jit.script cannot compile these messages: forward uses _check_scripted_input
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() not in _RANKS[self._DIM]:
-            raise FxqbnError(
-                f"{self._get_name()} expects input of shape {_SHAPES[self._DIM]}, got {tuple(x.shape)}"
-            )
+        check_shape(self._get_name(), x, self._DIM, self.num_features)
         if not x.is_quantized or x.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             raise FxqbnError(
                 f"{self._get_name()} expects a per-tensor quantized input (torch.quint8 or torch.qint8), "
                 f"got {x.dtype}" + ("" if not x.is_quantized else f" with {x.qscheme()}")
                 + ": quantize it with torch.quantize_per_tensor first"
-            )
-        if x.shape[1] != self.num_features:
-            raise FxqbnError(
-                f"{self._get_name()} has {self.num_features} channels, got input of shape {tuple(x.shape)} "
-                f"with {x.shape[1]} channels"
             )
 
     def _check_scripted_input(self, x: torch.Tensor) -> None:
