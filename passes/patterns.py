@@ -77,7 +77,7 @@ RULES: tuple[Rule, ...] = (
 MODULE_TARGETS = frozenset(rule.target for rule in RULES if isinstance(rule.target, type))
 
 # The input ranks each kernel dim takes.
-RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
+RANK_TO_DIM = {rank: dim for dim, ranks in qnn.RANKS.items() for rank in ranks}
 
 
 def rule_for(target: object, relu: bool, dim: int | None = None) -> Rule | None:
