@@ -6,19 +6,61 @@
     quantized = fxqbn.convert(observed)
     print(fxqbn.get_report(quantized))
     fxqbn.save(quantized, "model.fxqbn.pt")  # data only: fxqbn.load("model.fxqbn.pt", model)
+
+The names below load on first use (PEP 562), so that ``import fxqbn`` and ``fxqbn --help`` do not
+import torch.
 """
 
-from . import nn
-from .api import convert, get_report, prepare
-from .compare import compare
-from .errors import FxqbnError
-from .qconfig import DEFAULT_OBSERVER
-from .qparams import QParams
-from .report import Report, ReportRow, ReportSummary
-from .serialize import load, load_report, save
+from __future__ import annotations
 
-__all__ = [
-    "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
-    "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
-]
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
+from typing import Any
+
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
+# public name -> "submodule.attribute" it comes from, or "submodule" for the submodule itself.
+_EXPORTS = {
+    "prepare": "api.prepare",
+    "convert": "api.convert",
+    "get_report": "api.get_report",
+    "compare": "compare.compare",
+    "save": "serialize.save",
+    "load": "serialize.load",
+    "load_report": "serialize.load_report",
+    "FxqbnError": "errors.FxqbnError",
+    "Report": "report.Report",
+    "ReportRow": "report.ReportRow",
+    "ReportSummary": "report.ReportSummary",
+    "QParams": "qparams.QParams",
+    "DEFAULT_OBSERVER": "qconfig.DEFAULT_OBSERVER",
+    "nn": "nn",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fxqbn' has no attribute {name!r}")
+    module_name, _, attribute = _EXPORTS[name].partition(".")
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = getattr(module, attribute) if attribute else module
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``fxqbn.compare`` the function when the submodule of that name is first imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name, name) != name:
+            return  # the import system binding fxqbn.compare (the module): it stays in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

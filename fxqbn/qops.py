@@ -8,11 +8,21 @@ quantized BatchNorms).
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 
 from .errors import FxqbnError
 
 __all__ = ["quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
+
+# pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
+# matches that one message, raised by this module's calls, and leaves every other warning alone.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation",
+    category=UserWarning, module=re.escape(__name__) + "$",
+)
 
 
 # (spatial rank of the BN, fused ReLU) -> the name of the kernel ``batch_norm`` runs for it.

@@ -2,8 +2,9 @@
 
 Plain frozen dataclasses: they pickle, deep-copy and compare by value.
 
-Formats: ``str(report)`` is a terminal table; ``report.format(fmt)`` takes ``"plain"``,
-``"github"``, ``"json"`` or ``"csv"``. JSON and CSV are deterministic for the same model,
+Formats: ``str(report)`` is a terminal table of the columns a person reads first (DEFAULT_COLUMNS),
+fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"``,
+``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing cut). JSON and CSV are deterministic for the same model,
 qparams and inputs (fields in declaration order, rows in graph order, floats as numbers,
 an infinite SQNR as ``null``); the conversion time is left out of them so that two reports
 can be diffed.
@@ -15,11 +16,12 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
-from tabulate import tabulate
+from .table import fit_lines, render
 
-__all__ = ["ReportRow", "ReportSummary", "Report", "FORMATS"]
+__all__ = ["ReportRow", "ReportSummary", "Report", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names"]
 
 FORMATS = ("plain", "github", "json", "csv")
 
@@ -81,24 +83,48 @@ def _number(value: float | None, digits: str = ".1f") -> str:
     return "inf" if math.isinf(value) else format(value, digits)
 
 
-# The terminal table: column title -> cell of a row.
-_COLUMNS = {
-    "node": lambda r: r.node,
-    "module": lambda r: r.module,
-    "pattern": lambda r: r.pattern,
-    "op": lambda r: r.op or "-",
-    "status": lambda r: r.status,
-    "dtype": lambda r: r.dtype or "-",
-    "observer": lambda r: r.observer or "-",
-    "input scale @ zp": lambda r: _qparams(r.input_scale, r.input_zero_point),
-    "input range": lambda r: _range(r.input_min, r.input_max),
-    "output scale @ zp": lambda r: _qparams(r.output_scale, r.output_zero_point),
-    "output range": lambda r: _range(r.output_min, r.output_max),
-    "SQNR dB": lambda r: _number(r.sqnr_db),
-    "max err (steps)": lambda r: _number(r.max_error_steps, ".2f"),
-    "source": lambda r: r.source or "-",
-    "reason": lambda r: r.reason or "-",
-}
+@dataclass(frozen=True)
+class Column:
+    """One column of the report's tables."""
+
+    name: str  # what ``columns=`` and ``--columns`` take
+    title: str  # its heading
+    cell: Callable[[ReportRow], str]
+    cut: str | None = None  # how a long cell is shortened to fit the width: "middle", "end", None (never)
+
+
+# Every column of the tables, in the order ``columns="all"`` shows them.
+COLUMNS = {c.name: c for c in (
+    Column("node", "node", lambda r: r.node, "middle"),
+    Column("bn", "BN", lambda r: r.module, "middle"),  # the BN module's qualified name
+    Column("pattern", "pattern", lambda r: r.pattern, "end"),
+    Column("op", "op", lambda r: r.op or "-", "end"),
+    Column("status", "status", lambda r: r.status),
+    Column("dtype", "dtype", lambda r: r.dtype or "-"),
+    Column("observer", "observer", lambda r: r.observer or "-", "end"),
+    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point)),
+    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max)),
+    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point)),
+    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max)),
+    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db)),
+    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f")),
+    Column("source", "source", lambda r: r.source or "-", "middle"),
+    Column("reason", "reason", lambda r: r.reason or "-", "end"),
+)}
+# What a person reads first: ``str(report)`` and the command show these, fitted to WIDTH characters.
+DEFAULT_COLUMNS = ("bn", "pattern", "status", "in", "out", "sqnr", "reason")
+WIDTH = 100
+
+
+def column_names(text: str) -> tuple[str, ...]:
+    """``"bn,status,reason"`` as column names, checked against COLUMNS; ``"all"`` is every column."""
+    if text.strip().lower() == "all":
+        return tuple(COLUMNS)
+    names = tuple(name.strip().lower() for name in text.split(","))
+    unknown = [name for name in names if name not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown report column {', '.join(map(repr, unknown))}: choose from {', '.join(COLUMNS)}, or all")
+    return names
 
 
 def _finite(value):
@@ -134,18 +160,25 @@ class Report:
         summary = ReportSummary(**data["summary"], convert_seconds=convert_seconds)
         return cls(rows=rows, summary=summary, dropped=tuple(data.get("dropped", ())))
 
-    def summary_line(self) -> str:
+    def summary_parts(self) -> list[str]:
         s = self.summary
-        line = (
-            f"{s.rewritten} rewritten, {s.skipped} skipped; {s.quantize_nodes} quantize and "
-            f"{s.dequantize_nodes} dequantize nodes inserted; converted in {s.convert_seconds * 1000:.0f} ms"
-        )
+        parts = [
+            f"{s.rewritten} rewritten, {s.skipped} skipped", f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted",
+            f"converted in {s.convert_seconds * 1000:.0f} ms",
+        ]
         if s.model_sqnr_db is not None:
-            line += f"; model output SQNR {_number(s.model_sqnr_db)} dB"
-        return line
+            parts.append(f"model output SQNR {_number(s.model_sqnr_db)} dB")
+        return parts
 
-    def format(self, fmt: str = "plain") -> str:
-        """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data."""
+    def summary_line(self) -> str:
+        return "; ".join(self.summary_parts())
+
+    def format(self, fmt: str = "plain", columns: Sequence[str] = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
+        """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
+
+        ``columns`` names the table's columns (keys of COLUMNS); a long name or reason is cut with
+        an ellipsis so that the table fits ``width`` characters where it can; ``width=None`` cuts nothing.
+        """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if fmt == "csv":
@@ -156,12 +189,13 @@ class Report:
             return out.getvalue()
         if fmt not in ("plain", "github"):
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
-        table = [[cell(row) for cell in _COLUMNS.values()] for row in self.rows]
-        style = "simple" if fmt == "plain" else "github"
-        text = tabulate(table, headers=list(_COLUMNS), tablefmt=style, disable_numparse=True) + "\n" + self.summary_line()
+        chosen = [COLUMNS[name] for name in column_names(",".join(columns))]
+        table = [[c.cell(row) for c in chosen] for row in self.rows]
+        text = render([c.title for c in chosen], table, [c.cut for c in chosen], width, fmt)
+        lines = [text, *fit_lines(self.summary_parts(), width)]
         if self.dropped:
-            text += "\nobservers removed without conversion:\n" + "\n".join(f"  {line}" for line in self.dropped)
-        return text
+            lines += ["observers removed without conversion:", *(f"  {line}" for line in self.dropped)]
+        return "\n".join(lines)
 
     def with_numbers(self, numbers: dict[str, tuple[float, float]], model_sqnr_db: float | None) -> "Report":
         """A copy with ``sqnr_db`` / ``max_error_steps`` filled for the rows whose node is in ``numbers``."""

@@ -152,7 +152,9 @@ def test_bare_convert_converts_the_builtin_densenet_and_verifies(tmp_path):
     assert lines[0] == "model: fxqbn.models:densenet_bc, input (1, 3, 32, 32), histogram observer, quint8"
     assert lines[1].startswith("calibration: 8 random batches - DEMO ONLY")
     assert any(line.startswith("21 rewritten, 0 skipped; ") for line in lines)
-    assert sum("quantized::batch_norm2d_relu  rewritten" in line for line in lines) == 21
+    assert lines[2].split() == ["BN", "pattern", "status", "in", "scale@zp", "out", "scale@zp", "SQNR", "reason"]
+    assert sum("BatchNorm2d+ReLU  rewritten" in line for line in lines) == 21
+    assert max(len(line) for line in lines) <= 100  # the default report fits a 100-column terminal
     verification = next(line for line in lines if line.startswith("verification on a held-out batch (1, 3, 32, 32)"))
     sqnr = float(verification.split("output SQNR ")[1].split(" dB")[0])
     assert sqnr > 25
@@ -236,7 +238,7 @@ def test_report_command_prints_a_saved_report(work):
     result = fxqbn_command("report", "q.pt", "--format", "github", cwd=work)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == fxqbn.get_report(quantized).format("github")
-    assert result.stdout.startswith("| node ") and result.stderr == ""
+    assert result.stdout.startswith("| BN ") and result.stderr == ""
 
 
 def test_progress_bar_on_a_terminal_and_quiet(work):
@@ -251,7 +253,7 @@ def test_progress_bar_on_a_terminal_and_quiet(work):
     assert (status, stdout, terminal) == (0, "", "")
     written = (work / "r.md").read_text().splitlines()  # --quiet silences the terminal, not --report
     assert written[0].startswith("model: m.py:net_with_inputs") and written[1].startswith("calibration: 3 random")
-    assert written[2].startswith("| node ") and written[4].startswith("| bn ") and written[-1].startswith("2 rewritten, 0 skipped; ")
+    assert written[2].startswith("| BN ") and written[4].startswith("| bn ") and written[-1].startswith("2 rewritten, 0 skipped; ")
 
 
 # -- refusals and usage errors, as the user sees them ---------------------------------------------------
