@@ -36,9 +36,9 @@ class Progress:
         if not self.enabled:
             yield
             return
+        self._open = True  # before the write: a Ctrl-C right after it still ends the line
         self.stream.write(f"{what}...")
         self.stream.flush()
-        self._open = True
         start = time.perf_counter()
         yield
         self.stream.write(f" {time.perf_counter() - start:.1f} s\n")
@@ -52,11 +52,14 @@ class Progress:
             return
         from tqdm import tqdm
 
-        bar = tqdm(items, desc=desc, unit=unit, file=self.stream, leave=True)
+        self._open, bar = True, None  # the bar's line has no end until the bar closes
         try:
+            bar = tqdm(items, desc=desc, unit=unit, file=self.stream, leave=True)
             yield from bar
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()  # ends the line
+                self._open = False
 
     def end_line(self) -> None:
         """End a step line cut short (by an error or Ctrl-C), so that the next message starts a line."""

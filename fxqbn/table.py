@@ -26,8 +26,8 @@ def cut(text: str, width: int, where: str | None) -> str:
         return text
     if width <= 1:
         return ELLIPSIS[:width]
-    if where == "middle":  # keep the end, which names the leaf module
-        head = (width - 1) // 2
+    if where == "middle":  # a third of the start, two thirds of the end, which names the leaf module
+        head = (width - 1) // 3
         return text[:head] + ELLIPSIS + text[len(text) - (width - 1 - head):]
     if where == "end":
         return text[: width - 1] + ELLIPSIS

@@ -5,14 +5,18 @@ suite quick on small machines.
 """
 
 import csv
+import dataclasses
 import fcntl
 import io
 import json
 import os
 import pty
+import re
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 from importlib import metadata
 
@@ -31,7 +35,7 @@ from torch import nn
 def _stats(model):
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
             m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return model.eval()
@@ -83,6 +87,31 @@ def broken():
     raise RuntimeError("no weights here")
 
 
+class LongNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder_stage_with_a_rather_descriptive_name = nn.Sequential()
+        self.encoder_stage_with_a_rather_descriptive_name.add_module("normalisation_of_the_first_block", nn.BatchNorm2d(3))
+        self.normalisation_with_batch_statistics_only = nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x):
+        return self.normalisation_with_batch_statistics_only(self.encoder_stage_with_a_rather_descriptive_name(x))
+
+
+def long_names():
+    return _stats(LongNames()), torch.randn(2, 3, 8, 8)
+
+
+def no_bn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+
+
+def slow_factory():
+    import time
+
+    time.sleep(600)
+
+
 def not_a_module():
     return 3
 '''
@@ -111,8 +140,11 @@ def fxqbn_command(*args, cwd):
     )
 
 
-def fxqbn_on_a_terminal(*args, cwd):
-    """Run the command with stderr on a pseudo-terminal (where a progress bar shows); (status, stdout, stderr)."""
+def fxqbn_on_a_terminal(*args, cwd, interrupt_at=None):
+    """Run the command with stderr on a pseudo-terminal (where progress shows); (status, stdout, stderr).
+
+    With ``interrupt_at``, the command gets SIGINT (Ctrl-C) as soon as that text shows on the terminal.
+    """
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
     proc = subprocess.Popen([sys.executable, "-m", "fxqbn", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=follower)
@@ -126,10 +158,13 @@ def fxqbn_on_a_terminal(*args, cwd):
         if not chunk:
             break
         chunks.append(chunk)
+        if interrupt_at is not None and interrupt_at.encode() in b"".join(chunks):
+            proc.send_signal(signal.SIGINT)
+            interrupt_at = None
     os.close(leader)
     stdout = proc.stdout.read().decode()
     proc.stdout.close()
-    return proc.wait(timeout=600), stdout, b"".join(chunks).decode(errors="replace")
+    return proc.wait(timeout=600), stdout, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
 
 
 def load_factories(work):
@@ -256,6 +291,119 @@ def test_progress_bar_on_a_terminal_and_quiet(work):
     assert written[2].startswith("| BN ") and written[4].startswith("| bn ") and written[-1].startswith("2 rewritten, 0 skipped; ")
 
 
+STEPS = r"^(.*)\.\.\. \d+\.\d s$"  # a finished step line on the terminal: "tracing... 0.3 s"
+
+
+def test_each_step_shows_on_a_terminal(work):
+    status, stdout, terminal = fxqbn_on_a_terminal(
+        "convert", "m.py:net_with_inputs", "--calib-batches", "3", "--verify", "--out", "q.pt", "--torchscript", "q.ts", cwd=work,
+    )
+    assert status == 0, terminal
+    assert re.findall(STEPS, terminal, re.M) == [
+        "loading PyTorch", "building m.py:net_with_inputs", "tracing", "converting", "verifying", "saving q.pt", "compiling TorchScript",
+    ]
+    assert terminal.index("tracing...") < terminal.index("calibrating") < terminal.index("converting...")
+    assert terminal.splitlines()[-2:] == ["saved: q.pt", "torchscript: q.ts"]
+    assert "2 rewritten, 0 skipped; " in stdout
+
+
+@pytest.mark.parametrize(
+    "args, moment",
+    [
+        (["m.py:net_with_inputs"], "loading PyTorch..."),  # start-up: torch is being imported
+        (["m.py:slow_factory"], "building m.py:slow_factory..."),  # the user's factory is running
+        (["m.py:net_with_inputs", "--calib-batches", "100000"], "calibrating:"),
+    ],
+    ids=["start-up", "factory", "calibration"],
+)
+def test_ctrl_c_prints_one_line_and_exits_130(work, args, moment):
+    status, stdout, terminal = fxqbn_on_a_terminal("convert", *args, cwd=work, interrupt_at=moment)
+    assert status == 130, terminal
+    assert stdout == ""
+    assert terminal.endswith("\nfxqbn: interrupted\n") and terminal.count("fxqbn: interrupted") == 1
+    assert "Traceback" not in terminal and "KeyboardInterrupt" not in terminal
+
+
+NO_TORCH = """
+import contextlib, io, sys
+from fxqbn import cli
+for argv in {argvs!r}:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(argv)
+    print(repr((status, out.getvalue(), err.getvalue())))
+print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
+"""
+
+
+def test_help_version_and_usage_errors_answer_without_importing_torch(work):
+    argvs = [
+        ["--help"], ["--version"], ["convert", "--help"], ["report", "--help"],
+        ["convert", "m.py:net", "--out", "m.py/q.pt"], ["convert", "--report", "m.py", "m.py:net"],
+        ["convert", "--columns", "bn,colour"], ["convert", "--calib", "nothere.pt"],
+    ]
+    result = subprocess.run([sys.executable, "-c", NO_TORCH.format(argvs=argvs)], cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    *answers, torch_modules = [eval(line) for line in result.stdout.splitlines()]
+    assert torch_modules == []
+    (help_status, help_text, _), (version_status, version, _), (convert_status, convert_help, _) = answers[:3]
+    assert (help_status, version_status, convert_status) == (0, 0, 0)
+    assert help_text.startswith("usage: fxqbn [-h] [--version] {convert,report}") and "130 interrupted" in help_text
+    assert version == f"fxqbn {fxqbn.__version__} (torch {metadata.version('torch')})\n"
+    assert metadata.version("fxqbn") == fxqbn.__version__  # the package metadata reads the same one place
+    assert "--backend {native,fused}" in convert_help and "--columns A,B,..." in convert_help and "--wide" in convert_help
+    assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2]
+    assert answers[4][2].startswith("fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)")
+    assert answers[5][2].startswith("fxqbn convert: error: argument --report: m.py is also MODEL's file")
+
+
+def test_columns_and_wide_choose_the_table(work, capsys):
+    assert cli.main(["convert", "m.py:long_names", "--calib-batches", "2"]) == 0
+    default = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in default) <= 100
+    table = default[2:6]
+    assert table[0].split() == ["BN", "pattern", "status", "in", "scale@zp", "out", "scale@zp", "SQNR", "reason"]
+    modules = ["encoder_stage_with_a_rather_descriptive_name.normalisation_of_the_first_block", "normalisation_with_batch_statistics_only"]
+    for line, module in zip(table[2:], modules):  # cut in the middle, keeping more of the leaf's end
+        head, tail = line.split()[0].split("…")
+        assert module.startswith(head) and module.endswith(tail) and len(tail) > len(head) > 0
+    assert table[3].split()[-1].startswith("track_running") and table[3].endswith("…")
+
+    assert cli.main(["convert", "m.py:long_names", "--calib-batches", "2", "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()[2:6]
+    assert wide[0].split()[:3] == ["node", "BN", "pattern"] and wide[0].split()[-2:] == ["source", "reason"]
+    assert wide[2].split()[1] == "encoder_stage_with_a_rather_descriptive_name.normalisation_of_the_first_block"
+    assert wide[3].endswith("track_running_stats=False: normalises with batch statistics")
+
+    assert cli.main(["convert", "m.py:long_names", "--calib-batches", "2", "--columns", "status,reason"]) == 0
+    chosen = capsys.readouterr().out.splitlines()[2:6]
+    assert chosen[0].split() == ["status", "reason"] and chosen[3] == "skipped    track_running_stats=False: normalises with batch statistics"
+
+    assert cli.main(["convert", "m.py:long_names", "--calib-batches", "2", "--columns", "bn", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["report"]["rows"]
+    assert list(rows[0]) == [f.name for f in dataclasses.fields(fxqbn.ReportRow)]  # JSON keeps every field
+
+
+def test_an_unwritable_folder_is_named_before_any_work(work, capsys):
+    folder = unwritable_folder(work)
+    assert cli.main(["convert", "m.py:slow_factory", "--torchscript", f"{folder}/q.ts"]) == 2  # the factory never runs
+    assert capsys.readouterr().err.startswith(f"fxqbn convert: error: argument --torchscript: cannot write in folder {folder}: ")
+
+
+def unwritable_folder(work):
+    """A folder this process cannot write in: a read-only one, or /sys when root writes anyway."""
+    folder = work / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, "/sys"):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable folder here: running as root, with /sys writable")
+
+
 # -- refusals and usage errors, as the user sees them ---------------------------------------------------
 
 
@@ -305,6 +453,22 @@ def test_debug_adds_the_traceback(work):
         (["m.py:net_with_inputs", "--calib", "."], 2, "fxqbn convert: error: argument --calib: . is not a file"),
         (["m.py:net_with_inputs", "--calib", "calib.pt", "--calib-batches", "2"], 2,
          "fxqbn convert: error: argument --calib-batches: not allowed with argument --calib"),
+        (["m.py:net_with_inputs", "--skip", "conv"], 2,
+         "fxqbn convert: error: argument --skip: module 'conv' holds no BatchNorm; the BatchNorms are in block, bn"),
+        (["m.py:no_bn"], 1, "fxqbn: error: m.py:no_bn holds no BatchNorm: nothing to quantize"),
+        (["m.py:net_with_inputs", "--out", "m.py/q.pt"], 2,
+         "fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)"),
+        (["m.py:net_with_inputs", "--torchscript", "calib.pt/deeper/q.ts"], 2,
+         "fxqbn convert: error: argument --torchscript: calib.pt is a file, not a folder (in calib.pt/deeper/q.ts)"),
+        (["m.py:net_with_inputs", "--report", "m.py"], 2,
+         "fxqbn convert: error: argument --report: m.py is also MODEL's file; writing it would destroy it"),
+        (["m.py:net_with_inputs", "--calib", "calib.pt", "--out", "./calib.pt"], 2,
+         "fxqbn convert: error: argument --out: ./calib.pt is also --calib; writing it would destroy it"),
+        (["m.py:net_with_inputs", "--out", "q2.pt", "--report", "q2.pt"], 2,
+         "fxqbn convert: error: arguments --out and --report both write q2.pt: give each its own file"),
+        (["m.py:net_with_inputs", "--out", ""], 2, "fxqbn convert: error: argument --out: the path is empty; give a file name"),
+        (["m.py:net_with_inputs", "--columns", "bn,colour"], 2,
+         "fxqbn convert: error: argument --columns: unknown report column 'colour': choose from node, bn, pattern"),
         (["m.py:broken"], 1, "fxqbn: error: m.py:broken raised RuntimeError: no weights here"),
         (["m.py:not_a_module"], 1, "fxqbn: error: m.py:not_a_module returned int: return an nn.Module or (module, example_inputs)"),
         (["m.py:branchy"], 1, "fxqbn: error: torch.fx cannot trace Branchy: TraceError"),
