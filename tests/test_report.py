@@ -12,17 +12,22 @@ import json
 import math
 import os
 import pickle
+import re
+import string
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import randomize_bn
 from report_model import ReportNet
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
 
 import fxqbn
+from fxqbn.report import COLUMNS, DEFAULT_COLUMNS, Report, ReportRow, ReportSummary
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -63,6 +68,71 @@ def test_golden_table(converted):
     check_golden("report.txt", without_time(fxqbn.get_report(converted[2])).format("plain") + "\n")
 
 
+def test_golden_wide_table(converted):
+    report = without_time(fxqbn.get_report(converted[2]))
+    check_golden("report_wide.txt", report.format("plain", columns=list(COLUMNS), width=None) + "\n")
+
+
+def test_str_is_the_default_table_and_fits_100_columns(converted):
+    report = fxqbn.get_report(converted[2])
+    assert str(report) == report.format("plain") == report.format("plain", DEFAULT_COLUMNS, 100)
+    for fmt in ("plain", "github"):
+        lines = report.format(fmt).splitlines()
+        assert max(len(line) for line in lines) <= 100
+        assert lines[0].replace("|", " ").split() == ["BN", "pattern", "status", "in", "scale@zp", "out", "scale@zp", "SQNR", "reason"]
+
+
+def test_columns_choose_and_unknown_columns_are_refused(converted):
+    report = fxqbn.get_report(converted[2])
+    lines = report.format("plain", columns=["status", "bn", "op"]).splitlines()
+    assert lines[0].split() == ["status", "BN", "op"] and lines[2].split() == ["rewritten", "stem", "quantized::batch_norm2d"]
+    with pytest.raises(ValueError, match="unknown report column 'colour': choose from node, bn, pattern"):
+        report.format("plain", columns=["bn", "colour"])
+
+
+def cells(table: str) -> list[list[str]]:
+    """The cells of a plain table, split where the dashed line under the titles has gaps."""
+    lines = table.splitlines()
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
+    return [[line[a:b].rstrip() if i < len(spans) - 1 else line[a:].rstrip() for i, (a, b) in enumerate(spans)] for line in lines[2:]]
+
+
+NAMES = st.text(alphabet=string.ascii_lowercase + string.digits + "._", min_size=1, max_size=160)
+REASONS = st.text(alphabet=string.ascii_letters + string.digits + " ()=:,;'.-", min_size=1, max_size=300).map(str.strip).filter(bool)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(NAMES, REASONS, st.booleans()), min_size=1, max_size=8))
+def test_any_names_and_reasons_fit_100_columns_cut_with_an_ellipsis(rows):
+    records = tuple(
+        ReportRow(node=name.replace(".", "_"), module=name, pattern="BatchNorm2d+ReLU", op="", status="skipped" if skipped else "rewritten",
+                  reason=reason, input_scale=0.0123456, input_zero_point=128, output_scale=1.5e-5, output_zero_point=0)
+        for name, reason, skipped in rows
+    )
+    report = Report(rows=records, summary=ReportSummary(rewritten=0, skipped=len(records), quantize_nodes=0, dequantize_nodes=0, convert_seconds=0.1))
+    table = report.format("plain")
+    assert max(len(line) for line in table.splitlines()) <= 100
+    for row, shown in zip(records, cells(table)):
+        name, reason = shown[0], shown[-1]
+        if name != row.module:  # cut in the middle: the start and the (longer) end of the name
+            head, tail = name.split("…")
+            assert row.module.startswith(head) and row.module.endswith(tail) and len(head) <= len(tail)
+        if reason != row.reason:  # cut at the end
+            assert reason.endswith("…") and row.reason.startswith(reason[:-1])
+        assert len(name) >= min(len(row.module), 10) and len(reason) >= min(len(row.reason), 10)
+    wide = report.format("plain", columns=list(COLUMNS), width=None)
+    assert [[r[1], r[-1]] for r in cells(wide)[: len(records)]] == [[row.module, row.reason] for row in records]
+
+
+def test_summary_lines_fit_the_width():
+    summary = ReportSummary(rewritten=1000, skipped=1000, quantize_nodes=1000, dequantize_nodes=1000, convert_seconds=12.5, model_sqnr_db=35.25)
+    text = Report(rows=(), summary=summary).format("plain")
+    assert text.splitlines()[-2:] == [
+        "1000 rewritten, 1000 skipped; 1000 quantize and 1000 dequantize nodes inserted;",
+        "converted in 12500 ms; model output SQNR 35.2 dB",
+    ]
+
+
 def test_golden_json(converted):
     check_golden("report.json", fxqbn.get_report(converted[2]).format("json") + "\n")
 
@@ -84,8 +154,9 @@ def test_every_skip_reason_reaches_the_report(converted):
         "stem", "block.0", "shared", "excluded", "batch_stats", "bn3d",
     ]
     for fmt in ("plain", "github", "csv", "json"):
-        text = fxqbn.get_report(converted[2]).format(fmt)
-        assert "excluded by qconfig" in text and "track_running_stats=False" in text and "ReLU not fused" in text
+        text = fxqbn.get_report(converted[2]).format(fmt, width=None)  # tables: nothing cut
+        assert "excluded by qconfig (None for this module)" in text and "ReLU not fused: the BN output has 2 users" in text
+        assert "track_running_stats=False: normalises with batch statistics" in text
 
 
 def test_summary_counts(converted):
