@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
-from .table import fit_lines, render
+from .table import render
 
 __all__ = ["ReportRow", "ReportSummary", "Report", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names"]
 
@@ -90,7 +90,8 @@ class Column:
     name: str  # what ``columns=`` and ``--columns`` take
     title: str  # its heading
     cell: Callable[[ReportRow], str]
-    cut: str | None = None  # how a long cell is shortened to fit the width: "middle", "end", None (never)
+    cut: str | None = None  # how a long cell fits the width: "middle" / "end" (ellipsis), "wrap", None (never shortened)
+    numbers: bool = False  # empty ("-") on a skipped row: in plain tables a trailing reason spans such columns
 
 
 # Every column of the tables, in the order ``columns="all"`` shows them.
@@ -98,18 +99,18 @@ COLUMNS = {c.name: c for c in (
     Column("node", "node", lambda r: r.node, "middle"),
     Column("bn", "BN", lambda r: r.module, "middle"),  # the BN module's qualified name
     Column("pattern", "pattern", lambda r: r.pattern, "end"),
-    Column("op", "op", lambda r: r.op or "-", "end"),
+    Column("op", "op", lambda r: r.op or "-", "end", numbers=True),
     Column("status", "status", lambda r: r.status),
-    Column("dtype", "dtype", lambda r: r.dtype or "-"),
-    Column("observer", "observer", lambda r: r.observer or "-", "end"),
-    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point)),
-    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max)),
-    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point)),
-    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max)),
-    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db)),
-    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f")),
+    Column("dtype", "dtype", lambda r: r.dtype or "-", numbers=True),
+    Column("observer", "observer", lambda r: r.observer or "-", "end", numbers=True),
+    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point), numbers=True),
+    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max), numbers=True),
+    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point), numbers=True),
+    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), numbers=True),
+    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), numbers=True),
+    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), numbers=True),
     Column("source", "source", lambda r: r.source or "-", "middle"),
-    Column("reason", "reason", lambda r: r.reason or "-", "end"),
+    Column("reason", "reason", lambda r: r.reason or "-", "wrap"),
 )}
 # What a person reads first: ``str(report)`` and the command show these, fitted to WIDTH characters.
 DEFAULT_COLUMNS = ("bn", "pattern", "status", "in", "out", "sqnr", "reason")
@@ -125,6 +126,17 @@ def column_names(text: str) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown report column {', '.join(map(repr, unknown))}: choose from {', '.join(COLUMNS)}, or all")
     return names
+
+
+def _cells(chosen: Sequence[Column], row: ReportRow, spanning: bool) -> list[str]:
+    """A row's cells; with ``spanning``, a skipped row's reason (when last) takes the empty number columns before it."""
+    cells = [c.cell(row) for c in chosen]
+    if not spanning or row.status != "skipped" or chosen[-1].name != "reason":
+        return cells
+    start = len(chosen) - 1
+    while start > 0 and chosen[start - 1].numbers:
+        start -= 1
+    return cells[:start] + cells[-1:]
 
 
 def _finite(value):
@@ -160,24 +172,25 @@ class Report:
         summary = ReportSummary(**data["summary"], convert_seconds=convert_seconds)
         return cls(rows=rows, summary=summary, dropped=tuple(data.get("dropped", ())))
 
-    def summary_parts(self) -> list[str]:
+    def summary_lines(self, width: int | None = WIDTH) -> list[str]:
+        """The totals under the table: on one line with ``width=None``, else counts on one line and
+        the model's SQNR and the conversion time on the next (where the timing cannot move the break)."""
         s = self.summary
-        parts = [
-            f"{s.rewritten} rewritten, {s.skipped} skipped", f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted",
-            f"converted in {s.convert_seconds * 1000:.0f} ms",
-        ]
-        if s.model_sqnr_db is not None:
-            parts.append(f"model output SQNR {_number(s.model_sqnr_db)} dB")
-        return parts
+        counts = [f"{s.rewritten} rewritten, {s.skipped} skipped",
+                  f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted"]
+        numbers = [] if s.model_sqnr_db is None else [f"model output SQNR {_number(s.model_sqnr_db)} dB"]
+        numbers.append(f"converted in {s.convert_seconds * 1000:.0f} ms")
+        return ["; ".join(counts + numbers)] if width is None else ["; ".join(counts), "; ".join(numbers)]
 
     def summary_line(self) -> str:
-        return "; ".join(self.summary_parts())
+        return self.summary_lines(width=None)[0]
 
     def format(self, fmt: str = "plain", columns: Sequence[str] = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
         """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
 
-        ``columns`` names the table's columns (keys of COLUMNS); a long name or reason is cut with
-        an ellipsis so that the table fits ``width`` characters where it can; ``width=None`` cuts nothing.
+        ``columns`` names the table's columns (keys of COLUMNS). To fit ``width`` characters, a long
+        name is cut in the middle with an ellipsis and a long reason wraps onto the next lines (cut at
+        the end in ``github``, whose rows are one line); ``width=None`` shortens nothing.
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -190,9 +203,9 @@ class Report:
         if fmt not in ("plain", "github"):
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
         chosen = [COLUMNS[name] for name in column_names(",".join(columns))]
-        table = [[c.cell(row) for c in chosen] for row in self.rows]
+        table = [_cells(chosen, row, spanning=fmt == "plain") for row in self.rows]
         text = render([c.title for c in chosen], table, [c.cut for c in chosen], width, fmt)
-        lines = [text, *fit_lines(self.summary_parts(), width)]
+        lines = [text, *self.summary_lines(width)]
         if self.dropped:
             lines += ["observers removed without conversion:", *(f"  {line}" for line in self.dropped)]
         return "\n".join(lines)

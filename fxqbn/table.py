@@ -1,20 +1,24 @@
-"""Text tables that fit a width: the elastic columns give up characters, their cells cut with an ellipsis.
+"""Text tables that fit a width: the elastic columns give up characters, their long cells cut or wrapped.
 
-    render(["BN", "reason"], [["features.0.norm1", "excluded by qconfig"]], ["middle", "end"], width=24)
+    render(["BN", "reason"], [["features.0.norm1", "excluded by qconfig"]], ["middle", "wrap"], width=30)
 
-Plain (``simple``: two spaces between columns, a dashed line under the titles) and GitHub (Markdown)
-styles. Titles are never cut; a column marked ``None`` is never cut; when even the narrowest elastic
-columns do not fit, the table is as narrow as it can be and wider than ``width``.
+A row with fewer cells than titles has its last cell span the columns left (plain style only).
+Each column says what happens to a cell wider than the column: ``"middle"`` or ``"end"`` cut it with
+an ellipsis, ``"wrap"`` continues it on the next lines (plain style; GitHub's Markdown rows are one
+line, so there it is cut at the end), ``None`` never shortens it. Plain (``simple``: two spaces between
+columns, a dashed line under the titles) and GitHub styles. Titles are never cut; when even the
+narrowest elastic columns do not fit, the table is as narrow as they allow, and wider than ``width``.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
-__all__ = ["ELLIPSIS", "MIN_CUT", "cut", "render", "fit_lines"]
+__all__ = ["ELLIPSIS", "FLOORS", "cut", "render"]
 
 ELLIPSIS = "…"
-MIN_CUT = 10  # an elastic column is never cut narrower than this (or its title)
+FLOORS = {"middle": 10, "end": 10, "wrap": 20}  # the narrowest an elastic column gets (or its title)
 
 # style -> (characters around the whole row, characters between two cells)
 _FRAME = {"plain": (0, 2), "github": (4, 3)}
@@ -50,37 +54,44 @@ def _widths(natural: list[int], floors: list[int | None], budget: int) -> list[i
     return widths
 
 
+def _lines(text: str, width: int, where: str | None) -> list[str]:
+    """The lines a cell takes in a column ``width`` wide."""
+    if where == "wrap" and len(text) > width:
+        return textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+    return [cut(text, width, where)]
+
+
+def _row(cells: Sequence[Sequence[str]], widths: list[int], style: str) -> list[str]:
+    """The text lines of one row whose cells may take several lines."""
+    lines = []
+    for k in range(max(len(cell) for cell in cells)):
+        parts = [(cell[k] if k < len(cell) else "").ljust(w) for cell, w in zip(cells, widths)]
+        lines.append("  ".join(parts).rstrip() if style == "plain" else "| " + " | ".join(parts) + " |")
+    return lines
+
+
 def render(
     titles: Sequence[str], rows: Sequence[Sequence[str]], cuts: Sequence[str | None], width: int | None, style: str = "plain",
 ) -> str:
-    """The table as lines of text, at most ``width`` characters each where it can be (``None``: never cut)."""
+    """The table as lines of text, at most ``width`` characters each where it can be (``None``: nothing shortened)."""
     if style not in _FRAME:
         raise ValueError(f"unknown table style {style!r}: choose plain or github")
+    if style == "github":  # a Markdown row is one line
+        cuts = ["end" if where == "wrap" else where for where in cuts]
     frame, gap = _FRAME[style]
-    natural = [max([len(title), *(len(row[i]) for row in rows)]) for i, title in enumerate(titles)]
+    natural = [max([len(title), *(len(row[i]) for row in rows if i < len(row) - 1 or len(row) == len(titles))])
+               for i, title in enumerate(titles)]  # a spanning cell widens no column
     if width is None:
         widths = natural
     else:
-        floors = [None if where is None else max(len(title), MIN_CUT) for title, where in zip(titles, cuts)]
+        floors = [None if where is None else max(len(title), FLOORS[where]) for title, where in zip(titles, cuts)]
         widths = _widths(natural, floors, width - frame - gap * (len(titles) - 1))
-    body = [[cut(cell, w, where) for cell, w, where in zip(row, widths, cuts)] for row in rows]
-    if style == "plain":
-        lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [list(titles), *body]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    else:
-        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in [list(titles), *body]]
-        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = _row([[title] for title in titles], widths, style)
+    lines.append("  ".join("-" * w for w in widths) if style == "plain" else "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        if len(row) < len(titles) and style != "plain":
+            raise ValueError("a row with fewer cells than titles (a spanning cell) needs the plain style")
+        spans = widths[: len(row) - 1] + [sum(widths[len(row) - 1:]) + gap * (len(titles) - len(row))]
+        own = list(cuts[: len(row) - 1]) + [cuts[-1]]  # a spanning cell fits like the last column
+        lines += _row([_lines(cell, w, where) for cell, w, where in zip(row, spans, own)], spans, style)
     return "\n".join(lines)
-
-
-def fit_lines(parts: Sequence[str], width: int | None, sep: str = "; ") -> list[str]:
-    """``parts`` joined by ``sep`` into lines of at most ``width`` characters, breaking only between parts."""
-    lines: list[str] = []
-    for part in parts:
-        if lines and (width is None or len(lines[-1]) + len(sep) + len(part) <= width):
-            lines[-1] += sep + part
-        else:
-            if lines:
-                lines[-1] += sep.rstrip()
-            lines.append(part)
-    return lines
