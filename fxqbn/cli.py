@@ -34,6 +34,9 @@ BUILTIN_MODEL = "fxqbn.models:densenet_bc"
 FORMATS = ("plain", "github", "json", "csv")
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
 DTYPES = ("quint8", "qint8")
+EXIT_STATUS = ("exit status: 0 done; 1 fxqbn refused the model or the data (e.g. a model with no BatchNorm); "
+               "2 the command line is wrong (e.g. a --skip module without BatchNorm, an output path it cannot write); "
+               "130 interrupted")
 
 
 class UsageError(Exception):
@@ -129,14 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every column (unless --columns), nothing cut; the default table fits 100 columns")
 
     parser = _Parser(prog="fxqbn", description="Quantize the BatchNorm layers of PyTorch models with a torch.fx pass.",
-                     epilog="exit status: 0 done; 1 fxqbn refused the model or the data (e.g. a model with no BatchNorm); "
-                     "2 the command line is wrong; 130 interrupted")
+                     epilog=EXIT_STATUS)
     parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,report}")
 
     c = commands.add_parser(
         "convert", parents=[common], help="quantize a model's BatchNorms",
-        description="Quantize MODEL's BatchNorm layers, print the report, and optionally save the result.",
+        description="Quantize MODEL's BatchNorm layers, print the report, and optionally save the result.", epilog=EXIT_STATUS,
     )
     c.add_argument(
         "model", nargs="?", metavar="MODEL",

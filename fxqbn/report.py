@@ -185,10 +185,10 @@ class Report:
     def summary_line(self) -> str:
         return self.summary_lines(width=None)[0]
 
-    def format(self, fmt: str = "plain", columns: Sequence[str] = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
+    def format(self, fmt: str = "plain", columns: Sequence[str] | str = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
         """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
 
-        ``columns`` names the table's columns (keys of COLUMNS). To fit ``width`` characters, a long
+        ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``). To fit ``width`` characters, a long
         name is cut in the middle with an ellipsis and a long reason wraps onto the next lines (cut at
         the end in ``github``, whose rows are one line); ``width=None`` shortens nothing.
         """
@@ -202,7 +202,7 @@ class Report:
             return out.getvalue()
         if fmt not in ("plain", "github"):
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
-        chosen = [COLUMNS[name] for name in column_names(",".join(columns))]
+        chosen = [COLUMNS[name] for name in column_names(columns if isinstance(columns, str) else ",".join(columns))]
         table = [_cells(chosen, row, spanning=fmt == "plain") for row in self.rows]
         text = render([c.title for c in chosen], table, [c.cut for c in chosen], width, fmt)
         lines = [text, *self.summary_lines(width)]

@@ -2,7 +2,8 @@
 
     render(["BN", "reason"], [["features.0.norm1", "excluded by qconfig"]], ["middle", "wrap"], width=30)
 
-A row with fewer cells than titles has its last cell span the columns left (plain style only).
+A row with fewer cells than titles has its last cell span the columns left, and the room up to the
+width (plain style only).
 Each column says what happens to a cell wider than the column: ``"middle"`` or ``"end"`` cut it with
 an ellipsis, ``"wrap"`` continues it on the next lines (plain style; GitHub's Markdown rows are one
 line, so there it is cut at the end), ``None`` never shortens it. Plain (``simple``: two spaces between
@@ -91,7 +92,11 @@ def render(
     for row in rows:
         if len(row) < len(titles) and style != "plain":
             raise ValueError("a row with fewer cells than titles (a spanning cell) needs the plain style")
-        spans = widths[: len(row) - 1] + [sum(widths[len(row) - 1:]) + gap * (len(titles) - len(row))]
+        start = len(row) - 1
+        span = sum(widths[start:]) + gap * (len(titles) - len(row))
+        if width is not None:  # a spanning cell may use the room left up to the width
+            span = max(span, width - frame - sum(widths[:start]) - gap * start)
+        spans = widths[:start] + [span]
         own = list(cuts[: len(row) - 1]) + [cuts[-1]]  # a spanning cell fits like the last column
         lines += _row([_lines(cell, w, where) for cell, w, where in zip(row, spans, own)], spans, style)
     return "\n".join(lines)
