@@ -352,6 +352,9 @@ def convert_command(args: argparse.Namespace, progress: Progress) -> int:
     calibration = _calibration(args, example, verify_it)
     quantized = _quantize(args, model, example, calibration, progress, spec)
     checked = None
+    if args.backend == "fused" and (calibration.held_out is not None or args.torchscript):
+        with progress.step("compiling the fused kernels"):  # on first use; seconds, shown apart from what follows
+            _run(quantized, example, "the example input")
     if calibration.held_out is not None:
         with progress.step("verifying"):
             checked = verify(model, quantized, calibration.held_out)

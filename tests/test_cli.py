@@ -140,14 +140,14 @@ def fxqbn_command(*args, cwd):
     )
 
 
-def fxqbn_on_a_terminal(*args, cwd, interrupt_at=None):
+def fxqbn_on_a_terminal(*args, cwd, interrupt_at=None, env=ENV):
     """Run the command with stderr on a pseudo-terminal (where progress shows); (status, stdout, stderr).
 
     With ``interrupt_at``, the command gets SIGINT (Ctrl-C) as soon as that text shows on the terminal.
     """
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
-    proc = subprocess.Popen([sys.executable, "-m", "fxqbn", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=follower)
+    proc = subprocess.Popen([sys.executable, "-m", "fxqbn", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=follower)
     os.close(follower)
     chunks = []
     while True:
@@ -304,6 +304,16 @@ def test_each_step_shows_on_a_terminal(work):
     ]
     assert terminal.index("tracing...") < terminal.index("calibrating") < terminal.index("converting...")
     assert terminal.splitlines()[-2:] == ["saved: q.pt", "torchscript: q.ts"]
+    assert "2 rewritten, 0 skipped; " in stdout
+
+
+def test_the_fused_backend_compiles_in_a_step_of_its_own(work):
+    status, stdout, terminal = fxqbn_on_a_terminal(
+        "convert", "m.py:net_with_inputs", "--calib-batches", "2", "--verify", "--backend", "fused", cwd=work,
+        env={**ENV, "FXQBN_COMPILE": "0"},  # the same functions, run eagerly: the step shows, the test stays quick
+    )
+    assert status == 0, terminal
+    assert re.findall(STEPS, terminal, re.M)[-2:] == ["compiling the fused kernels", "verifying"]
     assert "2 rewritten, 0 skipped; " in stdout
 
 

@@ -1,0 +1,33 @@
+"""The package's surface: ``import fxqbn`` is light (no torch until a name needs it), every export resolves."""
+
+import subprocess
+import sys
+
+import fxqbn
+
+LAZY = """
+import sys
+import fxqbn
+assert "torch" not in sys.modules, "import fxqbn imported torch"
+assert fxqbn.__version__
+from fxqbn import *  # every name in __all__ resolves
+import fxqbn.compare  # importing the submodule of the same name does not replace the function
+assert fxqbn.compare is sys.modules["fxqbn.compare"].compare
+assert isinstance(fxqbn.nn, type(sys)) and fxqbn.nn.__name__ == "fxqbn.nn"
+print(sorted(fxqbn.__all__))
+"""
+
+
+def test_import_is_lazy_and_every_export_resolves():
+    result = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(sorted(fxqbn.__all__))
+
+
+def test_exports_are_the_documented_api():
+    assert set(fxqbn.__all__) == {
+        "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
+        "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
+    }
+    assert set(fxqbn.__all__) <= set(dir(fxqbn))
+    assert fxqbn.FxqbnError.__module__ == "fxqbn.errors" and fxqbn.prepare.__module__ == "fxqbn.api"
