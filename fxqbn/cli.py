@@ -32,8 +32,10 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 BUILTIN_MODEL = "fxqbn.models:densenet_bc"
 FORMATS = ("plain", "github", "json", "csv")
+# The choices, named here without torch; tests check them against the tables they name.
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
-DTYPES = ("quint8", "qint8")
+DTYPES = ("quint8", "qint8")  # fxqbn.command.DTYPES: name -> torch dtype
+BACKENDS = ("native", "fused")  # fxqbn.backends.BACKENDS
 EXIT_STATUS = ("exit status: 0 done; 1 fxqbn refused the model or the data (e.g. a model with no BatchNorm); "
                "2 the command line is wrong (e.g. a --skip module without BatchNorm, an output path it cannot write); "
                "130 interrupted")
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
-    c.add_argument("--backend", choices=["native", "fused"], default="native",
+    c.add_argument("--backend", choices=BACKENDS, default="native",
                    help="native: PyTorch's quantized kernels; fused: a compiled integer map on uint8/int8 tensors")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "

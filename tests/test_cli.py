@@ -197,6 +197,12 @@ def test_bare_convert_converts_the_builtin_densenet_and_verifies(tmp_path):
     assert result.stderr == ""  # no warnings, and no progress bar off a terminal
 
 
+def test_the_torch_free_choices_name_the_tables_they_stand_for():
+    from fxqbn import backends, command
+
+    assert (cli.OBSERVERS, cli.DTYPES, cli.BACKENDS) == (tuple(command.OBSERVERS), tuple(command.DTYPES), tuple(backends.BACKENDS))
+
+
 def test_console_script_is_the_same_main():
     (script,) = metadata.entry_points(group="console_scripts", name="fxqbn")
     assert script.value == "fxqbn.cli:main" and script.load() is cli.main
