@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace, progress: Progress) -> int:
+    _check_model_file(args.model)
     _check_clashes(args)
     with progress.step("loading PyTorch"):
         from .command import convert_command
@@ -197,11 +198,22 @@ def run_report(args: argparse.Namespace, progress: Progress) -> int:
     return report_command(args, progress)
 
 
+def model_file(spec: str | None) -> str | None:
+    """The file MODEL names (``path/to/file.py:factory``), or None for ``package.module:factory``."""
+    target = (spec or "").rpartition(":")[0]
+    return target if target.endswith(".py") or "/" in target or os.sep in target else None
+
+
+def _check_model_file(spec: str | None) -> None:
+    path = model_file(spec)
+    if path is not None and not os.path.isfile(path):
+        raise usage("fxqbn convert", f"model file {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+
+
 def _check_clashes(args: argparse.Namespace) -> None:
     """Two outputs naming one file, or an output that is the model file or the calibration file."""
     outputs = {f"--{name}": getattr(args, name) for name in args.outputs if getattr(args, name) is not None}
-    model_file = (args.model or "").rpartition(":")[0]
-    inputs = {"MODEL's file": model_file, "--calib": args.calib or ""}
+    inputs = {"MODEL's file": model_file(args.model) or "", "--calib": args.calib or ""}
     problem = clash(outputs, {what: path for what, path in inputs.items() if path})
     if problem is not None:
         raise usage("fxqbn convert", problem)

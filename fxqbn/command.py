@@ -27,7 +27,7 @@ from torch import nn
 from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 from .api import convert, get_report, prepare
-from .cli import BUILTIN_MODEL, first_line, usage
+from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .progress import Progress
@@ -46,9 +46,7 @@ LATENCY_RUNS = 20
 
 def _import_target(prog: str, target: str) -> Any:
     """The module named by MODEL's part before the colon: a .py file, or an importable module."""
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        if not os.path.isfile(target):
-            raise usage(prog, f"model file {target} does not exist")
+    if model_file(f"{target}:") is not None:  # fxqbn.cli checked that the file exists
         path = os.path.abspath(target)
         name = "fxqbn_model_" + os.path.splitext(os.path.basename(path))[0]
         spec = importlib.util.spec_from_file_location(name, path)

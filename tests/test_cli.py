@@ -356,7 +356,7 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(work):
     argvs = [
         ["--help"], ["--version"], ["convert", "--help"], ["report", "--help"],
         ["convert", "m.py:net", "--out", "m.py/q.pt"], ["convert", "--report", "m.py", "m.py:net"],
-        ["convert", "--columns", "bn,colour"], ["convert", "--calib", "nothere.pt"],
+        ["convert", "--columns", "bn,colour"], ["convert", "--calib", "nothere.pt"], ["convert", "missing.py:net"],
     ]
     result = subprocess.run([sys.executable, "-c", NO_TORCH.format(argvs=argvs)], cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -368,7 +368,7 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(work):
     assert version == f"fxqbn {fxqbn.__version__} (torch {metadata.version('torch')})\n"
     assert metadata.version("fxqbn") == fxqbn.__version__  # the package metadata reads the same one place
     assert "--backend {native,fused}" in convert_help and "--columns A,B,..." in convert_help and "--wide" in convert_help
-    assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2]
+    assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2, 2]
     assert answers[4][2].startswith("fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)")
     assert answers[5][2].startswith("fxqbn convert: error: argument --report: m.py is also MODEL's file")
 
