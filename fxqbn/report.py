@@ -4,10 +4,10 @@ Plain frozen dataclasses: they pickle, deep-copy and compare by value.
 
 Formats: ``str(report)`` is a terminal table of the columns a person reads first (DEFAULT_COLUMNS),
 fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"``,
-``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing cut). JSON and CSV are deterministic for the same model,
-qparams and inputs (fields in declaration order, rows in graph order, floats as numbers,
-an infinite SQNR as ``null``); the conversion time is left out of them so that two reports
-can be diffed.
+``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing shortened). JSON and
+CSV keep every field and are deterministic for the same model, qparams and inputs (fields in
+declaration order, rows in graph order, floats as numbers, an infinite SQNR as ``null``); the
+conversion time is left out of them so that two reports can be diffed.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Column:
     title: str  # its heading
     cell: Callable[[ReportRow], str]
     cut: str | None = None  # how a long cell fits the width: "middle" / "end" (ellipsis), "wrap", None (never shortened)
-    numbers: bool = False  # empty ("-") on a skipped row: in plain tables a trailing reason spans such columns
+    blank_when_skipped: bool = False  # "-" on a skipped row: in plain tables a trailing reason spans such columns
 
 
 # Every column of the tables, in the order ``columns="all"`` shows them.
@@ -99,16 +99,16 @@ COLUMNS = {c.name: c for c in (
     Column("node", "node", lambda r: r.node, "middle"),
     Column("bn", "BN", lambda r: r.module, "middle"),  # the BN module's qualified name
     Column("pattern", "pattern", lambda r: r.pattern, "end"),
-    Column("op", "op", lambda r: r.op or "-", "end", numbers=True),
+    Column("op", "op", lambda r: r.op or "-", "end", blank_when_skipped=True),
     Column("status", "status", lambda r: r.status),
-    Column("dtype", "dtype", lambda r: r.dtype or "-", numbers=True),
-    Column("observer", "observer", lambda r: r.observer or "-", "end", numbers=True),
-    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point), numbers=True),
-    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max), numbers=True),
-    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point), numbers=True),
-    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), numbers=True),
-    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), numbers=True),
-    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), numbers=True),
+    Column("dtype", "dtype", lambda r: r.dtype or "-", blank_when_skipped=True),
+    Column("observer", "observer", lambda r: r.observer or "-", "end", blank_when_skipped=True),
+    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point), blank_when_skipped=True),
+    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max), blank_when_skipped=True),
+    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point), blank_when_skipped=True),
+    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), blank_when_skipped=True),
+    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), blank_when_skipped=True),
+    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), blank_when_skipped=True),
     Column("source", "source", lambda r: r.source or "-", "middle"),
     Column("reason", "reason", lambda r: r.reason or "-", "wrap"),
 )}
@@ -129,12 +129,12 @@ def column_names(text: str) -> tuple[str, ...]:
 
 
 def _cells(chosen: Sequence[Column], row: ReportRow, spanning: bool) -> list[str]:
-    """A row's cells; with ``spanning``, a skipped row's reason (when last) takes the empty number columns before it."""
+    """A row's cells; with ``spanning``, a skipped row's reason (when last) takes the blank columns before it."""
     cells = [c.cell(row) for c in chosen]
     if not spanning or row.status != "skipped" or chosen[-1].name != "reason":
         return cells
     start = len(chosen) - 1
-    while start > 0 and chosen[start - 1].numbers:
+    while start > 0 and chosen[start - 1].blank_when_skipped:
         start -= 1
     return cells[:start] + cells[-1:]
 
@@ -188,9 +188,9 @@ class Report:
     def format(self, fmt: str = "plain", columns: Sequence[str] | str = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
         """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
 
-        ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``). To fit ``width`` characters, a long
-        name is cut in the middle with an ellipsis and a long reason wraps onto the next lines (cut at
-        the end in ``github``, whose rows are one line); ``width=None`` shortens nothing.
+        ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``). To fit ``width``
+        characters, a long name is cut in the middle with an ellipsis and a long reason wraps onto the
+        next lines (cut at the end in ``github``, whose rows are one line); ``width=None`` shortens nothing.
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)
