@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import time
 from importlib import metadata
 
 import pytest
@@ -107,8 +108,10 @@ def no_bn():
 
 
 def slow_factory():
+    import pathlib
     import time
 
+    pathlib.Path("factory-started").touch()
     time.sleep(600)
 
 
@@ -267,7 +270,7 @@ def test_several_inputs_random_calibration_and_csv(work):
     assert len(result.stderr.splitlines()) == 2  # no --verify: no verification
 
 
-def test_report_command_prints_a_saved_report(work):
+def test_report_command_prints_a_saved_report(work, capsys):
     factories = load_factories(work)
     model = factories.net()
     observed = fxqbn.prepare(model, (torch.randn(2, 3, 8, 8),))
@@ -280,6 +283,10 @@ def test_report_command_prints_a_saved_report(work):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == fxqbn.get_report(quantized).format("github")
     assert result.stdout.startswith("| BN ") and result.stderr == ""
+    assert cli.main(["report", "q.pt", "--wide"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == fxqbn.get_report(quantized).format("plain", columns="all", width=None)
+    assert cli.main(["report", "q.pt", "--columns", "bn,op"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["bn", "quantized::batch_norm2d"]
 
 
 def test_progress_bar_on_a_terminal_and_quiet(work):
@@ -338,6 +345,16 @@ def test_ctrl_c_prints_one_line_and_exits_130(work, args, moment):
     assert stdout == ""
     assert terminal.endswith("\nfxqbn: interrupted\n") and terminal.count("fxqbn: interrupted") == 1
     assert "Traceback" not in terminal and "KeyboardInterrupt" not in terminal
+
+
+def test_ctrl_c_off_a_terminal_prints_one_line_and_exits_130(work):
+    proc = subprocess.Popen([sys.executable, "-m", "fxqbn", "convert", "m.py:slow_factory"], cwd=work, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (work / "factory-started").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert (proc.returncode, stdout, stderr) == (130, "", "fxqbn: interrupted\n")
 
 
 NO_TORCH = """
