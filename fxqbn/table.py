@@ -82,8 +82,8 @@ def render(
     frame, gap = _FRAME[style]
     natural = [max([len(title), *(len(row[i]) for row in rows if i < len(row) - 1 or len(row) == len(titles))])
                for i, title in enumerate(titles)]  # a spanning cell widens no column
-    if width is None:
-        widths = natural
+    if width is None:  # nothing shortened: no cut, no wrap
+        widths, cuts = natural, [None] * len(titles)
     else:
         floors = [None if where is None else max(len(title), FLOORS[where]) for title, where in zip(titles, cuts)]
         widths = _widths(natural, floors, width - frame - gap * (len(titles) - 1))

@@ -134,6 +134,8 @@ def test_any_names_and_reasons_fit_100_columns_cut_with_an_ellipsis(rows):
         assert reason.replace(" ", "") == row.reason.replace(" ", "")  # wrapped, not a character lost
     github = report.format("github").splitlines()
     assert max(len(line) for line in github) <= 100 and len(github) == 2 + len(records) + 2  # one line a row, then the summary
+    whole = report.format("plain", width=None)  # the default columns, nothing shortened
+    assert all(f"{row.module}  " in whole and row.reason in whole for row in records)
     wide = report.format("plain", columns=list(COLUMNS), width=None)
     assert [[r[1], r[-1]] for r in cells(wide, len(records), spanning=False)] == [[row.module, row.reason] for row in records]
 
