@@ -3,7 +3,7 @@
 Plain frozen dataclasses: they pickle, deep-copy and compare by value.
 
 Formats: ``str(report)`` is a terminal table of the columns a person reads first (DEFAULT_COLUMNS),
-fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"``,
+fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"`` (Markdown),
 ``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing shortened). JSON and
 CSV keep every field and are deterministic for the same model, qparams and inputs (fields in
 declaration order, rows in graph order, floats as numbers, an infinite SQNR as ``null``); the
@@ -190,7 +190,8 @@ class Report:
 
         ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``). To fit ``width``
         characters, a long name is cut in the middle with an ellipsis and a long reason wraps onto the
-        next lines (cut at the end in ``github``, whose rows are one line); ``width=None`` shortens nothing.
+        next lines; ``width=None`` shortens nothing. ``github`` tables are Markdown, which the browser
+        lays out: they are never shortened.
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -204,7 +205,7 @@ class Report:
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
         chosen = [COLUMNS[name] for name in column_names(columns if isinstance(columns, str) else ",".join(columns))]
         table = [_cells(chosen, row, spanning=fmt == "plain") for row in self.rows]
-        text = render([c.title for c in chosen], table, [c.cut for c in chosen], width, fmt)
+        text = render([c.title for c in chosen], table, [c.cut for c in chosen], width if fmt == "plain" else None, fmt)
         lines = [text, *self.summary_lines(width)]
         if self.dropped:
             lines += ["observers removed without conversion:", *(f"  {line}" for line in self.dropped)]

@@ -77,7 +77,7 @@ def render(
     """The table as lines of text, at most ``width`` characters each where it can be (``None``: nothing shortened)."""
     if style not in _FRAME:
         raise ValueError(f"unknown table style {style!r}: choose plain or github")
-    if style == "github":  # a Markdown row is one line
+    if style == "github":  # a Markdown row is one line: cut what would wrap
         cuts = ["end" if where == "wrap" else where for where in cuts]
     frame, gap = _FRAME[style]
     natural = [max([len(title), *(len(row[i]) for row in rows if i < len(row) - 1 or len(row) == len(titles))])
