@@ -122,7 +122,7 @@ def not_a_module():
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread a process: the suite runs on small machines
 
 # torch.jit.load of the --torchscript file: TorchScript is deprecated in torch 2.13.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated")  # Deprecation- (2.13) or FutureWarning (2.14)
 
 
 @pytest.fixture
