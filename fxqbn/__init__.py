@@ -11,6 +11,7 @@
 from . import nn
 from .api import convert, get_report, prepare
 from .compare import compare
+from .distributed import sync_observers
 from .errors import FxqbnError
 from .qconfig import DEFAULT_OBSERVER
 from .qparams import QParams
@@ -20,5 +21,6 @@ from .serialize import load, load_report, save
 __all__ = [
     "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
     "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
+    "sync_observers",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""fxqbn.sync_observers over 2 gloo ranks on 127.0.0.1, against one process calibrating on all the batches.
+
+Spawning costs seconds on a small machine, so one spawn runs every scenario on both ranks and saves
+what each rank holds afterwards; the tests compare that with the same scenario run here in one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import BNChain, ConvPool, randomize_batchnorms
+from torch import nn
+from torch.ao.quantization import (
+    FakeQuantize,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_weight_observer,
+)
+from torch.ao.quantization.quantize_fx import prepare_fx
+
+import fxqbn
+from fxqbn import distributed
+from fxqbn.qparams import qparams_from_observer
+
+WORLD = 2
+JOIN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI
+PG_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _batches(kind: str, n: int = 6) -> list[torch.Tensor]:
+    """Calibration batches whose range differs from batch to batch (so the ranks' ranges differ)."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 4, 8, 8)
+    if kind == "normal":
+        return [torch.randn(shape, generator=gen) * (1 + i / 3) + 0.2 * i for i in range(n)]
+    if kind == "skewed":  # heavy right tail: exponential, with rare large values
+        return [torch.empty(shape).exponential_(1.0, generator=gen) ** 1.5 * (1 + i % 3) - 0.5 for i in range(n)]
+    raise ValueError(kind)
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(3)
+    return randomize_batchnorms(ConvPool() if kind == "conv_pool" else BNChain())
+
+
+def _torch_ao(model: nn.Module, example: tuple) -> nn.Module:
+    """BNs observed with MinMax (as torch.ao's convert wants), the convs with Histogram (dropped at convert)."""
+    bn_q = QConfig(activation=MinMaxObserver, weight=default_weight_observer)
+    mapping = QConfigMapping().set_object_type(nn.BatchNorm2d, bn_q).set_object_type(nn.ReLU, bn_q)
+    mapping.set_object_type(nn.Conv2d, QConfig(activation=HistogramObserver, weight=default_weight_observer))
+    return prepare_fx(model, mapping, example)
+
+
+_FAKE_QUANT = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8)
+
+# name -> (model, qconfig or "torch.ao", data, batches)
+SCENARIOS = {
+    "minmax": ("conv_pool", MinMaxObserver, "normal", 6),
+    "histogram_normal": ("conv_pool", None, "normal", 6),
+    "histogram_skewed": ("bn_chain", None, "skewed", 6),
+    "torch_ao": ("conv_pool", "torch.ao", "normal", 6),
+    "moving_average": ("bn_chain", MovingAverageMinMaxObserver, "normal", 6),
+    "fake_quant": ("bn_chain", _FAKE_QUANT, "normal", 6),
+    "one_batch": ("conv_pool", None, "normal", 1),  # rank 1 gets no batch: its observers saw nothing
+}
+
+
+def _prepare(name: str, model_kind: str | None = None) -> tuple[nn.Module, list[torch.Tensor]]:
+    kind, qconfig, data, n = SCENARIOS[name]
+    batches = _batches(data, n)
+    model = _model(model_kind or kind)
+    example = (batches[0],)
+    observed = _torch_ao(model, example) if qconfig == "torch.ao" else fxqbn.prepare(model, example, qconfig)
+    return observed, batches
+
+
+def _calibrate(observed: nn.Module, batches) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            observed(batch)
+
+
+def _outcome(observed: nn.Module) -> dict:
+    """What a rank holds after calibration: observer state, qparams, the converted model's output."""
+    observers = {name: m for name, m in observed.named_modules() if hasattr(m, "calculate_qparams")}
+    probe = _batches("normal", 1)[0] * 1.3
+    with torch.no_grad():
+        output = fxqbn.convert(observed)(probe)
+    return {
+        "state": {k: v.clone() for k, v in observed.state_dict().items() if "observer" in k or "post_process" in k},
+        "qparams": {name: qparams_from_observer(m) for name, m in observers.items() if name.count(".") == 0},
+        "output": output,
+    }
+
+
+def _one_process(name: str) -> dict:
+    observed, batches = _prepare(name)
+    _calibrate(observed, batches)
+    return _outcome(observed)
+
+
+def _per_rank_unsynced(name: str) -> list[nn.Module]:
+    """Each rank's observed model before the merge, rebuilt here (for the merges defined per rank)."""
+    models = []
+    for rank in range(WORLD):
+        observed, batches = _prepare(name)
+        _calibrate(observed, distributed.shard(batches, distributed.Ranks(rank, WORLD, "gloo")))
+        models.append(observed)
+    return models
+
+
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    """One rank: every scenario, then the refusals; results saved to out_dir/rank{rank}.pt."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
+    results: dict = {}
+    try:
+        for name in SCENARIOS:
+            observed, batches = _prepare(name)
+            _calibrate(observed, distributed.shard(batches))
+            synced = fxqbn.sync_observers(observed)
+            results[name] = {**_outcome(observed), "synced": synced}
+        for name, model_kind in (("different_model", "bn_chain" if rank else "conv_pool"),):
+            observed, batches = _prepare("minmax", model_kind)
+            _calibrate(observed, distributed.shard(batches))
+            try:
+                fxqbn.sync_observers(observed)
+                results[name] = "no error"
+            except fxqbn.FxqbnError as exc:
+                results[name] = exc
+        observed, _ = _prepare("histogram_normal")  # a different bin count on rank 1
+        if rank:
+            observed = fxqbn.prepare(_model("conv_pool"), (_batches("normal", 1)[0],), HistogramObserver.with_args(bins=1024))
+        _calibrate(observed, _batches("normal", 2))
+        try:
+            fxqbn.sync_observers(observed)
+            results["different_bins"] = "no error"
+        except fxqbn.FxqbnError as exc:
+            results["different_bins"] = exc
+    except BaseException:
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Both ranks' results, from one spawn of 2 gloo processes."""
+    out = tmp_path_factory.mktemp("ranks")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(rank, port, str(out))) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOIN_TIMEOUT_S)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"ranks still running after {JOIN_TIMEOUT_S} s: a collective hung"
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, result in enumerate(results):
+        assert "crash" not in result, f"rank {r}:\n{result['crash']}"
+    return results
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    assert a["qparams"] == b["qparams"]
+    assert torch.equal(a["output"], b["output"])
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_every_rank_holds_the_same_observers(ranks, name):
+    _assert_same(ranks[0][name], ranks[1][name])
+    assert ranks[0][name]["synced"].world_size == WORLD and ranks[1][name]["synced"].rank == 1
+
+
+@pytest.mark.parametrize("name", ["minmax", "torch_ao"])
+def test_min_max_equals_one_process_on_all_batches(ranks, name):
+    reference = _one_process(name)
+    merged = ranks[0][name]
+    minmax_keys = [k for k in reference["state"] if "histogram" not in k and not k.startswith("activation_post_process_0")]
+    for key in minmax_keys:
+        if name == "minmax" or "min_val" in key or "max_val" in key:
+            assert torch.equal(merged["state"][key], reference["state"][key]), key
+    bn_observers = {n: q for n, q in reference["qparams"].items() if name == "minmax" or n in _bn_observers(name)}
+    assert {n: merged["qparams"][n] for n in bn_observers} == bn_observers
+    assert torch.equal(merged["output"], reference["output"])
+
+
+def _bn_observers(name: str) -> set[str]:
+    observed, _ = _prepare(name)
+    state = fxqbn.passes.adopt_observers(observed)
+    return {n for p in state.patterns for n in (p.input_observer, p.output_observer)}
+
+
+@pytest.mark.parametrize("name", ["histogram_normal", "histogram_skewed", "torch_ao", "one_batch"])
+def test_histogram_is_within_one_step_and_two_percent_of_one_process(ranks, name):
+    reference = _one_process(name)
+    merged = ranks[0][name]
+    assert merged["qparams"].keys() == reference["qparams"].keys()
+    for observer, ours in merged["qparams"].items():
+        theirs = reference["qparams"][observer]
+        assert abs(ours.zero_point - theirs.zero_point) <= 1, observer
+        assert abs(ours.scale / theirs.scale - 1) <= 0.02, observer
+    histograms = [k for k in merged["state"] if k.endswith("histogram")]
+    assert histograms
+    for key in histograms:  # every element counted once: mass is conserved
+        assert torch.isclose(merged["state"][key].sum(), reference["state"][key].sum(), rtol=1e-5), key
+
+
+def test_a_rank_that_saw_no_data_adds_nothing(ranks):
+    """With one batch, rank 1 calibrates on nothing: the merge is rank 0's observers, unchanged."""
+    reference = _one_process("one_batch")
+    for key, value in reference["state"].items():
+        assert torch.equal(ranks[1]["one_batch"]["state"][key], value), key
+
+
+def test_moving_average_is_the_mean_of_the_ranks_averages(ranks):
+    per_rank = _per_rank_unsynced("moving_average")
+    state = ranks[0]["moving_average"]["state"]
+    for key in (k for k in state if k.endswith(("min_val", "max_val"))):
+        expected = torch.stack([m.state_dict()[key] for m in per_rank]).double().mean(dim=0).float()
+        assert torch.equal(state[key], expected), key
+
+
+def test_fake_quant_follows_its_merged_observer(ranks):
+    per_rank = _per_rank_unsynced("fake_quant")
+    state = ranks[0]["fake_quant"]["state"]
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".scale")})
+    assert prefixes
+    for prefix in prefixes:
+        for field in ("min_val", "max_val"):
+            key = f"{prefix}.activation_post_process.{field}"
+            assert torch.equal(state[key], torch.stack([m.state_dict()[key] for m in per_rank]).double().mean(0).float())
+        merged = MovingAverageMinMaxObserver(quant_min=0, quant_max=255)
+        merged.min_val.copy_(state[f"{prefix}.activation_post_process.min_val"])
+        merged.max_val.copy_(state[f"{prefix}.activation_post_process.max_val"])
+        scale, zero_point = merged.calculate_qparams()
+        assert torch.equal(state[f"{prefix}.scale"], scale) and torch.equal(state[f"{prefix}.zero_point"], zero_point.int())
+
+
+def test_ranks_with_different_models_all_refuse_naming_the_difference(ranks):
+    for r in range(WORLD):
+        exc = ranks[r]["different_model"]
+        assert isinstance(exc, fxqbn.FxqbnError), exc
+        assert "ranks observe different models" in str(exc) and "rank 1" in str(exc)
+        assert str(exc) == str(ranks[0]["different_model"])  # the same sentence on every rank
+        exc = ranks[r]["different_bins"]
+        assert isinstance(exc, fxqbn.FxqbnError), exc
+        assert "with bins=2048 on rank 0" in str(exc) and "bins=1024 on rank 1" in str(exc)
+
+
+# -- without processes ----------------------------------------------------------------------------
+
+
+def test_sync_observers_without_a_process_group_is_refused():
+    observed, _ = _prepare("minmax")
+    with pytest.raises(fxqbn.FxqbnError, match="needs a torch.distributed process group"):
+        fxqbn.sync_observers(observed)
+    with pytest.raises(fxqbn.FxqbnError, match="expects the GraphModule returned by fxqbn.prepare"):
+        fxqbn.sync_observers(nn.Linear(2, 2))
+
+
+def test_shard_takes_every_nth_batch_from_the_rank():
+    ranks = distributed.Ranks(rank=1, world_size=3, backend="gloo")
+    assert distributed.shard(list(range(8)), ranks) == [1, 4, 7]
+    assert ranks.batches_per_rank(8) == (3, 3, 2)
+    assert distributed.shard(list(range(3))) == [0, 1, 2]  # no process group: everything
