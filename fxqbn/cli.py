@@ -24,7 +24,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm import tqdm
 
+from . import distributed
 from .api import convert, get_report, prepare
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
@@ -352,18 +353,24 @@ class Calibration:
     batches: list[tuple[torch.Tensor, ...]]
     held_out: tuple[torch.Tensor, ...] | None
     source: str  # a file name, or "random"
+    ranks: distributed.Ranks | None = None  # under torchrun: the ranks that shared the batches
 
     @property
     def note(self) -> str:
         n = len(self.batches)
         if self.source == "random":
             return (f"calibration: {n} random batches - DEMO ONLY: ranges from random data do not fit real inputs; "
-                    "pass --calib FILE with real batches")
+                    f"pass --calib FILE with real batches{self._split}")
         held = " (its last batch held out for --verify)" if self.held_out is not None else ""
-        return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}"
+        return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}{self._split}"
+
+    @property
+    def _split(self) -> str:
+        return f"; {self.ranks.describe(len(self.batches))}" if self.ranks is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "batches": len(self.batches), "demo_only": self.source == "random"}
+        data = {"source": self.source, "batches": len(self.batches), "demo_only": self.source == "random"}
+        return {**data, "ranks": self.ranks.to_dict(len(self.batches))} if self.ranks is not None else data
 
 
 def _calibration(args: argparse.Namespace, example: tuple[Any, ...], verify: bool) -> Calibration:
@@ -424,9 +431,15 @@ def run_convert(args: argparse.Namespace) -> int:
     calibration = _calibration(args, example, verify_it)
     # 3. prepare, calibrate, convert
     observed = prepare(model, example, qconfig, skip=args.skip)
-    for i, batch in enumerate(tqdm(calibration.batches, desc="calibrating", unit="batch", file=sys.stderr,
-                                   disable=args.quiet or not sys.stderr.isatty())):
+    ranks = distributed.join_launched()  # under torchrun: rank r of N calibrates on batches r, r + N, ...
+    for i, batch in tqdm(distributed.shard(list(enumerate(calibration.batches)), ranks), desc="calibrating", unit="batch",
+                         file=sys.stderr, disable=args.quiet or not sys.stderr.isatty() or bool(ranks and ranks.rank)):
         _run(observed, batch, f"calibration batch {i}")
+    if ranks is not None:
+        distributed.sync_observers(observed)  # every rank now holds the observers of all the batches
+        calibration = replace(calibration, ranks=ranks)
+        if ranks.rank != 0:
+            return 0  # rank 0 converts, writes the outputs and prints the report
     quantized = convert(observed, backend=args.backend)
     # 4. check, write, tell
     checked = None

@@ -325,6 +325,14 @@ class Ranks:
         """How many of ``n`` batches ``shard`` gives each rank."""
         return tuple(len(range(r, n, self.world_size)) for r in range(self.world_size))
 
+    def describe(self, n: int) -> str:
+        """One line for the report: the world size and the batches each rank calibrated on."""
+        counts = ", ".join(map(str, self.batches_per_rank(n)))
+        return f"split over {self.world_size} ranks ({self.backend}): {counts} batches per rank, merged with fxqbn.sync_observers"
+
+    def to_dict(self, n: int) -> dict[str, Any]:
+        return {"world_size": self.world_size, "backend": self.backend, "batches_per_rank": list(self.batches_per_rank(n))}
+
 
 def is_launched() -> bool:
     """Whether torchrun (``torch.distributed.run``) started this process: it sets RANK and WORLD_SIZE."""

@@ -7,6 +7,7 @@ what each rank holds afterwards; the tests compare that with the same scenario r
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import prepare_fx
 
 import fxqbn
-from fxqbn import distributed
+from fxqbn import cli, distributed
 from fxqbn.qparams import qparams_from_observer
 
 WORLD = 2
@@ -292,3 +293,32 @@ def test_shard_takes_every_nth_batch_from_the_rank():
     assert distributed.shard(list(range(8)), ranks) == [1, 4, 7]
     assert ranks.batches_per_rank(8) == (3, 3, 2)
     assert distributed.shard(list(range(3))) == [0, 1, 2]  # no process group: everything
+
+
+# -- the command under torchrun ------------------------------------------------------------------
+
+
+def _qparams_rows(document: dict) -> list[dict]:
+    fields = ("node", "input_scale", "input_zero_point", "output_scale", "output_zero_point")
+    return [{k: row[k] for k in fields} for row in document["report"]["rows"]]
+
+
+def test_convert_under_torchrun_rank_0_reports_and_writes_once(tmp_path, capsys, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    torch.save([torch.randn(2, 3, 32, 32, generator=gen) for _ in range(5)], tmp_path / "calib.pt")
+    args = ["convert", "--calib", "calib.pt", "--observer", "minmax", "--format", "json"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "fxqbn", *args, "--out", "q.pt", "--report", "r.json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S, env=env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # one report on stdout: rank 0's
+    assert document["calibration"]["ranks"] == {"world_size": 2, "backend": "gloo", "batches_per_rank": [3, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt", "q.pt", "r.json"]
+    assert json.loads((tmp_path / "r.json").read_text()) == document
+    # MinMax over 2 ranks: the qparams of one process on all 5 batches
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert "ranks" not in alone["calibration"]
+    assert _qparams_rows(document) == _qparams_rows(alone) and len(_qparams_rows(alone)) == 21
