@@ -40,7 +40,7 @@ from .passes.adopt import observer_nodes
 from .qparams import observer_has_data
 from .state import PREPARED_KEY, attached
 
-__all__ = ["MERGES", "Ranks", "Synced", "sync_observers", "is_launched", "join_launched", "shard"]
+__all__ = ["MERGES", "Ranks", "Synced", "sync_observers", "rebinned_histogram", "is_launched", "join_launched", "shard"]
 
 T = TypeVar("T")
 
@@ -236,13 +236,16 @@ def _merge_ranges(entries, sizes, local, ranks: list[torch.Tensor]) -> list[tupl
     return merged
 
 
-def _rebinned(entry: _Entry, has_data: bool, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """This rank's histogram moved onto the common range [low, high] by the observer's own re-binning."""
-    obs = entry.observer
-    if not has_data:
-        return torch.zeros_like(obs.histogram)
-    empty = torch.zeros_like(obs.histogram)
-    return obs._combine_histograms(obs.histogram, obs.min_val, obs.max_val, empty, low, high)
+def rebinned_histogram(observer: HistogramObserver, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The observer's histogram moved onto the wider range [low, high] (pure).
+
+    It is the re-binning the observer itself does when a batch widens its range
+    (``_combine_histograms`` with an empty update): counts are kept, split over the new bins.
+    """
+    if not observer_has_data(observer):
+        return torch.zeros_like(observer.histogram)
+    empty = torch.zeros_like(observer.histogram)
+    return observer._combine_histograms(observer.histogram, observer.min_val, observer.max_val, empty, low, high)
 
 
 def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
@@ -269,7 +272,7 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     ranges = _merge_ranges(entries, sizes, local, _gather(_pack_ranges(entries, sizes, local), world_size, group))
     histograms = [i for i, e in enumerate(entries) if e.merge == "histogram"]
     if histograms:
-        mine = torch.cat([_rebinned(entries[i], local[i][0], *_as_buffers(entries[i], ranges[i])) for i in histograms])
+        mine = torch.cat([rebinned_histogram(entries[i].observer, *_as_buffers(entries[i], ranges[i])) for i in histograms])
         summed = _sum_in_rank_order(_gather(mine, world_size, group))
         for i, part in zip(histograms, summed.split([entries[i].observer.bins for i in histograms])):
             if ranges[i] is not None:

@@ -295,6 +295,52 @@ def test_shard_takes_every_nth_batch_from_the_rank():
     assert distributed.shard(list(range(3))) == [0, 1, 2]  # no process group: everything
 
 
+_shards = st.lists(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=40), min_size=1, max_size=4
+)
+
+
+def _observed(values: list[float], bins: int = 64) -> HistogramObserver:
+    observer = HistogramObserver(bins=bins)
+    observer(torch.tensor(values))
+    return observer
+
+
+@settings(max_examples=40, deadline=None)
+@given(_shards)
+def test_rebinning_keeps_every_count_within_two_bins_of_its_place(shards):
+    """Each shard's histogram re-binned onto the common range and summed: the merge sync_observers does."""
+    observers = [_observed(values) for values in shards]
+    low = torch.stack([o.min_val for o in observers]).min()
+    high = torch.stack([o.max_val for o in observers]).max()
+    merged = sum(distributed.rebinned_histogram(o, low, high) for o in observers)
+    everything = torch.tensor([v for values in shards for v in values])
+    assert torch.isclose(merged.sum(), torch.tensor(float(everything.numel())), rtol=1e-5)
+    if low == high:
+        return
+    exact = torch.histc(everything, bins=64, min=float(low), max=float(high)).cumsum(0)
+    ours = merged.cumsum(0)
+    slack = 1e-3 * everything.numel()
+    for k in range(64):  # the merged CDF at bin k lies between the exact CDF two bins either side
+        below = exact[k - 2] if k >= 2 else 0.0
+        assert below - slack <= ours[k] <= exact[min(k + 2, 63)] + slack, k
+
+
+@settings(max_examples=20, deadline=None)
+@given(_shards)
+def test_shards_over_the_same_range_merge_exactly_into_one_process(shards):
+    ends = [-3.0, 5.0]  # every shard spans the same range: no re-binning anywhere
+    observers = [_observed(ends + values) for values in ([min(max(v, -3.0), 5.0) for v in values] for values in shards)]
+    alone = HistogramObserver(bins=64)
+    for values in shards:
+        alone(torch.tensor(ends + [min(max(v, -3.0), 5.0) for v in values]))
+    low, high = alone.min_val, alone.max_val
+    merged = distributed.rebinned_histogram(observers[0], low, high)
+    for observer in observers[1:]:
+        merged = merged + distributed.rebinned_histogram(observer, low, high)
+    assert torch.equal(merged, alone.histogram)
+
+
 # -- the command under torchrun ------------------------------------------------------------------
 
 
