@@ -118,8 +118,8 @@ def main() -> None:
         for job in jobs:
             alone = _qparams(*job, None, world)
             rows.append([job[0], job[1], world, *_distance(merged[job], alone), *_distance(_qparams(*job, None, world, True), alone)])
-    print(f"HistogramObserver, {n} batches: N ranks merged by fxqbn.sync_observers vs one process on all batches in order;")
-    print("for scale, one process on the same batches in shard order (rank 0's first) vs in order")
+    print(f"HistogramObserver, {n} batches. merged: N ranks merged by fxqbn.sync_observers vs one process on all batches "
+          "in order; reordered: one process on them in shard order (rank 0's first) vs in order")
     print(tabulate(rows, headers=["model", "data", "ranks", "merged: same", "zp steps", "scale %",
                                   "reordered: same", "zp steps", "scale %"]))
 
