@@ -58,6 +58,7 @@ MERGES: dict[type, str] = {
     ReuseInputObserver: "none",
 }
 _RANGED = ("min_max", "mean", "histogram")
+SYNCED_KEY = "fxqbn_synced"  # in observed.meta once sync_observers merged its observers
 
 
 @dataclass(frozen=True)
@@ -167,19 +168,27 @@ def _local_state(entries: Sequence[_Entry]) -> list[tuple[bool, int]]:
     return state
 
 
-def _check_agreement(entries: Sequence[_Entry], gathered: Sequence[tuple[Any, Any]]) -> list[int]:
-    """Refuse (on every rank alike) differing models or unmergeable observers; the range size of each observer."""
-    difference = _first_difference([signature for signature, _ in gathered])
+def _check_agreement(entries: Sequence[_Entry], gathered: Sequence[tuple[Any, Any, bool]]) -> list[int]:
+    """Refuse (on every rank alike) differing models, models merged before, and unmergeable observers;
+    the range size of each observer."""
+    difference = _first_difference([signature for signature, _, _ in gathered])
     if difference is not None:
         raise FxqbnError(f"fxqbn.sync_observers: the ranks observe different models: {difference}. "
                          "Prepare the same model with the same qconfig on every rank")
+    merged_before = [rank for rank, (_, _, synced) in enumerate(gathered) if synced]
+    if merged_before:
+        raise FxqbnError(f"fxqbn.sync_observers: the observers on rank {merged_before[0]} were merged already; merging "
+                         "again would count the batches of the first merge again. Sync once, after all the calibration")
+    if not entries:
+        raise FxqbnError("fxqbn.sync_observers: the model has no observers: pass the GraphModule returned by "
+                         "fxqbn.prepare (or torch.ao's prepare_fx), before fxqbn.convert")
     sizes = []
     for i, entry in enumerate(entries):
         if not entry.merge:
             raise FxqbnError(
                 f"fxqbn.sync_observers cannot merge observer '{entry.node}' ({type(entry.observer).__name__}): "
                 f"it merges {', '.join(sorted({c.__name__ for c in MERGES}))} and FakeQuantize around them")
-        counts = {state[i][1] for _, state in gathered if state[i][0]}
+        counts = {state[i][1] for _, state, _ in gathered if state[i][0]}
         if len(counts) > 1:
             raise FxqbnError(f"fxqbn.sync_observers: observer '{entry.node}' holds {sorted(counts)} channels "
                              "on different ranks; feed every rank inputs of the same channel count")
@@ -256,7 +265,8 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     state (see ``MERGES``), and ``fxqbn.convert`` gives the same model on every rank.
 
     Raises FxqbnError, on every rank alike, when no process group is initialized, when the ranks'
-    models or observers differ (naming the first difference), or for an observer it cannot merge.
+    models or observers differ (naming the first difference), when they were merged before (that
+    would count those batches twice), or for an observer it cannot merge.
     """
     if not isinstance(observed, fx.GraphModule):
         raise FxqbnError(f"fxqbn.sync_observers expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}")
@@ -267,7 +277,7 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     entries = _entries(observed)
     local = _local_state(entries)
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, (_signature(observed, entries), local), group=group)
+    dist.all_gather_object(gathered, (_signature(observed, entries), local, SYNCED_KEY in observed.meta), group=group)
     sizes = _check_agreement(entries, gathered)
     ranges = _merge_ranges(entries, sizes, local, _gather(_pack_ranges(entries, sizes, local), world_size, group))
     histograms = [i for i, e in enumerate(entries) if e.merge == "histogram"]
@@ -280,6 +290,7 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     for entry, merged in zip(entries, ranges):
         if merged is not None:
             _store(entry, *_as_buffers(entry, merged))
+    observed.meta[SYNCED_KEY] = world_size
     return Synced(world_size=world_size, rank=rank, observers=len(entries))
 
 
@@ -331,7 +342,8 @@ class Ranks:
     def describe(self, n: int) -> str:
         """One line for the report: the world size and the batches each rank calibrated on."""
         counts = ", ".join(map(str, self.batches_per_rank(n)))
-        return f"split over {self.world_size} ranks ({self.backend}): {counts} batches per rank, merged with fxqbn.sync_observers"
+        ranks = f"{self.world_size} rank{'s' if self.world_size > 1 else ''}"
+        return f"split over {ranks} ({self.backend}): {counts} batches per rank, merged with fxqbn.sync_observers"
 
     def to_dict(self, n: int) -> dict[str, Any]:
         return {"world_size": self.world_size, "backend": self.backend, "batches_per_rank": list(self.batches_per_rank(n))}

@@ -124,6 +124,33 @@ def _per_rank_unsynced(name: str) -> list[nn.Module]:
     return models
 
 
+def _refusal(call) -> object:
+    try:
+        call()
+    except fxqbn.FxqbnError as exc:
+        return exc
+    return "no error"
+
+
+def _refusals(rank: int) -> dict:
+    """Syncs that every rank must refuse alike (each after one all_gather_object, so no rank waits)."""
+    results = {}
+    observed, batches = _prepare("minmax", "bn_chain" if rank else "conv_pool")
+    _calibrate(observed, distributed.shard(batches))
+    results["different_model"] = _refusal(lambda: fxqbn.sync_observers(observed))
+    observed, _ = _prepare("histogram_normal")
+    if rank:  # a different bin count on rank 1
+        observed = fxqbn.prepare(_model("conv_pool"), (_batches("normal", 1)[0],), HistogramObserver.with_args(bins=1024))
+    _calibrate(observed, _batches("normal", 2))
+    results["different_bins"] = _refusal(lambda: fxqbn.sync_observers(observed))
+    observed, batches = _prepare("minmax")
+    _calibrate(observed, distributed.shard(batches))
+    fxqbn.sync_observers(observed)
+    results["second_sync"] = _refusal(lambda: fxqbn.sync_observers(observed))
+    results["no_observers"] = _refusal(lambda: fxqbn.sync_observers(fxqbn.convert(observed)))
+    return results
+
+
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
     """One rank: every scenario, then the refusals; results saved to out_dir/rank{rank}.pt."""
     torch.set_num_threads(1)
@@ -135,23 +162,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             _calibrate(observed, distributed.shard(batches))
             synced = fxqbn.sync_observers(observed)
             results[name] = {**_outcome(observed), "synced": synced}
-        for name, model_kind in (("different_model", "bn_chain" if rank else "conv_pool"),):
-            observed, batches = _prepare("minmax", model_kind)
-            _calibrate(observed, distributed.shard(batches))
-            try:
-                fxqbn.sync_observers(observed)
-                results[name] = "no error"
-            except fxqbn.FxqbnError as exc:
-                results[name] = exc
-        observed, _ = _prepare("histogram_normal")  # a different bin count on rank 1
-        if rank:
-            observed = fxqbn.prepare(_model("conv_pool"), (_batches("normal", 1)[0],), HistogramObserver.with_args(bins=1024))
-        _calibrate(observed, _batches("normal", 2))
-        try:
-            fxqbn.sync_observers(observed)
-            results["different_bins"] = "no error"
-        except fxqbn.FxqbnError as exc:
-            results["different_bins"] = exc
+        results.update(_refusals(rank))
     except BaseException:
         results["crash"] = traceback.format_exc()
     finally:
@@ -275,6 +286,14 @@ def test_ranks_with_different_models_all_refuse_naming_the_difference(ranks):
         exc = ranks[r]["different_bins"]
         assert isinstance(exc, fxqbn.FxqbnError), exc
         assert "with bins=2048 on rank 0" in str(exc) and "bins=1024 on rank 1" in str(exc)
+
+
+def test_a_second_sync_and_a_model_without_observers_are_refused_on_every_rank(ranks):
+    for r in range(WORLD):
+        assert isinstance(ranks[r]["second_sync"], fxqbn.FxqbnError)
+        assert "were merged already" in str(ranks[r]["second_sync"])
+        assert isinstance(ranks[r]["no_observers"], fxqbn.FxqbnError)
+        assert "the model has no observers" in str(ranks[r]["no_observers"])
 
 
 # -- without processes ----------------------------------------------------------------------------
