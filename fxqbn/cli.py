@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape of a model input, e.g. 1,3,224,224 (repeat for several inputs); "
                    "default: the factory's example inputs")
     calib = c.add_mutually_exclusive_group()
-    calib.add_argument("--calib", metavar="FILE",
+    calib.add_argument("--calib", metavar="FILE_OR_FOLDER",
                        help="calibration data saved with torch.save: a tensor (one batch) or a list of batches "
-                       "(a batch of a several-input model is a tuple of tensors)")
+                       "(a batch of a several-input model is a tuple of tensors); or a folder of such .pt files, "
+                       "read in name order")
     calib.add_argument("--calib-batches", type=_positive, default=8, metavar="K",
                        help="without --calib: K random batches of the input shape (demo only; default 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
@@ -234,6 +235,16 @@ def _run(model: nn.Module, inputs: tuple[Any, ...], what: str) -> Any:
         raise
     except Exception as exc:
         raise FxqbnError(f"{what} {_shapes(inputs)} does not fit the model: {_first_line(exc)}") from exc
+
+
+def _calibration_files(prog: str, path: str) -> list[str]:
+    """``path`` itself, or the .pt files of the folder ``path`` in name order."""
+    if not os.path.isdir(path):
+        return [path]
+    files = sorted(name for name in os.listdir(path) if name.endswith(".pt") and os.path.isfile(os.path.join(path, name)))
+    if not files:
+        raise _usage(prog, f"argument --calib: folder {path} holds no .pt files")
+    return [os.path.join(path, name) for name in files]
 
 
 def _read_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]]:
@@ -375,7 +386,7 @@ class Calibration:
 
 def _calibration(args: argparse.Namespace, example: tuple[Any, ...], verify: bool) -> Calibration:
     if args.calib is not None:
-        batches = _read_calibration(args.calib, len(example))
+        batches = [b for path in _calibration_files("fxqbn convert", args.calib) for b in _read_calibration(path, len(example))]
         if not verify:
             return Calibration(batches, None, args.calib)
         if len(batches) < 2:
@@ -414,8 +425,10 @@ def run_convert(args: argparse.Namespace) -> int:
     prog = "fxqbn convert"
     spec = args.model or BUILTIN_MODEL
     # 1. the command line: everything that can be checked before any work
-    if args.calib is not None and not os.path.isfile(args.calib):
-        raise _usage(prog, f"argument --calib: {args.calib} {'is not a file' if os.path.exists(args.calib) else 'does not exist'}")
+    if args.calib is not None and not os.path.exists(args.calib):
+        raise _usage(prog, f"argument --calib: {args.calib} does not exist")
+    if args.calib is not None:
+        _calibration_files(prog, args.calib)  # a folder without .pt files is a usage error, found before any work
     for option in ("out", "torchscript", "report"):
         _check_output_path(prog, f"--{option}", getattr(args, option))
     # 2. the model and its inputs

@@ -300,7 +300,8 @@ def test_debug_adds_the_traceback(work):
         (["m.py:net_with_inputs", "--calib", "nothere.pt"], 2, "fxqbn convert: error: argument --calib: nothere.pt does not exist"),
         (["m.py:net_with_inputs", "--out", "no/such/folder/q.pt"], 2, "fxqbn convert: error: argument --out: folder no/such/folder does not exist"),
         (["m.py:net_with_inputs", "--report", "."], 2, "fxqbn convert: error: argument --report: . is a folder; give a file name"),
-        (["m.py:net_with_inputs", "--calib", "."], 2, "fxqbn convert: error: argument --calib: . is not a file"),
+        (["m.py:net_with_inputs", "--calib", "."], 1,  # a folder: its .pt files in name order, garbage.pt after calib.pt
+         "fxqbn: error: cannot read calibration file ./garbage.pt: it is not a file written by torch.save"),
         (["m.py:net_with_inputs", "--calib", "calib.pt", "--calib-batches", "2"], 2,
          "fxqbn convert: error: argument --calib-batches: not allowed with argument --calib"),
         (["m.py:broken"], 1, "fxqbn: error: m.py:broken raised RuntimeError: no weights here"),
@@ -339,3 +340,18 @@ def test_seed_chooses_the_random_batches(work, capsys):
     assert scales() == scales("--seed", "0") != scales("--seed", "1")
 
 
+def test_calib_folder_reads_its_pt_files_in_name_order(work, capsys):
+    batches = torch.load(work / "calib.pt")
+    (work / "parts").mkdir()
+    torch.save(batches[2], work / "parts" / "b.pt")  # one batch: a tensor
+    torch.save(batches[:2], work / "parts" / "a.pt")  # a list of batches
+    (work / "parts" / "notes.txt").write_text("not calibration data")
+    reports = []
+    for calib in ("calib.pt", "parts"):
+        assert cli.main(["convert", "m.py:net_with_inputs", "--calib", calib, "--observer", "minmax", "--format", "json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[1]["calibration"] == {"source": "parts", "batches": 3, "demo_only": False}
+    assert reports[0]["report"]["rows"] == reports[1]["report"]["rows"]  # the same batches, the same qparams
+    (work / "empty").mkdir()
+    assert cli.main(["convert", "m.py:net_with_inputs", "--calib", "empty"]) == 2
+    assert capsys.readouterr().err == "fxqbn convert: error: argument --calib: folder empty holds no .pt files\n"
