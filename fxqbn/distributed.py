@@ -214,14 +214,13 @@ def _pack_ranges(entries: Sequence[_Entry], sizes: Sequence[int], local: Sequenc
         else:
             parts += [torch.full((size,), float("inf"), dtype=torch.float64, device=obs.min_val.device),
                       torch.full((size,), float("-inf"), dtype=torch.float64, device=obs.min_val.device)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(parts)
 
 
 def _reduce_range(merge: str, lows: torch.Tensor, highs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ranks x values) ranges -> the merged range; rows of ranks that saw no data are +inf/-inf."""
+    """(ranks that saw data x values) ranges -> the merged range (a NaN stays NaN)."""
     if merge == "mean":
-        seen = lows[:, 0] <= highs[:, 0]
-        return lows[seen].mean(dim=0), highs[seen].mean(dim=0)
+        return lows.mean(dim=0), highs.mean(dim=0)
     return lows.min(dim=0).values, highs.max(dim=0).values
 
 
@@ -230,18 +229,26 @@ def _set(buffer: torch.Tensor, value: torch.Tensor) -> None:
         buffer.resize_(value.shape).copy_(value)
 
 
-def _merge_ranges(entries, sizes, local, ranks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """The merged (min, max) of every observer (None: not ranged, or no rank saw data)."""
+def _merge_ranges(entries, sizes, seen_by: list[list[bool]], ranks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """The merged (min, max) of every observer (None: not ranged, or no rank saw data); ``seen_by[i][r]``:
+    rank r's observer i saw data. Refuses, naming the observer and the rank, a range that is not finite."""
     merged, offset = [], 0
-    for entry, size in zip(entries, sizes):
+    for i, (entry, size) in enumerate(zip(entries, sizes)):
         if entry.merge not in _RANGED:
             merged.append(None)
             continue
-        lows = torch.stack([r[offset:offset + size] for r in ranks])
-        highs = torch.stack([r[offset + size:offset + 2 * size] for r in ranks])
+        seen = [r for r, part in enumerate(ranks) if seen_by[i][r]]
+        lows = torch.stack([ranks[r][offset:offset + size] for r in seen]) if seen else None
+        highs = torch.stack([ranks[r][offset + size:offset + 2 * size] for r in seen]) if seen else None
         offset += 2 * size
-        seen = size > 0 and bool((lows[:, 0] <= highs[:, 0]).any())
-        merged.append(_reduce_range(entry.merge, lows, highs) if seen else None)
+        if lows is None or size == 0:
+            merged.append(None)
+            continue
+        bad = [r for r, lo, hi in zip(seen, lows, highs) if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())]
+        if bad:
+            raise FxqbnError(f"fxqbn.sync_observers: observer '{entry.node}' saw NaN or infinite values on rank {bad[0]}: "
+                             "check that rank's calibration batches")
+        merged.append(_reduce_range(entry.merge, lows, highs))
     return merged
 
 
@@ -279,7 +286,10 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, (_signature(observed, entries), local, SYNCED_KEY in observed.meta), group=group)
     sizes = _check_agreement(entries, gathered)
-    ranges = _merge_ranges(entries, sizes, local, _gather(_pack_ranges(entries, sizes, local), world_size, group))
+    seen_by = [[state[i][0] for _, state, _ in gathered] for i in range(len(entries))]
+    ranged = any(entry.merge in _RANGED and size for entry, size in zip(entries, sizes))
+    packed = _gather(_pack_ranges(entries, sizes, local), world_size, group) if ranged else []
+    ranges = _merge_ranges(entries, sizes, seen_by, packed)
     histograms = [i for i, e in enumerate(entries) if e.merge == "histogram"]
     if histograms:
         mine = torch.cat([rebinned_histogram(entries[i].observer, *_as_buffers(entries[i], ranges[i])) for i in histograms])

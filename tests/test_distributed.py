@@ -148,6 +148,9 @@ def _refusals(rank: int) -> dict:
     fxqbn.sync_observers(observed)
     results["second_sync"] = _refusal(lambda: fxqbn.sync_observers(observed))
     results["no_observers"] = _refusal(lambda: fxqbn.sync_observers(fxqbn.convert(observed)))
+    observed, batches = _prepare("moving_average")
+    _calibrate(observed, [batches[0] * float("nan")] if rank else batches[:1])
+    results["nan_on_rank_1"] = _refusal(lambda: fxqbn.sync_observers(observed))
     return results
 
 
@@ -294,6 +297,13 @@ def test_a_second_sync_and_a_model_without_observers_are_refused_on_every_rank(r
         assert "were merged already" in str(ranks[r]["second_sync"])
         assert isinstance(ranks[r]["no_observers"], fxqbn.FxqbnError)
         assert "the model has no observers" in str(ranks[r]["no_observers"])
+
+
+def test_nan_on_one_rank_is_refused_on_every_rank_naming_it(ranks):
+    for r in range(WORLD):  # a mean over the ranks that saw data must not drop it silently
+        exc = ranks[r]["nan_on_rank_1"]
+        assert isinstance(exc, fxqbn.FxqbnError), exc
+        assert "observer 'fxqbn_observer_0' saw NaN or infinite values on rank 1" in str(exc)
 
 
 # -- without processes ----------------------------------------------------------------------------
