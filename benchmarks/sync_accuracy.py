@@ -1,6 +1,6 @@
-"""How close HistogramObserver qparams merged by fxqbn.sync_observers come to one process on all batches.
+"""How close observers merged by fxqbn.sync_observers come to one process on all batches.
 
-    python benchmarks/sync_accuracy.py [--ranks 2 4] [--batches 16] [--quick]
+    python benchmarks/sync_accuracy.py [--observer histogram|moving_average] [--ranks 2 4] [--batches 16] [--quick]
 
 For each model and data distribution: N gloo ranks on 127.0.0.1 each calibrate on their shard (rank
 r takes batches r, r + N, ...; "non-iid" gives each rank a contiguous block instead), sync, and
@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tabulate import tabulate
 
+from torch.ao.quantization import HistogramObserver, MovingAverageMinMaxObserver
+
 import fxqbn
 from fxqbn.models import densenet_bc
 from fxqbn.qparams import qparams_from_observer
@@ -32,6 +34,7 @@ from fxqbn.qparams import qparams_from_observer
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 DATA = ("normal", "skewed", "drifting", "non-iid")
+OBSERVERS = {"histogram": HistogramObserver, "moving_average": MovingAverageMinMaxObserver}
 
 
 def _example(name: str):
@@ -63,14 +66,14 @@ def _mine(batches: list, data: str, rank: int, world: int) -> list:
     return batches[rank::world]
 
 
-def _qparams(model_name: str, data: str, n: int, rank: int | None, world: int, reorder: bool = False) -> dict:
+def _qparams(model_name: str, data: str, n: int, observer: str, rank: int | None, world: int, reorder: bool = False) -> dict:
     """Qparams after calibrating: rank's shard then the sync; or one process on all batches, in order
     or (``reorder``) in the order of the shards, rank 0's first."""
     model, example = MODELS[model_name]()
     batches = _batches(example[0], data, n)
     if reorder:
         batches = [b for r in range(world) for b in _mine(batches, data, r, world)]
-    observed = fxqbn.prepare(model, example)  # the default: HistogramObserver
+    observed = fxqbn.prepare(model, example, OBSERVERS[observer])
     with torch.no_grad():
         for batch in batches if rank is None else _mine(batches, data, rank, world):
             observed(batch)
@@ -104,6 +107,7 @@ def _distributed(world: int, jobs: list) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--observer", choices=sorted(OBSERVERS), default="histogram")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="densenet_bc and tabular_mlp only, 2 ranks, 8 batches")
@@ -111,14 +115,14 @@ def main() -> None:
     models = ["densenet_bc", "tabular_mlp"] if args.quick else list(MODELS)
     ranks, n = ([2], 8) if args.quick else (args.ranks, args.batches)
     torch.set_num_threads(1)
-    jobs = [(model, data, n) for model in models for data in DATA]
+    jobs = [(model, data, n, args.observer) for model in models for data in DATA]
     rows = []
     for world in ranks:
         merged = _distributed(world, jobs)
         for job in jobs:
             alone = _qparams(*job, None, world)
             rows.append([job[0], job[1], world, *_distance(merged[job], alone), *_distance(_qparams(*job, None, world, True), alone)])
-    print(f"HistogramObserver, {n} batches. merged: N ranks merged by fxqbn.sync_observers vs one process on all batches "
+    print(f"{OBSERVERS[args.observer].__name__}, {n} batches. merged: N ranks merged by fxqbn.sync_observers vs one process on all batches "
           "in order; reordered: one process on them in shard order (rank 0's first) vs in order")
     print(tabulate(rows, headers=["model", "data", "ranks", "merged: same", "zp steps", "scale %",
                                   "reordered: same", "zp steps", "scale %"]))
