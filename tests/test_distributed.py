@@ -27,6 +27,8 @@ from torch.ao.quantization import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    ObserverBase,
+    PerChannelMinMaxObserver,
     QConfig,
     QConfigMapping,
     default_weight_observer,
@@ -315,6 +317,50 @@ def test_sync_observers_without_a_process_group_is_refused():
         fxqbn.sync_observers(observed)
     with pytest.raises(fxqbn.FxqbnError, match="expects the GraphModule returned by fxqbn.prepare"):
         fxqbn.sync_observers(nn.Linear(2, 2))
+
+
+class _Observers(nn.Module):
+    """Observers of every merge kind, called in forward (traced as call_module leaves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hist = HistogramObserver(bins=64)
+        self.channels = PerChannelMinMaxObserver(ch_axis=1)
+        self.idle = MinMaxObserver()  # never called: no data
+        self.fq = _FAKE_QUANT()
+
+    def forward(self, x):
+        return self.fq(self.channels(self.hist(x))), self.idle(x[:0])
+
+
+class _LeafObservers(torch.fx.Tracer):
+    def is_leaf_module(self, m, name):
+        return isinstance(m, (ObserverBase, FakeQuantize)) or super().is_leaf_module(m, name)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A default process group of one rank in this process (destroyed after, so no other test sees it)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=PG_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_sync_leaves_every_observer_as_it_was(one_rank_group):
+    root = _Observers()
+    gm = torch.fx.GraphModule(root, _LeafObservers().trace(root))
+    with torch.no_grad():
+        for batch in _batches("skewed", 3):
+            gm(batch)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert fxqbn.sync_observers(gm) == distributed.Synced(world_size=1, rank=0, observers=4)
+    after = gm.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert after["channels.min_val"].shape == (4,)  # per-channel ranges keep their shape
 
 
 def test_shard_takes_every_nth_batch_from_the_rank():
