@@ -17,7 +17,8 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,9 @@ T = TypeVar("T")
 # How each observer kind merges over ranks; looked up along the observer's class hierarchy.
 # A FakeQuantize merges its activation_post_process, then recomputes its scale and zero point.
 MERGES: dict[type, str] = {
-    HistogramObserver: "histogram",  # range: min of mins, max of maxes; each rank's histogram re-binned onto it by the observer's own _combine_histograms, then summed
+    # range: min of mins, max of maxes; each rank's histogram moved onto it by the observer's own
+    # re-binning (rebinned_histogram), then summed
+    HistogramObserver: "histogram",
     MovingAverageMinMaxObserver: "mean",  # the mean of the calibrated ranks' running averages
     MovingAveragePerChannelMinMaxObserver: "mean",  # the same, channel by channel
     MinMaxObserver: "min_max",  # min of mins, max of maxes: one process over all the batches, exactly
@@ -237,7 +240,7 @@ def _merge_ranges(entries, sizes, seen_by: list[list[bool]], ranks: list[torch.T
         if entry.merge not in _RANGED:
             merged.append(None)
             continue
-        seen = [r for r, part in enumerate(ranks) if seen_by[i][r]]
+        seen = [r for r in range(len(ranks)) if seen_by[i][r]]
         lows = torch.stack([ranks[r][offset:offset + size] for r in seen]) if seen else None
         highs = torch.stack([ranks[r][offset + size:offset + 2 * size] for r in seen]) if seen else None
         offset += 2 * size
