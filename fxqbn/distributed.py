@@ -267,6 +267,38 @@ def rebinned_histogram(observer: HistogramObserver, low: torch.Tensor, high: tor
     return observer._combine_histograms(observer.histogram, observer.min_val, observer.max_val, empty, low, high)
 
 
+def _exchange(observed: Any, world_size: int, group: Any) -> tuple[list[_Entry], list[tuple[bool, int]], list[Any]]:
+    """This rank's observers and local state, and every rank's (signature, local state, merged before).
+
+    A rank that passed something other than a GraphModule still takes part, so that every rank
+    refuses it alike instead of waiting for it.
+    """
+    graph = isinstance(observed, fx.GraphModule)
+    entries = _entries(observed) if graph else []
+    local = _local_state(entries)
+    mine = (None if graph else type(observed).__name__, _signature(observed, entries) if graph else [], local,
+            graph and SYNCED_KEY in observed.meta)
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine, group=group)
+    wrong = [(r, kind) for r, (kind, *_) in enumerate(gathered) if kind is not None]
+    if wrong:
+        raise FxqbnError(f"fxqbn.sync_observers expects the GraphModule returned by fxqbn.prepare; rank {wrong[0][0]} "
+                         f"passed {wrong[0][1]}")
+    return entries, local, [rest for _, *rest in gathered]
+
+
+def _merge_histograms(entries: Sequence[_Entry], ranges: Sequence[Any], world_size: int, group: Any) -> None:
+    """Every HistogramObserver's histogram: the ranks' histograms re-binned onto the merged range, summed in rank order."""
+    histograms = [i for i, e in enumerate(entries) if e.merge == "histogram"]
+    if not histograms:
+        return
+    mine = torch.cat([rebinned_histogram(entries[i].observer, *_as_buffers(entries[i], ranges[i])) for i in histograms])
+    summed = _sum_in_rank_order(_gather(mine, world_size, group))
+    for i, part in zip(histograms, summed.split([entries[i].observer.bins for i in histograms])):
+        if ranges[i] is not None:
+            _set(entries[i].observer.histogram, part)
+
+
 def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     """Merge every observer of ``observed`` over the ranks of ``group`` (default: the default group).
 
@@ -274,32 +306,22 @@ def sync_observers(observed: fx.GraphModule, group: Any = None) -> Synced:
     ``fxqbn.prepare`` or torch.ao's ``prepare_fx``. Afterwards every rank holds the same observer
     state (see ``MERGES``), and ``fxqbn.convert`` gives the same model on every rank.
 
-    Raises FxqbnError, on every rank alike, when no process group is initialized, when the ranks'
-    models or observers differ (naming the first difference), when they were merged before (that
-    would count those batches twice), or for an observer it cannot merge.
+    Raises FxqbnError when no process group is initialized; and, on every rank alike (no rank is
+    left waiting), when a rank passed no GraphModule, when the ranks' models or observers differ
+    (naming the first difference), when they were merged before (that would count those batches
+    twice), for an observer it cannot merge, or for a NaN or infinite range (naming the rank).
     """
-    if not isinstance(observed, fx.GraphModule):
-        raise FxqbnError(f"fxqbn.sync_observers expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise FxqbnError("fxqbn.sync_observers needs a torch.distributed process group: call "
                          "torch.distributed.init_process_group first (torchrun sets its environment)")
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    entries = _entries(observed)
-    local = _local_state(entries)
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, (_signature(observed, entries), local, SYNCED_KEY in observed.meta), group=group)
+    entries, local, gathered = _exchange(observed, world_size, group)
     sizes = _check_agreement(entries, gathered)
     seen_by = [[state[i][0] for _, state, _ in gathered] for i in range(len(entries))]
     ranged = any(entry.merge in _RANGED and size for entry, size in zip(entries, sizes))
     packed = _gather(_pack_ranges(entries, sizes, local), world_size, group) if ranged else []
     ranges = _merge_ranges(entries, sizes, seen_by, packed)
-    histograms = [i for i, e in enumerate(entries) if e.merge == "histogram"]
-    if histograms:
-        mine = torch.cat([rebinned_histogram(entries[i].observer, *_as_buffers(entries[i], ranges[i])) for i in histograms])
-        summed = _sum_in_rank_order(_gather(mine, world_size, group))
-        for i, part in zip(histograms, summed.split([entries[i].observer.bins for i in histograms])):
-            if ranges[i] is not None:
-                _set(entries[i].observer.histogram, part)
+    _merge_histograms(entries, ranges, world_size, group)
     for entry, merged in zip(entries, ranges):
         if merged is not None:
             _store(entry, *_as_buffers(entry, merged))

@@ -153,6 +153,8 @@ def _refusals(rank: int) -> dict:
     observed, batches = _prepare("moving_average")
     _calibrate(observed, [batches[0] * float("nan")] if rank else batches[:1])
     results["nan_on_rank_1"] = _refusal(lambda: fxqbn.sync_observers(observed))
+    observed, _ = _prepare("minmax")  # rank 1 passes the float model instead
+    results["not_a_graph"] = _refusal(lambda: fxqbn.sync_observers(_model("conv_pool") if rank else observed))
     return results
 
 
@@ -301,6 +303,13 @@ def test_a_second_sync_and_a_model_without_observers_are_refused_on_every_rank(r
         assert "the model has no observers" in str(ranks[r]["no_observers"])
 
 
+def test_a_rank_passing_the_float_model_is_refused_on_every_rank(ranks):
+    for r in range(WORLD):
+        exc = ranks[r]["not_a_graph"]
+        assert isinstance(exc, fxqbn.FxqbnError), exc
+        assert "expects the GraphModule returned by fxqbn.prepare; rank 1 passed ConvPool" in str(exc)
+
+
 def test_nan_on_one_rank_is_refused_on_every_rank_naming_it(ranks):
     for r in range(WORLD):  # a mean over the ranks that saw data must not drop it silently
         exc = ranks[r]["nan_on_rank_1"]
@@ -315,8 +324,7 @@ def test_sync_observers_without_a_process_group_is_refused():
     observed, _ = _prepare("minmax")
     with pytest.raises(fxqbn.FxqbnError, match="needs a torch.distributed process group"):
         fxqbn.sync_observers(observed)
-    with pytest.raises(fxqbn.FxqbnError, match="expects the GraphModule returned by fxqbn.prepare"):
-        fxqbn.sync_observers(nn.Linear(2, 2))
+
 
 
 class _Observers(nn.Module):
