@@ -281,7 +281,8 @@ def test_ranks_with_different_models_all_refuse_naming_the_difference(ranks):
     for r in range(WORLD):
         exc = ranks[r]["different_model"]
         assert isinstance(exc, fxqbn.FxqbnError), exc
-        assert "ranks observe different models" in str(exc) and "rank 1" in str(exc)
+        assert "ranks observe different models: observer 0 is 'fxqbn_observer_0' with observes=" in str(exc)
+        assert "on rank 0 but 'fxqbn_observer_0' with observes=" in str(exc) and "on rank 1" in str(exc)
         assert str(exc) == str(ranks[0]["different_model"])  # the same sentence on every rank
         exc = ranks[r]["different_bins"]
         assert isinstance(exc, fxqbn.FxqbnError), exc
@@ -317,7 +318,6 @@ def test_sync_observers_without_a_process_group_is_refused():
     observed, _ = _prepare("minmax")
     with pytest.raises(fxqbn.FxqbnError, match="needs a torch.distributed process group"):
         fxqbn.sync_observers(observed)
-
 
 
 class _Observers(nn.Module):
