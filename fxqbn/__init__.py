@@ -36,6 +36,7 @@ _EXPORTS = {
     "QParams": "qparams.QParams",
     "DEFAULT_OBSERVER": "qconfig.DEFAULT_OBSERVER",
     "nn": "nn",
+    "sync_observers": "distributed.sync_observers",
 }
 __all__ = list(_EXPORTS)
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from . import __version__
-from .paths import clash, output_problem
+from .paths import calibration_files, clash, output_problem
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, column_names
 
@@ -94,9 +94,12 @@ def _output_path(text: str) -> str:
     return text
 
 
-def _input_file(text: str) -> str:
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text} {'is not a file' if os.path.exists(text) else 'does not exist'}")
+def _calib_path(text: str) -> str:
+    """--calib's FILE_OR_FOLDER: a file, or a folder holding .pt files."""
+    try:
+        calibration_files(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -151,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape of a model input, e.g. 1,3,224,224 (repeat for several inputs); "
                    "default: the factory's example inputs")
     calib = c.add_mutually_exclusive_group()
-    calib.add_argument("--calib", metavar="FILE", type=_input_file,
+    calib.add_argument("--calib", metavar="FILE_OR_FOLDER", type=_calib_path,
                        help="calibration data saved with torch.save: a tensor (one batch) or a list of batches "
-                       "(a batch of a several-input model is a tuple of tensors)")
+                       "(a batch of a several-input model is a tuple of tensors); or a folder of such .pt files, "
+                       "read in name order")
     calib.add_argument("--calib-batches", type=_positive, default=8, metavar="K",
                        help="without --calib: K random batches of the input shape (demo only; default 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
@@ -214,6 +218,8 @@ def _check_clashes(args: argparse.Namespace) -> None:
     """Two outputs naming one file, or an output that is the model file or the calibration file."""
     outputs = {f"--{name}": getattr(args, name) for name in args.outputs if getattr(args, name) is not None}
     inputs = {"MODEL's file": model_file(args.model) or "", "--calib": args.calib or ""}
+    if args.calib is not None and os.path.isdir(args.calib):  # the folder's files are read, so not written
+        inputs.update({f"a file of --calib {args.calib}": path for path in calibration_files(args.calib)})
     problem = clash(outputs, {what: path for what, path in inputs.items() if path})
     if problem is not None:
         raise usage("fxqbn convert", problem)

@@ -19,17 +19,19 @@ import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
+from . import distributed
 from .api import convert, get_report, prepare
 from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
+from .paths import calibration_files
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, WIDTH, Report
 from .serialize import describe_load_error, load_report, save
@@ -236,23 +238,29 @@ class Calibration:
 
     batches: list[tuple[torch.Tensor, ...]]
     held_out: tuple[torch.Tensor, ...] | None
-    source: str  # a file name, or "random"
+    source: str  # a file or folder name, or "random"
+    ranks: distributed.Ranks | None = None  # under torchrun: the ranks that shared the batches
 
     @property
     def note(self) -> str:
         n = len(self.batches)
         if self.source == "random":
-            return f"calibration: {n} random batches - DEMO ONLY: real inputs have other ranges; pass --calib FILE"
+            return f"calibration: {n} random batches - DEMO ONLY: real inputs have other ranges; pass --calib FILE{self._split}"
         held = " (its last batch held out for --verify)" if self.held_out is not None else ""
-        return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}"
+        return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}{self._split}"
+
+    @property
+    def _split(self) -> str:
+        return f"; {self.ranks.describe(len(self.batches))}" if self.ranks is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "batches": len(self.batches), "demo_only": self.source == "random"}
+        data = {"source": self.source, "batches": len(self.batches), "demo_only": self.source == "random"}
+        return {**data, "ranks": self.ranks.to_dict(len(self.batches))} if self.ranks is not None else data
 
 
 def _calibration(args: argparse.Namespace, example: tuple[Any, ...], verify: bool) -> Calibration:
     if args.calib is not None:
-        batches = _read_calibration(args.calib, len(example))
+        batches = [b for path in calibration_files(args.calib) for b in _read_calibration(path, len(example))]
         if not verify:
             return Calibration(batches, None, args.calib)
         if len(batches) < 2:
@@ -328,17 +336,31 @@ def _check_found(prog: str, spec: str, observed: nn.Module, skip: Sequence[str])
                         f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}")
 
 
+def _calibrate(observed: nn.Module, calibration: Calibration, progress: Progress) -> Calibration:
+    """Run the batches through ``observed``; under torchrun, this rank's share, then every rank's observers merged."""
+    ranks = distributed.join_launched()  # under torchrun: rank r of N calibrates on batches r, r + N, ...
+    for i, batch in progress.bar(distributed.shard(list(enumerate(calibration.batches)), ranks), desc="calibrating", unit="batch"):
+        _run(observed, batch, f"calibration batch {i}")
+    if ranks is None:
+        return calibration
+    with progress.step(f"merging the observers of {ranks.world_size} ranks"):
+        distributed.sync_observers(observed)  # every rank now holds the observers of all the batches
+    return replace(calibration, ranks=ranks)
+
+
 def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
-              progress: Progress, spec: str) -> nn.Module:
+              progress: Progress, spec: str) -> tuple[nn.Module | None, Calibration]:
+    """The converted model (None on a torchrun rank other than 0: rank 0 converts) and the calibration done."""
     prog = "fxqbn convert"
     qconfig = _qconfig(prog, model, args.observer, args.dtype, args.skip)
     with progress.step("tracing"):
         observed = prepare(model, example, qconfig, skip=args.skip)
     _check_found(prog, spec, observed, args.skip)
-    for i, batch in enumerate(progress.bar(calibration.batches, desc="calibrating", unit="batch")):
-        _run(observed, batch, f"calibration batch {i}")
+    calibration = _calibrate(observed, calibration, progress)
+    if calibration.ranks is not None and calibration.ranks.rank != 0:
+        return None, calibration
     with progress.step("converting"):
-        return convert(observed, backend=args.backend)
+        return convert(observed, backend=args.backend), calibration
 
 
 def convert_command(args: argparse.Namespace, progress: Progress) -> int:
@@ -348,7 +370,9 @@ def convert_command(args: argparse.Namespace, progress: Progress) -> int:
         model, example = _model_and_inputs("fxqbn convert", args, spec)
     verify_it = args.verify or (args.model is None and args.calib is None)  # `fxqbn convert` alone verifies
     calibration = _calibration(args, example, verify_it)
-    quantized = _quantize(args, model, example, calibration, progress, spec)
+    quantized, calibration = _quantize(args, model, example, calibration, progress, spec)
+    if quantized is None:
+        return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
     checked = None
     if args.backend == "fused" and (calibration.held_out is not None or args.torchscript):
         with progress.step("compiling the fused kernels"):  # on first use; seconds, shown apart from what follows

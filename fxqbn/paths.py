@@ -1,4 +1,4 @@
-"""The command's output paths, checked before any work: each must be a file fxqbn can write.
+"""The command's paths, checked before any work: each output must be a file fxqbn can write, each input exist.
 
 Imports nothing heavy: the command checks them before it loads torch.
 """
@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 
-__all__ = ["output_problem", "clash"]
+__all__ = ["output_problem", "clash", "calibration_files"]
 
 
 def _nearest_existing(folder: str) -> str:
@@ -64,3 +64,18 @@ def clash(outputs: Mapping[str, str], inputs: Mapping[str, str]) -> str | None:
             return f"arguments {seen[real]} and {option} both write {path}: give each its own file"
         seen[real] = option
     return None
+
+
+def calibration_files(path: str) -> list[str]:
+    """``--calib``'s files: ``path`` itself, or the .pt files of the folder ``path`` in name order.
+
+    Raises ValueError naming ``path`` when it does not exist or is a folder without .pt files.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist")
+    if not os.path.isdir(path):
+        return [path]
+    names = sorted(name for name in os.listdir(path) if name.endswith(".pt") and os.path.isfile(os.path.join(path, name)))
+    if not names:
+        raise ValueError(f"folder {path} holds no .pt files")
+    return [os.path.join(path, name) for name in names]

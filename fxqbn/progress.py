@@ -1,11 +1,13 @@
 """What the command is doing, on stderr while it works: one line a step, a bar over calibration batches.
 
-Shown only when stderr is a terminal (and not ``--quiet``): piped or redirected output stays clean.
+Shown only when stderr is a terminal (and not ``--quiet``, and not on a torchrun rank other than 0):
+piped or redirected output stays clean.
 Imports nothing heavy: the first step ("loading PyTorch") shows before torch is imported.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,8 +29,8 @@ class Progress:
 
     @classmethod
     def for_terminal(cls, quiet: bool) -> "Progress":
-        """Enabled when stderr is a terminal and the user did not ask for quiet."""
-        return cls(enabled=not quiet and sys.stderr.isatty())
+        """Enabled when stderr is a terminal and the user did not ask for quiet; under torchrun, on rank 0 only."""
+        return cls(enabled=not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:

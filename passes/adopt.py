@@ -21,12 +21,13 @@ from fxqbn.qparams import DTYPE_RANGES
 from .match import find_patterns
 from .records import Dropped, Observed, Prepared, Skip
 
-__all__ = ["is_torch_ao_observed", "adopt_observers"]
+__all__ = ["is_torch_ao_observed", "adopt_observers", "observer_nodes"]
 
 _OBSERVERS = (ObserverBase, FakeQuantizeBase)
 
 
-def _observer_nodes(gm: fx.GraphModule) -> dict[str, nn.Module]:
+def observer_nodes(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """The observer and fake-quant modules that ``gm``'s call_module nodes call, by node name, in graph order."""
     modules = dict(gm.named_modules(remove_duplicate=False))  # torch.ao shares one observer between names
     return {
         node.name: modules[node.target]
@@ -37,7 +38,7 @@ def _observer_nodes(gm: fx.GraphModule) -> dict[str, nn.Module]:
 
 def is_torch_ao_observed(gm: nn.Module) -> bool:
     """Whether ``gm`` is a GraphModule with observer or fake-quant call_module nodes."""
-    return isinstance(gm, fx.GraphModule) and bool(_observer_nodes(gm))
+    return isinstance(gm, fx.GraphModule) and bool(observer_nodes(gm))
 
 
 class _ObservedEverywhere:
@@ -55,7 +56,7 @@ def _describe(node: fx.Node) -> str:
 def adopt_observers(gm: fx.GraphModule) -> Prepared:
     """The observed BN patterns of a torch.ao-prepared graph, the BNs it did not observe (as
     skips), and the other observers (as ``Dropped``)."""
-    observers = _observer_nodes(gm)
+    observers = observer_nodes(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
     # Calibration already happened: a BN left in training mode is converted with the statistics it has.
     matches, skips = find_patterns(gm.graph, gm, _ObservedEverywhere(), refuse_training=False)  # type: ignore[arg-type]

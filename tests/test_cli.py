@@ -374,7 +374,11 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(work):
         ["--help"], ["--version"], ["convert", "--help"], ["report", "--help"],
         ["convert", "m.py:net", "--out", "m.py/q.pt"], ["convert", "--report", "m.py", "m.py:net"],
         ["convert", "--columns", "bn,colour"], ["convert", "--calib", "nothere.pt"], ["convert", "missing.py:net"],
+        ["convert", "--calib", "empty"], ["convert", "--calib", "parts", "--out", "parts/a.pt"],
     ]
+    (work / "empty").mkdir()
+    (work / "parts").mkdir()
+    (work / "parts" / "a.pt").write_bytes(b"a calibration file, never read here")
     result = subprocess.run([sys.executable, "-c", NO_TORCH.format(argvs=argvs)], cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     *answers, torch_modules = [eval(line) for line in result.stdout.splitlines()]
@@ -385,9 +389,11 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(work):
     assert version == f"fxqbn {fxqbn.__version__} (torch {metadata.version('torch')})\n"
     assert metadata.version("fxqbn") == fxqbn.__version__  # the package metadata reads the same one place
     assert "--backend {native,fused}" in convert_help and "--columns A,B,..." in convert_help and "--wide" in convert_help
-    assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2, 2]
+    assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2, 2, 2, 2]
     assert answers[4][2].startswith("fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)")
     assert answers[5][2].startswith("fxqbn convert: error: argument --report: m.py is also MODEL's file")
+    assert answers[9][2].startswith("fxqbn convert: error: argument --calib: folder empty holds no .pt files")
+    assert answers[10][2].startswith("fxqbn convert: error: argument --out: parts/a.pt is also a file of --calib parts; writing it")
 
 
 def test_columns_and_wide_choose_the_table(work, capsys):
@@ -485,7 +491,8 @@ def test_debug_adds_the_traceback(work):
         (["m.py:net_with_inputs", "--calib", "nothere.pt"], 2, "fxqbn convert: error: argument --calib: nothere.pt does not exist"),
         (["m.py:net_with_inputs", "--out", "no/such/folder/q.pt"], 2, "fxqbn convert: error: argument --out: folder no/such/folder does not exist"),
         (["m.py:net_with_inputs", "--report", "."], 2, "fxqbn convert: error: argument --report: . is a folder; give a file name"),
-        (["m.py:net_with_inputs", "--calib", "."], 2, "fxqbn convert: error: argument --calib: . is not a file"),
+        (["m.py:net_with_inputs", "--calib", "."], 1,  # a folder: its .pt files in name order, garbage.pt after calib.pt
+         "fxqbn: error: cannot read calibration file ./garbage.pt: it is not a file written by torch.save"),
         (["m.py:net_with_inputs", "--calib", "calib.pt", "--calib-batches", "2"], 2,
          "fxqbn convert: error: argument --calib-batches: not allowed with argument --calib"),
         (["m.py:net_with_inputs", "--skip", "conv"], 2,
@@ -540,3 +547,18 @@ def test_seed_chooses_the_random_batches(work, capsys):
     assert scales() == scales("--seed", "0") != scales("--seed", "1")
 
 
+def test_calib_folder_reads_its_pt_files_in_name_order(work, capsys):
+    batches = torch.load(work / "calib.pt")
+    (work / "parts").mkdir()
+    torch.save(batches[2], work / "parts" / "b.pt")  # one batch: a tensor
+    torch.save(batches[:2], work / "parts" / "a.pt")  # a list of batches
+    (work / "parts" / "notes.txt").write_text("not calibration data")
+    reports = []
+    for calib in ("calib.pt", "parts"):
+        assert cli.main(["convert", "m.py:net_with_inputs", "--calib", calib, "--observer", "minmax", "--format", "json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[1]["calibration"] == {"source": "parts", "batches": 3, "demo_only": False}
+    assert reports[0]["report"]["rows"] == reports[1]["report"]["rows"]  # the same batches, the same qparams
+    (work / "empty").mkdir()
+    assert cli.main(["convert", "m.py:net_with_inputs", "--calib", "empty"]) == 2
+    assert capsys.readouterr().err == "fxqbn convert: error: argument --calib: folder empty holds no .pt files (see fxqbn convert --help)\n"

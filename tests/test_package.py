@@ -28,6 +28,7 @@ def test_exports_are_the_documented_api():
     assert set(fxqbn.__all__) == {
         "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
         "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
+        "sync_observers",
     }
     assert set(fxqbn.__all__) <= set(dir(fxqbn))
     assert fxqbn.FxqbnError.__module__ == "fxqbn.errors" and fxqbn.prepare.__module__ == "fxqbn.api"
