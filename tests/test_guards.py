@@ -243,3 +243,39 @@ def test_vectorised_qparams_equal_the_observers_own(observer):
     fast = read_many(observers)
     for name, obs in observers.items():
         assert fast[name] == read_observer(obs), name
+
+
+# -- the float -> quantized boundary, the same on every supported torch ----------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fxqbn import qops  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.quint8, torch.qint8]),
+    zero_point=st.integers(0, 255),
+    scale=st.floats(1e-4, 10.0),
+    huge=st.sampled_from([math.inf, 1e30, 1e10, 3e9]),
+    n=st.sampled_from([1, 7, 64, 1000]),
+)
+def test_values_past_the_code_range_saturate_on_every_torch(dtype, zero_point, scale, huge, n):
+    zero_point = zero_point if dtype == torch.quint8 else zero_point - 128
+    lo, hi = fxqbn.qparams.DTYPE_RANGES[dtype]
+    x = torch.linspace(-3, 3, n)
+    x[::3] = huge
+    x[1::3] = -huge
+    codes = qops.quantize(x, scale, zero_point, dtype).int_repr()
+    assert (codes[::3] == hi).all() and (codes[1::3] == lo).all()  # torch 2.14.1 alone gives 0 for some
+    inside = torch.ones(n, dtype=torch.bool)
+    inside[::3] = inside[1::3] = False
+    assert torch.equal(codes[inside], torch.quantize_per_tensor(x[inside], scale, zero_point, dtype).int_repr())
+
+
+def test_nan_at_the_quantize_boundary_is_refused():
+    q = fxqbn.convert(observed_chain())
+    x = torch.randn(2, 4, 5, 5)
+    x[1, 2, 3, 4] = math.nan
+    with pytest.raises(fxqbn.FxqbnError, match=r"Quantize \(scale .*\) got NaN input: a quantized tensor cannot hold NaN"):
+        q(x)
