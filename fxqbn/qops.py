@@ -35,7 +35,7 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
     if x.numel() > 0:
         qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
         low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
-        lo, hi = torch.aminmax(x)  # one pass; NaN propagates into both
+        lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates into both
         if bool(torch.isnan(lo)):
             raise FxqbnError(
                 f"fxqbn's Quantize (scale {scale}, zero point {zero_point}) got NaN input: a quantized "

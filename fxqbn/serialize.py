@@ -31,10 +31,11 @@ import torch
 from torch import fx, nn
 from torch.ao.quantization import QConfigMapping
 
-from .api import convert, get_report, prepare
+from .api import convert, get_report, prepare_owned, refuse_fxqbn_output
 from .errors import FxqbnError
 from .qparams import DTYPE_RANGES
 from .report import Report
+from .tracing import owned_copy
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "FORMAT", "VERSION"]
@@ -264,8 +265,10 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"fxqbn.load expects the float torch.nn.Module, got {type(model).__name__}")
     plan = payload["patterns"]
-    float_model = copy.deepcopy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
-    observed = prepare(float_model, example_inputs, _replay_qconfig(plan, where))
+    refuse_fxqbn_output(model)
+    float_model = owned_copy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where))
     _fill_observers(observed, plan, where)
     # a new GraphModule: modules in the same order as the saved one's
     quantized = convert(observed, backend=payload.get("backend", "native"))

@@ -3,6 +3,7 @@ and propagate shapes when the BN ranks are not known from modules."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import os
@@ -17,7 +18,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import FxqbnError
 
-__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes"]
+__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "owned_copy"]
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep
 _PIPELINE = tuple(  # fxqbn's own frames around the user's code (fxqbn/models.py is user code)
@@ -67,6 +68,18 @@ class _Tracer(fx.Tracer):
                     f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'
                 )
         return node
+
+
+def owned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, which fxqbn may trace, run and change: tracing runs forward with
+    proxies, which a forward that caches (e.g. timm's LeViT, in a dict) would keep."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # the user's model decides what deepcopy does
+        raise FxqbnError(
+            f"fxqbn works on a copy of the model so that the model itself never changes, and "
+            f"{type(model).__name__} cannot be copied: {type(exc).__name__}: {exc}. Make it copy.deepcopy-able"
+        ) from exc
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:

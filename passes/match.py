@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
+from fxqbn.nn import check_statistics
 from fxqbn.qconfig import ActivationConfig
 
 from .patterns import MODULE_TARGETS, RANK_TO_DIM, relu_input, rule_for
@@ -126,9 +127,10 @@ class _Matcher:
         if rule is None:
             return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
         bn = module[0] if rule.prefused else module
-        if self.skip_requested(name, kind):
+        component = type(bn) if rule.prefused else None  # torch.ao's fused BNReLU: its BatchNorm's type
+        if self.skip_requested(name, kind) or (component is not None and self.skip_requested(name, component)):
             return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
-        activation = self.config.spec_for(name, kind)
+        activation = self.config.spec_for(name, kind, first_component=component)
         if activation is None:
             return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
         if bn.running_mean is None or bn.running_var is None:
@@ -143,6 +145,8 @@ class _Matcher:
         problem = _tensor_problem(bn.running_mean)
         if problem:
             raise FxqbnError(f"BatchNorm '{name}' {problem}")
+        affine = bn.affine
+        check_statistics(name, bn.running_mean, bn.running_var, bn.weight if affine else None, bn.bias if affine else None, bn.eps)
         return self._match(position, node, name, kind, activation)
 
     def _match_functional(self, position: int, node: fx.Node) -> Match | Skip:
@@ -161,9 +165,11 @@ class _Matcher:
         activation = self.config.spec_for(name, F.batch_norm)
         if activation is None:
             return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
-        problem = _tensor_problem(operator.attrgetter(parts.running_mean)(self.root))
+        tensor = lambda target: None if target is None else operator.attrgetter(target)(self.root)  # noqa: E731
+        problem = _tensor_problem(tensor(parts.running_mean))
         if problem:
             raise FxqbnError(f"F.batch_norm node '{node.name}' ({name}) {problem}")
+        check_statistics(name, tensor(parts.running_mean), tensor(parts.running_var), tensor(parts.weight), tensor(parts.bias), parts.eps)
         return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
 
     def _match(self, position, node, name, target, activation, dim=None, functional=None, value=None) -> Match:
@@ -189,9 +195,10 @@ def find_patterns(
     matched, or skipped with a reason. ``F.batch_norm`` nodes need ``tensor_meta`` on their input
     (``fxqbn.tracing.propagate_shapes``) for their rank.
 
-    Raises FxqbnError for a BN that must not be calibrated (training mode, unless
+    Raises FxqbnError for a matched BN that must not be calibrated (training mode, unless
     ``refuse_training`` is False: a graph someone else calibrated), whose statistics are not
-    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
+    float32 on the CPU or fail ``fxqbn.nn.check_statistics``, or whose qconfig cannot drive a
+    quantized BN.
     """
     matcher = _Matcher(root, config, skip, refuse_training)
     matches: list[Match] = []

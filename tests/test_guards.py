@@ -131,12 +131,30 @@ def test_bad_output_qparams_are_refused_naming_the_observer(scale, zero_point, m
         fxqbn.convert(observed)
 
 
-def test_nan_calibration_data_is_refused_at_convert():
+@pytest.mark.parametrize("observer", [MinMaxObserver, torch.ao.quantization.HistogramObserver, None])
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        (torch.full((2, 4, 5, 5), float("nan")), r"got NaN or infinite values \(range \[nan, nan\]\)"),
+        (torch.randn(2, 4, 5, 5).index_fill_(1, torch.tensor([2]), float("-inf")), r"got NaN or infinite values \(range \[-inf, "),
+        (torch.ones(2, 4, 5, 5, dtype=torch.int64), r"got a torch.int64 tensor: calibrate with the float inputs"),
+    ],
+    ids=["nan", "-inf", "int64"],
+)
+def test_bad_calibration_data_is_refused_naming_the_observer_before_the_observer_runs(observer, batch, message):
+    observed = observed_chain(observer=observer)
+    with torch.no_grad(), pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_0' \(input of BatchNorm 'bn1', node 'bn1'\) " + message):
+        observed(batch)
+    fxqbn.convert(observed)  # the refused batch left the observers as they were
+
+
+def test_statistics_that_turn_bn_outputs_non_finite_after_prepare_are_named_at_the_output_observer():
     observed = observed_chain()
+    observed.bn1.eps = 0.0
     with torch.no_grad():
-        observed(torch.full((2, 4, 5, 5), float("nan")))
-    with pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_0'.*scale nan.*NaN or infinite"):
-        fxqbn.convert(observed)
+        observed.bn1.running_var[1] = 0.0  # prepare refuses this; changed after it
+        with pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_1' \(output of BatchNorm 'bn1'.*BatchNorm statistics"):
+            observed(torch.randn(2, 4, 5, 5))
 
 
 # -- run-time inputs ----------------------------------------------------------------------------------
