@@ -24,7 +24,7 @@ from fxqbn.passes import (
     remove_observers,
     rewrite_patterns,
 )
-from fxqbn.passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
+from fxqbn.passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX, bn_tensors
 
 from . import fused
 from . import nn as qnn
@@ -78,6 +78,9 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
     if any(node.op == "call_function" and node.target is F.batch_norm for node in graph.nodes):
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's kernel depends on the input rank
     matches, skips = find_patterns(graph, model, config, skip_requested)
+    for match in matches:  # known now: refuse before calibration meets them (convert checks again)
+        t = bn_tensors(model, match)
+        qnn.check_statistics(match.module, t.running_mean, t.running_var, t.weight, t.bias, t.eps)
     observed, observers = insert_observers(graph, model, matches)
     graph.lint()
     gm = build_graph_module(model, graph, observers)

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
-from fxqbn.nn import check_statistics
 from fxqbn.qconfig import ActivationConfig
 
 from .patterns import MODULE_TARGETS, RANK_TO_DIM, relu_input, rule_for
@@ -145,8 +144,6 @@ class _Matcher:
         problem = _tensor_problem(bn.running_mean)
         if problem:
             raise FxqbnError(f"BatchNorm '{name}' {problem}")
-        affine = bn.affine
-        check_statistics(name, bn.running_mean, bn.running_var, bn.weight if affine else None, bn.bias if affine else None, bn.eps)
         return self._match(position, node, name, kind, activation)
 
     def _match_functional(self, position: int, node: fx.Node) -> Match | Skip:
@@ -165,11 +162,9 @@ class _Matcher:
         activation = self.config.spec_for(name, F.batch_norm)
         if activation is None:
             return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
-        tensor = lambda target: None if target is None else operator.attrgetter(target)(self.root)  # noqa: E731
-        problem = _tensor_problem(tensor(parts.running_mean))
+        problem = _tensor_problem(operator.attrgetter(parts.running_mean)(self.root))
         if problem:
             raise FxqbnError(f"F.batch_norm node '{node.name}' ({name}) {problem}")
-        check_statistics(name, tensor(parts.running_mean), tensor(parts.running_var), tensor(parts.weight), tensor(parts.bias), parts.eps)
         return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
 
     def _match(self, position, node, name, target, activation, dim=None, functional=None, value=None) -> Match:
@@ -197,8 +192,7 @@ def find_patterns(
 
     Raises FxqbnError for a matched BN that must not be calibrated (training mode, unless
     ``refuse_training`` is False: a graph someone else calibrated), whose statistics are not
-    float32 on the CPU or fail ``fxqbn.nn.check_statistics``, or whose qconfig cannot drive a
-    quantized BN.
+    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
     """
     matcher = _Matcher(root, config, skip, refuse_training)
     matches: list[Match] = []
