@@ -151,7 +151,7 @@ def _read(path: PathOrFile) -> dict[str, Any]:
     return payload
 
 
-# The fields of an fxqbn.save file and their types (None: optional), checked before any is used.
+# The fields of an fxqbn.save file: (accepted types, required), checked before any is used.
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "torch": ((str,), True),
     "patterns": ((list,), True),
