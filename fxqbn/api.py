@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.passes import (
+    Observed,
     Prepared,
     Rewrite,
     Skip,
@@ -23,14 +24,16 @@ from fxqbn.passes import (
     remove_observers,
     rewrite_patterns,
 )
-from fxqbn.passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
+from fxqbn.passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX, bn_tensors
 
+from . import fused
+from . import nn as qnn
 from .errors import FxqbnError
 from .backends import backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
-from .tracing import build_graph_module, propagate_shapes, trace_graph
+from .tracing import build_graph_module, owned_copy, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -52,8 +55,9 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
 
     Returns:
         An observed ``GraphModule``: run calibration batches through it, then call ``convert``.
-        It shares the model's modules (calibration in eval mode leaves them as they are);
-        ``convert`` returns a model that shares nothing with either.
+        It owns a copy of ``model`` (tracing runs forward on that copy too): nothing done to it,
+        ``train()`` and calibration included, reaches ``model``. ``convert`` returns a model
+        that shares nothing with either.
     """
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"fxqbn.prepare expects a torch.nn.Module, got {type(model).__name__}")
@@ -61,19 +65,55 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise FxqbnError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    if attached(model, PREPARED_KEY) is not None:
-        raise FxqbnError("this model was already prepared by fxqbn: calibrate it and call fxqbn.convert")
+    refuse_fxqbn_output(model)
+    return prepare_owned(owned_copy(model), tuple(example_inputs), qconfig, skip)
+
+
+def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
+    """``prepare`` of a model nobody else holds (e.g. ``fxqbn.load``'s own copy): the observed
+    model takes its modules, uncopied."""
     config = ActivationConfig(qconfig)
     skip_requested = _skip_predicate(model, skip)
     graph = trace_graph(model)
     if any(node.op == "call_function" and node.target is F.batch_norm for node in graph.nodes):
-        propagate_shapes(model, graph, tuple(example_inputs))  # F.batch_norm's kernel depends on the input rank
+        propagate_shapes(model, graph, example_inputs)  # F.batch_norm's kernel depends on the input rank
     matches, skips = find_patterns(graph, model, config, skip_requested)
+    for match in matches:  # known now: refuse before calibration meets them (convert checks again)
+        t = bn_tensors(model, match)
+        qnn.check_statistics(match.module, t.running_mean, t.running_var, t.weight, t.bias, t.eps)
     observed, observers = insert_observers(graph, model, matches)
     graph.lint()
     gm = build_graph_module(model, graph, observers)
     attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
     return gm
+
+
+# What convert installs: a model holding one of these was converted already.
+_CONVERTED_MODULES = (qnn._QuantizedBatchNorm, qnn.Quantize, qnn.DeQuantize, fused.FusedBatchNorm, fused.FusedQuantize, fused.FusedDeQuantize)
+
+
+def refuse_fxqbn_output(model: nn.Module) -> None:
+    """Refuse a model (or one holding a module) that fxqbn already prepared or converted."""
+    for name, module in model.named_modules():
+        where = f" (module '{name}')" if name else ""
+        if attached(module, PREPARED_KEY) is not None:
+            raise FxqbnError(f"this model{where} was already prepared by fxqbn: calibrate it and call fxqbn.convert")
+        if attached(module, REPORT_KEY) is not None or isinstance(module, _CONVERTED_MODULES):
+            raise FxqbnError(
+                f"this model{where} was already converted by fxqbn: pass the float model it was converted from"
+            )
+
+
+def _refuse_training(gm: fx.GraphModule, patterns: Iterable[Observed]) -> None:
+    """Refuse BN modules in training mode: their float forward uses batch statistics, not the
+    running ones a quantized BN computes with (and calibration in training mode moved those)."""
+    for pattern in patterns:
+        match, name = pattern.match, pattern.match.module
+        if match.functional is None and match.rule.qmodule._unwrap(gm.get_submodule(name)).training:
+            raise FxqbnError(
+                f"BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert "
+                "(calibration in training mode moved its running statistics: prepare again from the float model)"
+            )
 
 
 def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "native") -> fx.GraphModule:
@@ -101,6 +141,7 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
             "this model was already converted by fxqbn" if attached(observed, REPORT_KEY) is not None
             else f"fxqbn.convert expects the GraphModule returned by fxqbn.prepare, got {type(observed).__name__}"
         )
+    _refuse_training(observed, state.patterns)
     readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
     graph = observed.graph if inplace else copy.deepcopy(observed.graph)
     rewrites, new_modules = rewrite_patterns(graph, observed, state.patterns, readings, chosen)

@@ -47,6 +47,9 @@ class Backend:
     dequantize: output qparams -> the quantized -> float boundary module.
     dequantize_shared: True when one dequantize module serves every boundary (quantized tensors
         carry their qparams); False when each set of qparams needs its own (plain integer tensors).
+    rebuild: (rule, a replacement holding tensors from a file, input qparams, output qparams, name)
+        -> the replacement built afresh from those tensors, checked as ``module_for`` checks
+        (``fxqbn.load`` compares the two).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Backend:
     quantize: Callable[[QParams], nn.Module]
     dequantize: Callable[[QParams], nn.Module]
     dequantize_shared: bool
+    rebuild: Callable[["Rule", nn.Module, QParams, QParams, str], nn.Module]
 
 
 NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxqbn.nn modules)
@@ -66,6 +70,9 @@ NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxq
     quantize=Quantize.from_qparams,
     dequantize=lambda qparams: DeQuantize(),
     dequantize_shared=True,
+    rebuild=lambda rule, m, qin, qout, name: rule.qmodule.from_tensors(
+        m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.momentum, qout, name=name
+    ),
 )
 
 FUSED = Backend(  # one compiled integer affine map per channel on plain uint8/int8 tensors (fxqbn.fused)
@@ -77,6 +84,7 @@ FUSED = Backend(  # one compiled integer affine map per channel on plain uint8/i
     quantize=fused.FusedQuantize.from_qparams,
     dequantize=fused.FusedDeQuantize.from_qparams,
     dequantize_shared=False,
+    rebuild=lambda rule, m, qin, qout, name: fused.FusedBatchNorm(rule.dim, rule.relu, m.alpha, m.beta, qin, qout),
 )
 
 BACKENDS = {backend.name: backend for backend in (NATIVE, FUSED)}

@@ -25,7 +25,7 @@ from .backends import BACKENDS
 from .errors import FxqbnError
 from .report import Report
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
-from .tracing import trace
+from .tracing import owned_copy, trace
 
 __all__ = ["compare", "sqnr_db", "tensors_in"]
 
@@ -84,7 +84,7 @@ def _float_graph(reference: nn.Module) -> fx.GraphModule:
     training = [name for name, m in reference.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if training:
         raise FxqbnError(f"fxqbn.compare runs the reference model, whose BatchNorm {training[0]!r} is in training mode: call .eval()")
-    return trace(reference)
+    return trace(owned_copy(reference))  # tracing runs forward with proxies: never on the user's model
 
 
 def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Report:

@@ -6,7 +6,8 @@ Accepted forms (see ``fxqbn.prepare``):
 * a ``torch.ao.quantization.QConfig``: its ``activation`` is used (weights are not quantized);
 * an observer class or a ``with_args`` partial;
 * a ``QConfigMapping``: looked up per module with torch.ao's precedence (module name, its
-  parents' names, name regex, module type, global); ``None`` leaves that BN float.
+  parents' names, name regex, module type, global); ``None`` leaves that BN float. A torch.ao
+  fused BNReLU module takes its BatchNorm type's entry when that is not None, as torch.ao does.
   ``set_module_name_object_type_order`` entries are not consulted.
 """
 
@@ -104,11 +105,14 @@ class ActivationConfig:
             )
         self._specs: dict[int, ActivationSpec | str] = {}
 
-    def _lookup(self, module_name: str, object_type: object) -> Any:
+    def _lookup(self, module_name: str, object_type: object, first_component: object = None) -> Any:
         mapping = self._mapping
         if mapping is None:
             return self._single
-        qconfig = mapping.object_type_qconfigs.get(object_type, mapping.global_qconfig)
+        types = mapping.object_type_qconfigs
+        qconfig = types.get(object_type, mapping.global_qconfig)
+        if types.get(first_component) is not None:  # torch.ao's rule for fused modules (_update_qconfig_for_fusion)
+            qconfig = types[first_component]
         for pattern, regex_qconfig in mapping.module_name_regex_qconfigs.items():
             if re.match(pattern, module_name):
                 qconfig = regex_qconfig
@@ -121,13 +125,16 @@ class ActivationConfig:
                 break
         return _factory_of(qconfig)
 
-    def spec_for(self, module_name: str, object_type: object) -> ActivationSpec | None:
+    def spec_for(self, module_name: str, object_type: object, first_component: object = None) -> ActivationSpec | None:
         """The validated spec for a BN (its module name, and its module type or ``F.batch_norm``).
+
+        ``first_component``: for torch.ao's fused BNReLU module, the type of its BatchNorm; as in
+        torch.ao, a type entry for it (when not None) wins over the fused type's.
 
         None when the qconfig leaves it float. Raises FxqbnError naming the module when its
         qconfig cannot drive a quantized BN.
         """
-        factory = self._lookup(module_name, object_type)
+        factory = self._lookup(module_name, object_type, first_component)
         if factory is None:
             return None
         key = id(factory)

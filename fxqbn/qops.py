@@ -30,7 +30,9 @@ BN_OP_NAMES = {(dim, relu): f"quantized::batch_norm{dim}d" + ("_relu" if relu el
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
-    """Float -> quantized boundary: the same rounding as ``torch.quantize_per_tensor``.
+    """Float -> quantized boundary: ``torch.quantize_per_tensor``, defined alike on every supported
+    torch: values beyond the codes' float range saturate, and NaN takes the highest code (as on
+    torch 2.13.0; 2.14.1 maps +inf, NaN and values past about 2**31 steps to code 0 for quint8).
 
     Refuses what the CPU-only kernels cannot take (another dtype or device) with an FxqbnError
     instead of the dispatcher's message.
@@ -40,6 +42,15 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
             f"fxqbn's quantized BatchNorm takes float32 CPU tensors, got {x.dtype} on {x.device}: "
             "pass x.float().cpu()"
         )
+    if x.numel() > 0:
+        qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
+        low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+        lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates into both
+        if bool(torch.isnan(lo)):
+            x = torch.nan_to_num(x, nan=high, posinf=high, neginf=low)
+            lo, hi = torch.aminmax(x.detach())
+        if float(lo) < low or float(hi) > high:
+            x = x.clamp(low, high)  # the same codes as unclamped, where torch's own arithmetic is exact
     return torch.quantize_per_tensor(x, scale, zero_point, dtype)
 
 

@@ -52,7 +52,11 @@ def observer_has_data(observer: torch.nn.Module) -> bool:
 
     torch.ao's observers start at min=+inf, max=-inf: min > max means no batch was seen.
     (Non-finite data leaves a range that is not of that form; its qparams are refused later.)
+    A FakeQuantize (QAT) module is judged by the observer inside it.
     """
+    inner = getattr(observer, "activation_post_process", None)
+    if isinstance(inner, torch.nn.Module) and inner is not observer:
+        return observer_has_data(inner)
     min_val = getattr(observer, "min_val", None)
     max_val = getattr(observer, "max_val", None)
     if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor):
@@ -86,7 +90,8 @@ class Observation:
 def read_observer(observer: torch.nn.Module) -> Observation:
     """The Observation of an observer that has seen data (pure: the observer is unchanged)."""
     qparams = qparams_from_observer(observer)
-    lo, hi = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+    ranged = getattr(observer, "activation_post_process", observer)  # a FakeQuantize's observer keeps the range
+    lo, hi = getattr(ranged, "min_val", None), getattr(ranged, "max_val", None)
     has_range = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == hi.numel() == 1
     return Observation(
         qparams=qparams,

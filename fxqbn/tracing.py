@@ -3,6 +3,7 @@ and propagate shapes when the BN ranks are not known from modules."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import os
@@ -17,7 +18,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import FxqbnError
 
-__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes"]
+__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "owned_copy"]
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep
 _PIPELINE = tuple(  # fxqbn's own frames around the user's code (fxqbn/models.py is user code)
@@ -67,6 +68,41 @@ class _Tracer(fx.Tracer):
                     f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'
                 )
         return node
+
+
+def _non_leaf_tensors(value: Any, found: dict[int, torch.Tensor]) -> None:
+    """Collect the non-leaf tensors in ``value`` (tensors, and dicts, lists, tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_leaf:
+            found[id(value)] = value
+    elif isinstance(value, dict):
+        for item in value.values():
+            _non_leaf_tensors(item, found)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            _non_leaf_tensors(item, found)
+
+
+def owned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, which fxqbn may trace, run and change: tracing runs forward with
+    proxies, which a forward that caches (e.g. timm's LeViT, in a dict) would keep.
+
+    Tensors computed with autograd history that a forward cached (LeViT's attention biases after
+    an eval run) cannot be deep-copied: the copy holds them detached."""
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_modules"):
+                _non_leaf_tensors(value, found)
+    memo: dict[int, Any] = {key: t.detach().clone() for key, t in found.items()}
+    memo[id(memo)] = list(found.values())  # keep the originals alive while copying, as deepcopy does
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # the user's model decides what deepcopy does
+        raise FxqbnError(
+            f"fxqbn works on a copy of the model so that the model itself never changes, and "
+            f"{type(model).__name__} cannot be copied: {type(exc).__name__}: {exc}. Make it copy.deepcopy-able"
+        ) from exc
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:

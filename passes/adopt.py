@@ -44,7 +44,7 @@ def is_torch_ao_observed(gm: nn.Module) -> bool:
 class _ObservedEverywhere:
     """Stands in for a qconfig: every BN is a candidate; its observers decide later."""
 
-    def spec_for(self, module_name: str, object_type: object) -> ActivationSpec:
+    def spec_for(self, module_name: str, object_type: object, first_component: object = None) -> ActivationSpec:
         return ActivationSpec(factory=nn.Identity, dtype=torch.quint8)
 
 
@@ -58,7 +58,7 @@ def adopt_observers(gm: fx.GraphModule) -> Prepared:
     skips), and the other observers (as ``Dropped``)."""
     observers = observer_nodes(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
-    # Calibration already happened: a BN left in training mode is converted with the statistics it has.
+    # Calibration already happened: a BN left in training mode is refused by convert, naming it.
     matches, skips = find_patterns(gm.graph, gm, _ObservedEverywhere(), refuse_training=False)  # type: ignore[arg-type]
     patterns: list[Observed] = []
     for match in matches:

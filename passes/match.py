@@ -126,9 +126,10 @@ class _Matcher:
         if rule is None:
             return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
         bn = module[0] if rule.prefused else module
-        if self.skip_requested(name, kind):
+        component = type(bn) if rule.prefused else None  # torch.ao's fused BNReLU: its BatchNorm's type
+        if self.skip_requested(name, kind) or (component is not None and self.skip_requested(name, component)):
             return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
-        activation = self.config.spec_for(name, kind)
+        activation = self.config.spec_for(name, kind, first_component=component)
         if activation is None:
             return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
         if bn.running_mean is None or bn.running_var is None:
@@ -189,7 +190,7 @@ def find_patterns(
     matched, or skipped with a reason. ``F.batch_norm`` nodes need ``tensor_meta`` on their input
     (``fxqbn.tracing.propagate_shapes``) for their rank.
 
-    Raises FxqbnError for a BN that must not be calibrated (training mode, unless
+    Raises FxqbnError for a matched BN that must not be calibrated (training mode, unless
     ``refuse_training`` is False: a graph someone else calibrated), whose statistics are not
     float32 on the CPU, or whose qconfig cannot drive a quantized BN.
     """

@@ -7,16 +7,36 @@ two patterns read) shares that observer, so adjacent patterns hand over one set 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
 
+from fxqbn.errors import FxqbnError
+
 from .records import Match, Observed
 
-__all__ = ["insert_observers", "OBSERVER_PREFIX"]
+__all__ = ["insert_observers", "check_calibration_input", "OBSERVER_PREFIX"]
 
 OBSERVER_PREFIX = "fxqbn_observer_"
+
+
+def check_calibration_input(where: str, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of fxqbn's observers: refuse non-float and NaN/infinite calibration values
+    (observers would fail in their own code, or compute scale NaN) with ``where`` in the message."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        return
+    if not x.is_floating_point():
+        raise FxqbnError(f"{where} got a {x.dtype} tensor: calibrate with the float inputs the model takes")
+    lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates into both
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        raise FxqbnError(
+            f"{where} got NaN or infinite values (range [{lo.item()}, {hi.item()}]): "
+            "check the calibration batches (and the BatchNorm statistics, for an output)"
+        )
 
 
 class _Observers:
@@ -30,12 +50,15 @@ class _Observers:
         self.by_value: dict[tuple[str, torch.dtype], fx.Node] = {}  # (observed node name, dtype) -> observer node
         self._count = 0
 
-    def add(self, value: fx.Node, match: Match) -> fx.Node:
+    def add(self, value: fx.Node, match: Match, role: str) -> fx.Node:
         while hasattr(self.root, f"{OBSERVER_PREFIX}{self._count}"):
             self._count += 1
         target = f"{OBSERVER_PREFIX}{self._count}"
         self._count += 1
-        self.modules[target] = match.activation.factory()
+        observer = match.activation.factory()
+        where = f"observer '{target}' ({role} of BatchNorm '{match.module}', node '{match.bn_node}')"
+        observer.register_forward_pre_hook(functools.partial(check_calibration_input, where))
+        self.modules[target] = observer
         with self.graph.inserting_after(value):
             node = self.graph.call_module(target, (value,))
         self.dtype_of[node.name] = match.activation.dtype
@@ -49,13 +72,13 @@ class _Observers:
         dtype = match.activation.dtype
         if self.dtype_of.get(value.name) == dtype:
             return value  # already an observer: another pattern's output
-        observer = self.by_value.get((value.name, dtype)) or self.add(value, match)
+        observer = self.by_value.get((value.name, dtype)) or self.add(value, match, "input")
         bn.replace_input_with(value, observer)
         return observer
 
     def for_output(self, out: fx.Node, match: Match) -> fx.Node:
         """An observer after the pattern's output, which every user of the output now reads."""
-        observer = self.add(out, match)
+        observer = self.add(out, match, "output")
         out.replace_all_uses_with(observer, delete_user_cb=lambda user: user is not observer)
         return observer
 

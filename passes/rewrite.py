@@ -34,7 +34,7 @@ from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
+__all__ = ["read_observers", "rewrite_patterns", "bn_tensors", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
@@ -69,7 +69,7 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings  # type: ignore[return-value]
 
 
-def _bn_tensors(root: nn.Module, match: Match) -> BnTensors:
+def bn_tensors(root: nn.Module, match: Match) -> BnTensors:
     """The BN's tensors: from its module (inside torch.ao's fused BNReLU too) or its F.batch_norm call."""
     f = match.functional
     if f is None:
@@ -145,7 +145,7 @@ def rewrite_patterns(
     # 0. Every replacement is built (and its statistics checked) before the graph changes.
     qmodules = [
         backend.module_for(
-            p.match.rule, _bn_tensors(root, p.match), readings[p.input_observer].qparams,
+            p.match.rule, bn_tensors(root, p.match), readings[p.input_observer].qparams,
             readings[p.output_observer].qparams, p.match.module,
         )
         for p in patterns

@@ -22,11 +22,13 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Everything prepare/convert must leave alone: tensors, module types, training flags."""
+    """Everything prepare/convert must leave alone: tensors, module types, training flags, and every
+    other public attribute of every module (e.g. a cache a forward fills), by repr."""
     return {
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "types": [(name, type(m)) for name, m in model.named_modules()],
         "training": [m.training for m in model.modules()],
+        "attributes": [(name, repr({k: v for k, v in vars(m).items() if not k.startswith("_")})) for name, m in model.named_modules()],
     }
 
 
@@ -34,9 +36,10 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
     assert after["types"] == before["types"]
     assert after["training"] == before["training"]
+    assert after["attributes"] == before["attributes"]
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
+        assert torch.equal(after["state"][key], value) or torch.allclose(after["state"][key], value, rtol=0, atol=0, equal_nan=True), key
 
 
 def calls(gm, module_type) -> list:

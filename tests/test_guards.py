@@ -131,12 +131,30 @@ def test_bad_output_qparams_are_refused_naming_the_observer(scale, zero_point, m
         fxqbn.convert(observed)
 
 
-def test_nan_calibration_data_is_refused_at_convert():
+@pytest.mark.parametrize("observer", [MinMaxObserver, torch.ao.quantization.HistogramObserver, None])
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        (torch.full((2, 4, 5, 5), float("nan")), r"got NaN or infinite values \(range \[nan, nan\]\)"),
+        (torch.randn(2, 4, 5, 5).index_fill_(1, torch.tensor([2]), float("-inf")), r"got NaN or infinite values \(range \[-inf, "),
+        (torch.ones(2, 4, 5, 5, dtype=torch.int64), r"got a torch.int64 tensor: calibrate with the float inputs"),
+    ],
+    ids=["nan", "-inf", "int64"],
+)
+def test_bad_calibration_data_is_refused_naming_the_observer_before_the_observer_runs(observer, batch, message):
+    observed = observed_chain(observer=observer)
+    with torch.no_grad(), pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_0' \(input of BatchNorm 'bn1', node 'bn1'\) " + message):
+        observed(batch)
+    fxqbn.convert(observed)  # the refused batch left the observers as they were
+
+
+def test_statistics_that_turn_bn_outputs_non_finite_after_prepare_are_named_at_the_output_observer():
     observed = observed_chain()
+    observed.bn1.eps = 0.0
     with torch.no_grad():
-        observed(torch.full((2, 4, 5, 5), float("nan")))
-    with pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_0'.*scale nan.*NaN or infinite"):
-        fxqbn.convert(observed)
+        observed.bn1.running_var[1] = 0.0  # prepare refuses this; changed after it
+        with pytest.raises(fxqbn.FxqbnError, match=r"observer 'fxqbn_observer_1' \(output of BatchNorm 'bn1'.*BatchNorm statistics"):
+            observed(torch.randn(2, 4, 5, 5))
 
 
 # -- run-time inputs ----------------------------------------------------------------------------------
@@ -243,3 +261,48 @@ def test_vectorised_qparams_equal_the_observers_own(observer):
     fast = read_many(observers)
     for name, obs in observers.items():
         assert fast[name] == read_observer(obs), name
+
+
+# -- the float -> quantized boundary, the same on every supported torch ----------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fxqbn import qops  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.quint8, torch.qint8]),
+    zero_point=st.integers(0, 255),
+    scale=st.floats(1e-4, 10.0),
+    huge=st.sampled_from([math.inf, 1e30, 1e10, 3e9]),
+    n=st.sampled_from([1, 7, 64, 1000]),
+)
+def test_values_past_the_code_range_saturate_on_every_torch(dtype, zero_point, scale, huge, n):
+    zero_point = zero_point if dtype == torch.quint8 else zero_point - 128
+    lo, hi = fxqbn.qparams.DTYPE_RANGES[dtype]
+    x = torch.linspace(-3, 3, n)
+    x[::3] = huge
+    x[1::3] = -huge
+    codes = qops.quantize(x, scale, zero_point, dtype).int_repr()
+    assert (codes[::3] == hi).all() and (codes[1::3] == lo).all()  # torch 2.14.1 alone gives 0 for some
+    inside = torch.ones(n, dtype=torch.bool)
+    inside[::3] = inside[1::3] = False
+    assert torch.equal(codes[inside], torch.quantize_per_tensor(x[inside], scale, zero_point, dtype).int_repr())
+
+
+@pytest.mark.parametrize("dtype, zero_point", [(torch.quint8, 128), (torch.quint8, 0), (torch.qint8, 0), (torch.qint8, -100)])
+def test_nan_at_the_quantize_boundary_takes_the_highest_code_on_every_torch(dtype, zero_point):
+    x = torch.randn(64)
+    x[::5] = math.nan
+    codes = qops.quantize(x, 0.05, zero_point, dtype).int_repr()
+    assert (codes[::5] == fxqbn.qparams.DTYPE_RANGES[dtype][1]).all()  # torch 2.14.1 alone gives 0 for quint8 at 128
+    finite = ~torch.isnan(x)
+    assert torch.equal(codes[finite], torch.quantize_per_tensor(x[finite], 0.05, zero_point, dtype).int_repr())
+
+
+def test_the_native_boundary_rounds_ties_as_the_installed_torch_does():
+    # README "Bad input": the one place where the two supported torch versions give different codes.
+    x = torch.full((64,), 0.19004565)
+    expected = {"2.13": 150, "2.14": 149}[".".join(torch.__version__.split(".")[:2])]
+    assert (qops.quantize(x, 0.0115179233, 133, torch.quint8).int_repr() == expected).all()
