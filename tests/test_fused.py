@@ -362,3 +362,20 @@ def test_dequantize_falls_back_to_torch_where_the_fast_path_would_differ(monkeyp
         assert not fxqbn.fused_io._dequantize_exact(0.1, 3, torch.uint8)
     finally:
         fxqbn.fused_io._dequantize_exact.cache_clear()
+
+
+def test_fx_tracing_a_fused_model_records_aten_ops_with_the_same_outputs():
+    from torch import fx
+
+    model = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.BatchNorm2d(12)).eval()
+    randomize_bn(model)
+    observed = fxqbn.prepare(model, (torch.randn(1, 12, 4, 4),))
+    with torch.no_grad():
+        observed(torch.randn(8, 12, 4, 4))
+    q = fxqbn.convert(observed, backend="fused")
+    traced = fx.symbolic_trace(q)
+    targets = {str(n.target) for n in traced.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not any("quantize" in t or "quantized" in t for t in targets), targets
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 12, 5, 6).contiguous(memory_format=layout)
+        assert torch.equal(traced(x), q(x))
