@@ -102,33 +102,36 @@ LAYOUTS = ("NCHW", "channels_last")
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Interleaved rounds; each sample runs enough calls for ~5 ms. -> name: (median ms, IQR ms)."""
+class Timings(dict):
+    """name -> per-round times (ms) of interleaved rounds."""
+
+    def ms(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """The median over rounds of name/base within one round: load that hits a round hits both."""
+        return statistics.median(a / b for a, b in zip(self[name], self[base]))
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> Timings:
+    """Interleaved rounds (A B C A B C ...); each sample runs enough calls for ~4 ms."""
     calls = {}
     with torch.no_grad():
         for name, fn in fns.items():
             fn()
             start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.005:
+            while time.perf_counter() - start < 0.004:
                 fn()
                 n += 1
             calls[name] = max(n, 1)
-        samples: dict[str, list[float]] = {name: [] for name in fns}
+        samples = Timings({name: [] for name in fns})
         for _ in range(repeats):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 for _ in range(calls[name]):
                     fn()
                 samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
-    out = {}
-    for name, values in samples.items():
-        q = statistics.quantiles(values, n=4)
-        out[name] = (statistics.median(values), q[2] - q[0])
-    return out
-
-
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.3f} ±{ms[1]:.3f}"
+    return samples
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -167,9 +170,9 @@ def kernel_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repeat
                     "fused": lambda: module(codes),
                     "copy": lambda: target.copy_(codes),
                 }, repeats)
-                f = t["float"][0]
-                rows.append([str(shape), name, n, f"{f:.3f}", f"{t['native'][0] / f:.2f}x", f"{t['fused'][0] / f:.2f}x",
-                             f"{t['copy'][0] / f:.2f}x", f"{t['fused'][0] / t['copy'][0]:.1f}", f"{t['native'][0] / t['fused'][0]:.1f}x"])
+                rows.append([str(shape), name, n, f"{t.ms('float'):.3f}", f"{t.ratio('native', 'float'):.2f}x",
+                             f"{t.ratio('fused', 'float'):.2f}x", f"{t.ratio('copy', 'float'):.2f}x",
+                             f"{t.ratio('fused', 'copy'):.1f}", f"{t.ratio('native', 'fused'):.1f}x"])
     return rows
 
 
@@ -188,8 +191,8 @@ def boundary_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repe
                     "td": lambda: xq.dequantize(),
                     "fd": lambda: fused.dequantize(codes, 0.05, 128),
                 }, repeats)
-                rows.append([str(shape), name, n, f"{t['tq'][0]:.3f}", f"{t['fq'][0] / t['tq'][0]:.2f}x",
-                             f"{t['td'][0]:.3f}", f"{t['fd'][0] / t['td'][0]:.2f}x"])
+                rows.append([str(shape), name, n, f"{t.ms('tq'):.3f}", f"{t.ratio('fq', 'tq'):.2f}x",
+                             f"{t.ms('td'):.3f}", f"{t.ratio('fd', 'td'):.2f}x"])
     return rows
 
 
@@ -231,22 +234,21 @@ def model_table(cases: list[ModelCase], batches: tuple[int, ...], threads: tuple
                 for n in threads:
                     torch.set_num_threads(n)
                     t = timed(fns, repeats)
-                    f = t["float"][0]
-                    ao_x = f"{t['torch.ao'][0] / f:.2f}x" if ao is not None else "fails"
-                    rows.append([case.name, batch, name, n, f"{f:.3f}", ao_x, f"{t['native'][0] / f:.2f}x",
-                                 f"{t['fused'][0] / f:.2f}x", f"{t['native'][0] / t['fused'][0]:.1f}x"])
+                    ao_x = f"{t.ratio('torch.ao', 'float'):.2f}x" if ao is not None else "fails"
+                    rows.append([case.name, batch, name, n, f"{t.ms('float'):.3f}", ao_x, f"{t.ratio('native', 'float'):.2f}x",
+                                 f"{t.ratio('fused', 'float'):.2f}x", f"{t.ratio('native', 'fused'):.1f}x"])
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and models, 5 rounds instead of 11")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and models, 7 rounds instead of 15")
     args = parser.parse_args()
-    repeats, threads = (5 if args.quick else 11), tuple(args.threads)
+    repeats, threads = (7 if args.quick else 15), tuple(args.threads)
     isa = ckernels.EXT.isa() if ckernels.EXT is not None else f"not used: {ckernels.WHY_NOT}"
     print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, fxqbn C kernels: {isa}; "
-          f"median of {repeats} interleaved rounds\n")
+          f"medians over {repeats} interleaved rounds of per-round ratios\n")
     print("BN+ReLU on codes (times as a ratio to float BatchNorm on the same shape; fused/copy in uint8 copies):\n")
     headers = ["BN input", "layout", "threads", "float BN ms", "native", "fused", "uint8 copy", "fused/copy", "native/fused"]
     print(tabulate(kernel_table(QUICK_KERNELS if args.quick else KERNELS, threads, repeats), headers=headers, tablefmt="github"))

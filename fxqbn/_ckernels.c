@@ -172,7 +172,8 @@ AVX2 static inline __attribute__((always_inline)) void bn_block(const uint8_t *s
     _mm256_storeu_si256((__m256i *)dst, bytes);
 }
 
-/* n codes src -> dst; the last n % 32 go through a 32-byte buffer (a, b are padded by 32 floats).
+/* n codes src -> dst (not in place); a last partial block is redone as the last 32 codes, or, when
+ * n < 32, goes through a 32-byte buffer (a, b are padded by 32 floats for it).
  * Inlined into four callers with constant per_element / is_signed, so each gets its own loop, with
  * every invariant in registers (dst is a byte pointer: stores through it could alias anything). */
 AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *restrict src, uint8_t *restrict dst, int64_t n,
@@ -184,7 +185,10 @@ AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *re
     int64_t i = 0;
     for (; i + 32 <= n; i += 32)
         bn_block(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
-    if (i < n) {
+    if (i < n && n >= 32) { /* the last 32 codes once more: the same constants give the same codes */
+        i = n - 32;
+        bn_block(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    } else if (i < n) {
         uint8_t in[32] = {0}, out[32];
         memcpy(in, src + i, (size_t)(n - i));
         bn_block(in, out, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
