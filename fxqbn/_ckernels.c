@@ -196,7 +196,62 @@ AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *re
     }
 }
 
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+/* bn_block's arithmetic, 64 codes at a time with 16-lane vectors: the same codes, fewer instructions. */
+AVX512 static inline __attribute__((always_inline)) void bn_block64(const uint8_t *src, uint8_t *dst, const float *a, const float *b,
+                                                                   int per_element, int is_signed, __m512i vzin, __m512 a0,
+                                                                   __m512 b0, __m512i vzout, __m512i vlo, __m512i vhi) {
+    __m512i raw = _mm512_loadu_si512((const void *)src);
+    __m512i r[4];
+    for (int k = 0; k < 4; k++) {
+        __m128i part = _mm512_extracti32x4_epi32(raw, k);
+        __m512i x = is_signed ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part);
+        __m512 av = per_element ? _mm512_loadu_ps(a + 16 * k) : a0;
+        __m512 bv = per_element ? _mm512_loadu_ps(b + 16 * k) : b0;
+        r[k] = _mm512_cvtps_epi32(_mm512_fmadd_ps(av, _mm512_cvtepi32_ps(_mm512_sub_epi32(x, vzin)), bv));
+    }
+    /* packs work per 128-bit lane: dword 4L + k of the bytes holds codes 4L..4L+3 of r[k] */
+    __m512i h01 = _mm512_min_epi16(_mm512_max_epi16(_mm512_adds_epi16(_mm512_packs_epi32(r[0], r[1]), vzout), vlo), vhi);
+    __m512i h23 = _mm512_min_epi16(_mm512_max_epi16(_mm512_adds_epi16(_mm512_packs_epi32(r[2], r[3]), vzout), vlo), vhi);
+    __m512i bytes = is_signed ? _mm512_packs_epi16(h01, h23) : _mm512_packus_epi16(h01, h23);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(order, bytes));
+}
+
+AVX512 static inline __attribute__((always_inline)) void bn_span64(const uint8_t *restrict src, uint8_t *restrict dst, int64_t n,
+                                                                  const float *restrict a, const float *restrict b, int per_element,
+                                                                  int is_signed, int zin, int zout, int lo, int hi) {
+    const __m512i vzin = _mm512_set1_epi32(zin), vzout = _mm512_set1_epi16((short)zout);
+    const __m512i vlo = _mm512_set1_epi16((short)lo), vhi = _mm512_set1_epi16((short)hi);
+    const __m512 a0 = _mm512_set1_ps(a[0]), b0 = _mm512_set1_ps(b[0]);
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        bn_block64(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    if (i < n) { /* the last 64 codes once more */
+        i = n - 64;
+        bn_block64(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    }
+}
+
+static int use_avx512 = 0;
+
+AVX512 static void bn_span_avx512(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
+    int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
+    if (j->per_element) {
+        if (j->is_signed) bn_span64(src, dst, n, a, b, 1, 1, zin, zout, lo, hi);
+        else bn_span64(src, dst, n, a, b, 1, 0, zin, zout, lo, hi);
+    } else {
+        if (j->is_signed) bn_span64(src, dst, n, a, b, 0, 1, zin, zout, lo, hi);
+        else bn_span64(src, dst, n, a, b, 0, 0, zin, zout, lo, hi);
+    }
+}
+
 AVX2 static void bn_span_avx2(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
+    if (use_avx512 && n >= 64) {
+        bn_span_avx512(j, src, dst, n, a, b);
+        return;
+    }
     int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
     if (j->per_element) {
         if (j->is_signed) bn_span(src, dst, n, a, b, 1, 1, zin, zout, lo, hi);
@@ -397,14 +452,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : "avx2");
+    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : (use_avx512 ? "avx512" : "avx2"));
 }
 
 static PyMethodDef methods[] = {
     {"bn", (PyCFunction)(void (*)(void))py_bn, METH_FASTCALL, "The BN map on codes (see fxqbn/_ckernels.c)."},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "float32 -> codes; True if a value left the range."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "codes -> float32."},
-    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: 'avx2' or 'scalar'."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the BN kernel uses: 'avx512', 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -417,6 +472,8 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
         bn_range = bn_avx2_range;
         quantize_range = quantize_avx2_range;
         dequantize_range = dequantize_avx2_range;
+        use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && !getenv("FXQBN_NO_AVX512");
     }
 #endif
     return PyModule_Create(&module);
