@@ -237,8 +237,8 @@ class FusedBatchNorm(nn.Module):
         self._torch_table = found is None  # the torch path gathers from the table
         self._torch_a, self._torch_b = found if found is not None else (self.alpha.clone(), self.beta.clone())
         self._table_offsets = torch.arange(self.num_features) * 256 - self._code_lo
-        self._c: _CKernel | None = None
-        self.table_channels: list[int] = list(range(self.num_features)) if self._torch_table else []
+        self._c = None  # the C kernel, when built
+        self.table_channels = list(range(self.num_features)) if self._torch_table else []
         if EXT is not None:
             args = (self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
             use_table = torch.full((self.num_features,), self.kernel == "table")
