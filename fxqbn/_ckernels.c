@@ -318,28 +318,53 @@ static void quantize_scalar_range(const void *job, int64_t begin, int64_t end, i
 }
 
 #ifdef FXQBN_X86
+/* The vector bodies take every field as a local: dst is a byte pointer, and stores through it could
+ * alias the job's fields. The chunk's flag is all that matters for inputs out of range (the caller
+ * then quantizes the whole tensor with torch), so those lanes are not clipped. */
 AVX2 static void quantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const quantize_job *j = (const quantize_job *)job;
-    __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
-    __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256i add = _mm256_set1_epi32(j->mul_first ? j->zp : 0), lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
+    const float *src = j->src;
+    uint8_t *dst = j->dst;
+    const int mul_first = j->mul_first, is_signed = j->lo < 0;
+    const __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i add = _mm256_set1_epi32(mul_first ? j->zp : 0), lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
     __m256 bad = _mm256_setzero_ps();
     int64_t i = begin * QGRAIN;
     end = unit_end(end, j->n);
     for (; i + 32 <= end; i += 32) {
         __m256i q[4];
         for (int k = 0; k < 4; k++) {
-            __m256 x = _mm256_loadu_ps(j->src + i + 8 * k);
-            __m256 t = j->mul_first ? _mm256_mul_ps(x, inv) : _mm256_fmadd_ps(x, inv, zpf);
+            __m256 x = _mm256_loadu_ps(src + i + 8 * k);
+            __m256 t = mul_first ? _mm256_mul_ps(x, inv) : _mm256_fmadd_ps(x, inv, zpf);
             bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(t, absmask), clip, _CMP_NLE_UQ));
-            t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-CLIP)), clip);
-            __m256i r = _mm256_add_epi32(_mm256_cvtps_epi32(t), add);
-            q[k] = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+            q[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), add), lo), hi);
         }
-        _mm256_storeu_si256((__m256i *)(j->dst + i), pack32(q[0], q[1], q[2], q[3], j->lo < 0));
+        _mm256_storeu_si256((__m256i *)(dst + i), pack32(q[0], q[1], q[2], q[3], is_signed));
     }
     if (_mm256_movemask_ps(bad)) *flag = 1;
-    for (; i < end; i++) j->dst[i] = quantize_one(j, j->src[i], flag);
+    for (; i < end; i++) dst[i] = quantize_one(j, src[i], flag);
+}
+
+AVX512 static void quantize_avx512_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const quantize_job *j = (const quantize_job *)job;
+    const float *src = j->src;
+    uint8_t *dst = j->dst;
+    const int mul_first = j->mul_first;
+    const __m512 inv = _mm512_set1_ps(j->inv), zpf = _mm512_set1_ps(j->zpf), clip = _mm512_set1_ps(CLIP);
+    const __m512i add = _mm512_set1_epi32(mul_first ? j->zp : 0), lo = _mm512_set1_epi32(j->lo), hi = _mm512_set1_epi32(j->hi);
+    __mmask16 bad = 0;
+    int64_t i = begin * QGRAIN;
+    end = unit_end(end, j->n);
+    for (; i + 16 <= end; i += 16) {
+        __m512 x = _mm512_loadu_ps(src + i);
+        __m512 t = mul_first ? _mm512_mul_ps(x, inv) : _mm512_fmadd_ps(x, inv, zpf);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(t), clip, _CMP_NLE_UQ);
+        __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), add), lo), hi);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm512_cvtepi32_epi8(q));
+    }
+    if (bad) *flag = 1;
+    for (; i < end; i++) dst[i] = quantize_one(j, src[i], flag);
 }
 #endif
 
@@ -369,15 +394,36 @@ static void dequantize_scalar_range(const void *job, int64_t begin, int64_t end,
 #ifdef FXQBN_X86
 AVX2 static void dequantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const dequantize_job *j = (const dequantize_job *)job;
-    __m256i zp = _mm256_set1_epi32(j->zp);
-    __m256 scale = _mm256_set1_ps(j->scale);
+    const uint8_t *src = j->src;
+    float *dst = j->dst;
+    const int is_signed = j->is_signed;
+    const __m256i zp = _mm256_set1_epi32(j->zp);
+    const __m256 scale = _mm256_set1_ps(j->scale);
     int64_t i = begin * QGRAIN;
     (void)flag;
     end = unit_end(end, j->n);
     for (; i + 8 <= end; i += 8) {
-        __m128i bytes = _mm_loadl_epi64((const __m128i *)(j->src + i));
-        __m256i x = j->is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-        _mm256_storeu_ps(j->dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(x, zp)), scale));
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(src + i));
+        __m256i x = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(x, zp)), scale));
+    }
+    dequantize_elements(j, i, end);
+}
+
+AVX512 static void dequantize_avx512_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const dequantize_job *j = (const dequantize_job *)job;
+    const uint8_t *src = j->src;
+    float *dst = j->dst;
+    const int is_signed = j->is_signed;
+    const __m512i zp = _mm512_set1_epi32(j->zp);
+    const __m512 scale = _mm512_set1_ps(j->scale);
+    int64_t i = begin * QGRAIN;
+    (void)flag;
+    end = unit_end(end, j->n);
+    for (; i + 16 <= end; i += 16) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(src + i));
+        __m512i x = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(x, zp)), scale));
     }
     dequantize_elements(j, i, end);
 }
@@ -474,6 +520,10 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
         dequantize_range = dequantize_avx2_range;
         use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && !getenv("FXQBN_NO_AVX512");
+        if (use_avx512) {
+            quantize_range = quantize_avx512_range;
+            dequantize_range = dequantize_avx512_range;
+        }
     }
 #endif
     return PyModule_Create(&module);
