@@ -8,8 +8,11 @@
  *
  * Python passes data pointers and sizes as ints (METH_FASTCALL), the thread count included. Work
  * is split with pthreads (no OpenMP: torch already loads one runtime). The GIL is released while
- * the kernels run. AVX2+FMA code is chosen at import with __builtin_cpu_supports; every kernel also
- * has a portable scalar version with the same results (fmaf, nearbyintf in the default rounding).
+ * the kernels run. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at import with
+ * __builtin_cpu_supports (FXQBN_NO_AVX512=1: AVX2 at most; FXQBN_SCALAR=1: scalar, for tests); every
+ * kernel also has a portable scalar version with the same results (fmaf, nearbyintf in the default
+ * rounding). Whatever a path computes, the Python side checks the BN map on every code against
+ * torch's own op before using it (fxqbn/fused.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -385,3 +385,28 @@ def test_fx_tracing_a_fused_model_records_aten_ops_with_the_same_outputs():
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(3, 12, 5, 6).contiguous(memory_format=layout)
         assert torch.equal(traced(x), q(x))
+
+
+def test_eight_threads_running_one_fused_model_get_the_same_outputs():
+    import threading
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.BatchNorm2d(16))).eval()
+    observed = fxqbn.prepare(model, (torch.randn(1, 3, 8, 8),))
+    with torch.no_grad():
+        observed(torch.randn(8, 3, 8, 8))
+    q = fxqbn.convert(observed, backend="fused")
+    inputs = [torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        expected = [q(x) for x in inputs]
+    results = [None] * 8
+
+    def work(i):
+        with torch.no_grad():
+            results[i] = [q(inputs[i]) for _ in range(10)]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(torch.equal(out, expected[i]) for i, outs in enumerate(results) for out in outs)
