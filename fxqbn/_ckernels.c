@@ -28,7 +28,7 @@
 #endif
 
 #define MAX_THREADS 64
-#define MIN_PER_THREAD 65536 /* elements: below this a second thread costs more than it saves */
+#define MIN_PER_THREAD (1 << 20) /* elements: below this a new thread costs more than it saves (and on a loaded machine may wait ms to run) */
 #define CLIP 1073741824.0f   /* |t| beyond this is clipped before rounding; codes are in [-256, 511] anyway */
 
 /* -- the parallel loop ------------------------------------------------------------------------- */
