@@ -7,8 +7,8 @@ codes of every channel, clamps them to the module's code range [lo, hi] (ReLU: l
 and keeps that (C, 256) ``table``. Then it checks its fast kernels against the table, every code:
 
 * the C kernel (``fxqbn/_ckernels.c``): ``clamp(zout + rne(fma(alpha, x - zin, beta)), lo, hi)``
-  with the native op's own constants ``alpha``, ``beta`` (``fold``); a channel where it differs (the
-  native op's vector path wraps to 0 for huge alpha with zero point >= 128) runs the table instead;
+  with the native op's own constants ``alpha``, ``beta`` (``fold``); a channel where it differs (for
+  |alpha * v + beta| >= 2^31 the native op clips and adds the zero point in int32) runs the table;
 * the pure-torch kernel (no C extension, ``FXQBN_NO_EXT=1``, tracing, TorchScript):
   ``(x - zin) * a + b`` with two float32 roundings, ``a``/``b`` moved by a few ulps per channel
   until every code matches; if a channel cannot be matched the torch path gathers from the table.
