@@ -9,7 +9,8 @@
  * Python passes data pointers and sizes as ints (METH_FASTCALL), the thread count included. Work
  * is split with pthreads (no OpenMP: torch already loads one runtime). The GIL is released while
  * the kernels run. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at import with
- * __builtin_cpu_supports (FXQBN_NO_AVX512=1: AVX2 at most; FXQBN_SCALAR=1: scalar, for tests); every
+ * __builtin_cpu_supports (FXQBN_NO_VBMI=1: no byte permutes; FXQBN_NO_AVX512=1: AVX2 at most;
+ * FXQBN_SCALAR=1: scalar, for tests); with AVX-512 VBMI a row of one channel is a table lookup. Every
  * kernel also has a portable scalar version with the same results (fmaf, nearbyintf in the default
  * rounding). Whatever a path computes, the Python side checks the BN map on every code against
  * torch's own op before using it (fxqbn/fused.py).
@@ -237,7 +238,24 @@ AVX512 static inline __attribute__((always_inline)) void bn_span64(const uint8_t
     }
 }
 
-static int use_avx512 = 0;
+static int use_avx512 = 0, use_vbmi = 0;
+
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")))
+
+/* One channel's row through its 256-entry table (the native op's codes themselves): two 128-byte
+ * permutes (vpermi2b) and a blend on the index's top bit per 64 codes; masked loads and stores for
+ * the tail. `flip` (0x80 for int8) turns a code's byte into its table index. */
+VBMI static void bn_row_lut(const uint8_t *restrict table, const uint8_t *restrict src, uint8_t *restrict dst, int64_t n, int flip) {
+    const __m512i t0 = _mm512_loadu_si512((const void *)table), t1 = _mm512_loadu_si512((const void *)(table + 64));
+    const __m512i t2 = _mm512_loadu_si512((const void *)(table + 128)), t3 = _mm512_loadu_si512((const void *)(table + 192));
+    const __m512i vflip = _mm512_set1_epi8((char)flip);
+    for (int64_t i = 0; i < n; i += 64) {
+        __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+        __m512i idx = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), vflip);
+        __m512i lo = _mm512_permutex2var_epi8(t0, idx, t1), hi = _mm512_permutex2var_epi8(t2, idx, t3);
+        _mm512_mask_storeu_epi8(dst + i, m, _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi));
+    }
+}
 
 AVX512 static void bn_span_avx512(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
     int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
@@ -271,7 +289,9 @@ AVX2 static void bn_avx2_range(const void *job, int64_t begin, int64_t end, int 
     if (!j->per_element) {
         for (int64_t r = begin; r < end; r++) {
             int64_t c = r % j->channels, base = r * j->row_len;
-            if (j->use_table[c])
+            if (use_vbmi) /* a row is one channel: its table is exact and fastest */
+                bn_row_lut(j->table + c * 256, j->src + base, j->dst + base, j->row_len, j->is_signed ? 0x80 : 0);
+            else if (j->use_table[c])
                 for (int64_t i = 0; i < j->row_len; i++) j->dst[base + i] = bn_lookup(j, c, j->src[base + i]);
             else
                 bn_span_avx2(j, j->src + base, j->dst + base, j->row_len, j->a + c, j->b + c);
@@ -501,14 +521,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : (use_avx512 ? "avx512" : "avx2"));
+    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : (use_vbmi ? "avx512vbmi" : (use_avx512 ? "avx512" : "avx2")));
 }
 
 static PyMethodDef methods[] = {
     {"bn", (PyCFunction)(void (*)(void))py_bn, METH_FASTCALL, "The BN map on codes (see fxqbn/_ckernels.c)."},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "float32 -> codes; True if a value left the range."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "codes -> float32."},
-    {"isa", py_isa, METH_NOARGS, "The instruction set the BN kernel uses: 'avx512', 'avx2' or 'scalar'."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the BN kernel uses: 'avx512vbmi', 'avx512', 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -523,6 +543,7 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
         dequantize_range = dequantize_avx2_range;
         use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && !getenv("FXQBN_NO_AVX512");
+        use_vbmi = use_avx512 && __builtin_cpu_supports("avx512vbmi") && !getenv("FXQBN_NO_VBMI");
         if (use_avx512) {
             quantize_range = quantize_avx512_range;
             dequantize_range = dequantize_avx512_range;
