@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
     c.add_argument("--backend", choices=BACKENDS, default="native",
-                   help="native: PyTorch's quantized kernels; fused: a compiled integer map on uint8/int8 tensors")
+                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")

@@ -3,7 +3,8 @@
 Everything that creates quantized tensors or runs a quantized kernel goes through
 these functions, so the deprecation of quantized dtypes (pytorch#184982) touches
 one file. The graph reaches them through the modules of ``fxqbn.nn`` (Quantize, DeQuantize and the
-quantized BatchNorms).
+quantized BatchNorms); ``fxqbn.fused`` calls them to build its reference tables and where it hands
+an input to torch's own op.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .errors import FxqbnError
 
-__all__ = ["quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
+__all__ = ["quantize", "dequantize", "from_codes", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
 # matches that one message, raised by this module's calls, and leaves every other warning alone.
@@ -57,6 +58,11 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
 def dequantize(x: torch.Tensor) -> torch.Tensor:
     """Quantized -> float boundary."""
     return x.dequantize()
+
+
+def from_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """The per-tensor quantized tensor whose ``int_repr()`` is ``codes`` (uint8 -> quint8, int8 -> qint8)."""
+    return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
 
 
 def empty_quantized(like: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
