@@ -75,6 +75,16 @@ NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxq
     ),
 )
 
+def _rebuild_fused(rule: "Rule", m: nn.Module, qin: QParams, qout: QParams, name: str) -> nn.Module:
+    """A FusedBatchNorm built afresh from a file's ``alpha``, ``beta`` and ``table`` and the pattern
+    record's qparams, its table checked against its constants (``fused.check_saved_table``)."""
+    bounds = fused.code_bounds(qout, rule.relu)
+    if not (torch.isfinite(m.alpha).all() and torch.isfinite(m.beta).all()):
+        raise FxqbnError(f"BatchNorm '{name}': its constants alpha / beta are not finite: the file is damaged; convert the model again")
+    fused.check_saved_table(name, m.alpha, m.beta, m.table, qin.dtype, qin.zero_point, qout.zero_point, bounds)
+    return fused.FusedBatchNorm(rule.dim, m.alpha, m.beta, m.table, qin, qout, bounds, relu=rule.relu, kernel=m.kernel)
+
+
 FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint8/int8 tensors (fxqbn.fused)
     name="fused",
     module_for=lambda rule, t, qin, qout, name: fused.FusedBatchNorm.from_tensors(
@@ -84,7 +94,7 @@ FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint
     quantize=fused.FusedQuantize.from_qparams,
     dequantize=fused.FusedDeQuantize.from_qparams,
     dequantize_shared=False,
-    rebuild=lambda rule, m, qin, qout, name: fused.FusedBatchNorm(rule.dim, rule.relu, m.alpha, m.beta, qin, qout),
+    rebuild=lambda rule, m, qin, qout, name: _rebuild_fused(rule, m, qin, qout, name),
 )
 
 BACKENDS = {backend.name: backend for backend in (NATIVE, FUSED)}

@@ -110,6 +110,22 @@ def _ulps(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def check_saved_table(name: str, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+                      zin: int, zout: int, bounds: tuple[int, int]) -> None:
+    """Refuse, naming BatchNorm ``name``, a ``table`` (from a file) whose codes leave ``bounds`` or lie
+    more than one code from what ``alpha`` and ``beta`` give: the native op is within one of them."""
+    if table.shape != (alpha.numel(), 256) or alpha.shape != beta.shape:
+        raise FxqbnError(f"BatchNorm '{name}': its table is {tuple(table.shape)}, not ({alpha.numel()}, 256): the file is damaged; convert the model again")
+    ref = table.to(_I32)
+    formula = bn_formula(_every_code(dtype), alpha[:, None].to(_F32), beta[:, None].to(_F32), float(zin), zout, *bounds)
+    bad = ((ref < bounds[0]) | (ref > bounds[1]) | ((ref - formula).abs() > 1)).any(dim=1).nonzero().flatten()
+    if bad.numel():
+        raise FxqbnError(
+            f"BatchNorm '{name}': its table disagrees with its constants alpha and beta at channel {int(bad[0])} "
+            f"({bad.numel()} channel(s) in all): the file is damaged; convert the model again"
+        )
+
+
 def torch_constants(alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
                     zin: int, zout: int, bounds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(a, b) for which ``bn_formula`` reproduces ``table`` for every channel and code; None if not found."""

@@ -62,8 +62,12 @@ def corruption(draw, payload):
         return bad, rf"bad\.pt.*'({module}|{owner})'"
     if kind == "qparams-buffer":
         keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("scale", "zero_point")]
-        if not keys:  # fused modules keep qparams off the state_dict: corrupt a kernel constant instead
-            keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("kernel_a", "kernel_b")]
+        if not keys:  # fused modules keep qparams off the state_dict: corrupt a table code instead
+            codes = state[f"{module}.table"].view(torch.uint8).view(-1)  # int8 tables too: flip bits of the byte
+            entry = draw(st.integers(0, codes.numel() - 1))
+            codes[entry] = int(codes[entry]) ^ draw(st.sampled_from([0x80, 0x40, 0x10]))
+            owner = module.removesuffix("_1")
+            return bad, rf"bad\.pt: BatchNorm '({module}|{owner})': its table disagrees with its constants alpha and beta at channel {entry // 256} "
         key = draw(st.sampled_from(keys))
         state[key].view(-1)[0] = draw(st.sampled_from(BAD_SCALES if state[key].is_floating_point() else BAD_ZERO_POINTS))
         return bad, rf"bad\.pt is inconsistent: its state_dict's '{key}'.*module '{module}'"
