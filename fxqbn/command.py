@@ -374,9 +374,6 @@ def convert_command(args: argparse.Namespace, progress: Progress) -> int:
     if quantized is None:
         return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
     checked = None
-    if args.backend == "fused" and (calibration.held_out is not None or args.torchscript):
-        with progress.step("compiling the fused kernels"):  # on first use; seconds, shown apart from what follows
-            _run(quantized, example, "the example input")
     if calibration.held_out is not None:
         with progress.step("verifying"):
             checked = verify(model, quantized, calibration.held_out)
