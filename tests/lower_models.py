@@ -163,3 +163,9 @@ class Sandwich(nn.Module):
         x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
         x.view(shape[0], shape[1], -1)[0, :, :256] = torch.arange(256, dtype=torch.uint8)
         return x if self.route == "pt2e" else torch._make_per_tensor_quantized_tensor(x, *self.qin)
+
+
+def timm_style_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A factory for the command: ``fxqbn convert tests/lower_models.py:timm_style_net --int8 pt2e``."""
+    model = trained(TimmStyleNet())
+    return model, model.example()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from lower_models import ACTIVATIONS, PASSTHROUGHS, MLP, Sandwich, TimmStyleNet,
 from torch import fx, nn
 
 import fxqbn
+from fxqbn import cli
 from fxqbn.compare import sqnr_db
 from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
 from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
@@ -304,3 +309,40 @@ def test_mlp_skips_say_why_under_pt2e(int8s):
 def test_densenet_under_torch_ao_lists_the_bns_torch_ao_quantized(int8s):
     report = fxqbn.get_report(fxqbn.lower(int8s("densenet_bc", "ao")))
     assert len(report.rows) == 12 and all("already int8 (torch.ao QuantizedBNReLU2d)" in r.reason for r in report.rows)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+MODELS_FILE = str(Path(__file__).resolve().parent / "lower_models.py")
+
+
+def test_command_int8_ao_route_reports_and_verifies(capsys):
+    assert cli.main(["convert", f"{MODELS_FILE}:timm_style_net", "--int8", "ao", "--calib-batches", "2",
+                     "--verify", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = document["report"]["rows"]
+    assert [(r["module"], r["status"], r["op"]) for r in rows] == [
+        (f"bn{k}", "rewritten", "quantized::batch_normNd") for k in (1, 2, 3)
+    ]
+    assert document["verification"]["sqnr_db"] > 10
+
+
+def test_command_int8_refuses_what_it_cannot_do(capsys, tmp_path):
+    assert cli.main(["convert", "--int8", "ao", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--out is not supported with --int8" in capsys.readouterr().err
+    assert cli.main(["convert", "--int8", "int4"]) == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
+def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fxqbn", "convert", f"{MODELS_FILE}:timm_style_net", "--int8", "pt2e",
+         "--calib-batches", "2", "--verify"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no torchao log lines, no deprecation warnings
+    lowered = [line for line in result.stdout.splitlines() if "rewritten" in line and "fxqbn.fused" in line]
+    assert len(lowered) == 1 and "bn2" in lowered[0]  # the BN after the max-pool; PT2E folded the others
+    assert "verification on a held-out batch" in result.stdout
