@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxqbn.passes.lower import LowerMatch, find_lowerable, graph_route
+from fxqbn.passes.lower import LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
 from fxqbn.passes.records import Skip
@@ -46,12 +46,7 @@ def _check(gm: object, backend: object) -> tuple[str, Backend]:
     if attached(gm, REPORT_KEY) is not None:
         raise FxqbnError("this model was already converted or lowered by fxqbn: lower the torch.ao / PT2E result itself")
     chosen = None if backend is None else backend_named(backend)
-    route = graph_route(gm.graph)
-    if route is None:
-        raise FxqbnError(
-            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
-            "this graph has no quantize/dequantize nodes: quantize the whole model first"
-        )
+    route = require_route(gm.graph)
     return route, chosen or DEFAULT_BACKENDS[route]
 
 

@@ -36,7 +36,7 @@ from .patterns import RANK_TO_DIM
 from .records import Skip
 from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
 
-__all__ = ["LowerMatch", "ROUTES", "graph_route", "find_lowerable"]
+__all__ = ["LowerMatch", "ROUTES", "graph_route", "require_route", "find_lowerable"]
 
 def _pt2e_ops() -> tuple[tuple[object, ...], tuple[object, ...]]:
     """(quantize ops, dequantize ops) of PT2E graphs (per tensor, scalar or tensor qparams)."""
@@ -124,6 +124,8 @@ def _value(root: nn.Module, value: object) -> object:
 def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tuple[int, int]] | str:
     """(qparams, code range) of a quantize or dequantize node, or why they cannot be read."""
     args = [_value(root, a) for a in node.args[1:]]
+    if node.kwargs or len(args) < (5 if route == "pt2e" else 3):
+        return f"{node.name} passes its qparams as keywords: unsupported spelling"
     if route == "pt2e":
         scale, zero_point, qmin, qmax, dtype = args[:5]
         dtype = _PLAIN_TO_QUANTIZED.get(dtype)
@@ -270,18 +272,23 @@ class _Matcher:
         return dim
 
 
+def require_route(graph: fx.Graph) -> str:
+    """``graph_route``, or FxqbnError when the graph is neither a torch.ao nor a PT2E int8 graph."""
+    route = graph_route(graph)
+    if route is None:
+        raise FxqbnError(
+            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
+            "this graph has no quantize/dequantize nodes: quantize the whole model first"
+        )
+    return route
+
+
 def find_lowerable(gm: fx.GraphModule) -> tuple[list[LowerMatch], list[Skip]]:
     """Every BN of a converted int8 graph, in graph order: lowerable, or skipped with the reason.
 
     Raises FxqbnError when ``gm`` is neither a torch.ao ``convert_fx`` nor a PT2E ``convert_pt2e`` graph.
     """
-    route = graph_route(gm.graph)
-    if route is None:
-        raise FxqbnError(
-            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
-            "this graph has no quantize/dequantize nodes (quantize the whole model first)"
-        )
-    matcher = _Matcher(gm, route)
+    matcher = _Matcher(gm, require_route(gm.graph))
     matches: list[LowerMatch] = []
     skips: list[Skip] = []
     for position, node in enumerate(gm.graph.nodes):

@@ -41,17 +41,21 @@ def _free_name(root: nn.Module, taken: set[str], name: str) -> str:
 
 
 def _erase_unused_attrs(graph: fx.Graph, root: nn.Module, candidates: list[fx.Node]) -> None:
-    """Erase get_attr nodes nothing reads; drop their attribute when no other node names it."""
-    for node in candidates:
-        if node.op != "get_attr" or node.users:
-            continue
+    """Erase get_attr nodes nothing reads; drop their attribute when no other node names it
+    (another get_attr of it, or a call of a module that owns it)."""
+    unused = [node for node in candidates if node.op == "get_attr" and not node.users]
+    for node in unused:
         graph.erase_node(node)
-        target = str(node.target)
-        if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
-            parent, _, leaf = target.rpartition(".")
-            owner = root.get_submodule(parent)
-            if hasattr(owner, leaf):
-                delattr(owner, leaf)
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for target in dict.fromkeys(str(node.target) for node in unused):
+        parent, _, leaf = target.rpartition(".")
+        owners = {".".join(target.split(".")[:k]) for k in range(1, target.count(".") + 1)}
+        if target in read or owners & called:
+            continue
+        owner = root.get_submodule(parent)
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
 
 
 def _rewrite_one(graph: fx.Graph, nodes: dict[str, fx.Node], match: LowerMatch, target: str) -> list[fx.Node]:
