@@ -87,7 +87,10 @@ def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clam
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
     kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
     kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)
-    return LoweredBatchNorm(kernel, backend is FUSED, m.route == "pt2e", clamp, m.input_qparams, m.output_qparams)
+    codes = m.route == "pt2e"
+    if clamp is None and backend is FUSED and codes:
+        return kernel  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
+    return LoweredBatchNorm(kernel, backend is FUSED, codes, clamp, m.input_qparams, m.output_qparams)
 
 
 def _op(m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> str:

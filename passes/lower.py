@@ -63,6 +63,7 @@ class LowerMatch:
     dequantize: str  # the dequantize node the BN reads; its input is the int8 value the new BN takes
     quantize: str  # the quantize node whose codes the new BN produces
     chain: tuple[str, ...]  # nodes between the BN's output and the quantize (pass-throughs, activation)
+    after: tuple[str, ...]  # torch.ao: pass-throughs and an activation run on the quantize's quint8 output
     activation: str  # "", "ReLU", "ReLU6" or "clamp(lo, hi)"
     codes: tuple[int, int]  # the output code range: the activation's clamp and the quantize's range
     input_qparams: QParams | None  # None: a torch.ao tensor whose qparams the graph does not show
@@ -78,10 +79,15 @@ class LowerMatch:
             raise ValueError(f"code range {self.codes} outside {self.output_qparams.dtype}'s")
 
     @property
+    def output(self) -> str:
+        """The node whose value the int8 BN produces: the quantize, or the last node absorbed after it."""
+        return self.after[-1] if self.after else self.quantize
+
+    @property
     def nodes(self) -> tuple[str, ...]:
-        """The float nodes the rewrite removes (the dequantize only when nothing else reads it)."""
+        """The nodes the rewrite removes, last to first (the dequantize too when nothing else reads it)."""
         getitem = (self.bn.output,) if self.bn.output != self.bn.node else ()
-        return (self.quantize, *reversed(self.chain), *getitem, self.bn.node)
+        return (*reversed(self.after), self.quantize, *reversed(self.chain), *getitem, self.bn.node)
 
 
 # -- boundaries ----------------------------------------------------------------------------------
@@ -223,6 +229,21 @@ class _Matcher:
                 return f"its output reaches {_describe(user)} in float, not a per-tensor quantize: nothing to lower into"
             value = user
 
+    def _after(self, quantize: fx.Node, clamp: tuple[float, float] | None) -> tuple[list[str], tuple[float, float] | None]:
+        """torch.ao graphs run activations on quint8 tensors after the quantize: the pass-throughs and one
+        activation that alone read its output, which the int8 BN absorbs (nodes, the clamp then)."""
+        value, nodes = quantize, []
+        while self.route == "ao" and len(value.users) == 1:
+            user = next(iter(value.users))
+            activation = read_activation(user, self.modules)
+            if activation is not None and activation.input == value.name and clamp is None:
+                clamp = (activation.lo, activation.hi)
+            elif passthrough_input(user, self.modules) is not value:
+                break
+            nodes.append(user.name)
+            value = user
+        return nodes, clamp
+
     def _sandwich(self, call: BnCall, position: int) -> LowerMatch | str:
         x = self.nodes[call.input]
         if not _is_dequantize(x, self.route):
@@ -231,6 +252,7 @@ class _Matcher:
         if isinstance(chain, str):
             return chain
         nodes, clamp, quantize = chain
+        after, clamp = self._after(quantize, clamp)
         problem = self._statistics_problem(call)
         out = _boundary(quantize, self.gm, self.route)
         if problem or isinstance(out, str):
@@ -248,7 +270,7 @@ class _Matcher:
             codes = (max(codes[0], lo), min(codes[1], hi))
         return LowerMatch(
             bn=call, position=position, dim=dim, dequantize=x.name, quantize=quantize.name,
-            chain=tuple(nodes), activation=activation_name(*clamp) if clamp else "", codes=codes,
+            chain=tuple(nodes), after=tuple(after), activation=activation_name(*clamp) if clamp else "", codes=codes,
             input_qparams=qin, output_qparams=qout, route=self.route, source=source_of(self.nodes[call.node]),
         )
 

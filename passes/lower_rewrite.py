@@ -60,11 +60,11 @@ def _erase_unused_attrs(graph: fx.Graph, root: nn.Module, candidates: list[fx.No
 
 def _rewrite_one(graph: fx.Graph, nodes: dict[str, fx.Node], match: LowerMatch, target: str) -> list[fx.Node]:
     """Install ``target`` in place of one pattern; returns the attribute nodes it may have orphaned."""
-    dequantize, quantize = nodes[match.dequantize], nodes[match.quantize]
+    dequantize, quantize, output = nodes[match.dequantize], nodes[match.quantize], nodes[match.output]
     with graph.inserting_before(quantize):
         lowered = graph.create_node("call_module", target, (dequantize.args[0],))  # the module is added later
-    lowered.meta.update({k: v for k, v in quantize.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
-    quantize.replace_all_uses_with(lowered)
+    lowered.meta.update({k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    output.replace_all_uses_with(lowered)
     orphans = [arg for name in match.nodes for arg in nodes[name].all_input_nodes if arg.op == "get_attr"]
     for name in match.nodes:
         graph.erase_node(nodes[name])

@@ -234,6 +234,7 @@ ACTIVATION_SPELLINGS: tuple[tuple[str, object, Callable[[fx.Node, Modules], tupl
     ("call_function", aten.relu.default, _RELU),  # torch.export
     ("call_function", aten.relu_.default, _RELU),
     ("call_module", nn.ReLU6, _RELU6),
+    ("call_module", torch.ao.nn.quantized.ReLU6, _RELU6),  # what torch.ao's convert_fx makes of nn.ReLU6 (on quint8)
     ("call_function", F.relu6, _RELU6),
     ("call_function", aten.relu6.default, _RELU6),
     ("call_module", nn.Hardtanh, _hardtanh_module),  # nn.Hardtanh(0, 6)
