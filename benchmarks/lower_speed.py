@@ -6,7 +6,8 @@ For each model (tests/lower_models.py: a timm-style net, an MLP with Linear -> R
 built-in DenseNet-BC), route (torch.ao FX with the x86 mapping; PT2E with X86InductorQuantizer) and
 batch (1, 16): the median latency of the float model, the int8 model as converted, and the same after
 ``fxqbn.lower``, run interleaved (float, int8, lowered, float, ...) so drift hits all three alike, with
-the ratios to float; "noise" is the largest interquartile range relative to its median. Models run
+the ratios to float; "lowered / int8" is the median of that ratio within each round; "noise" is the
+largest interquartile range relative to its median. Models run
 eagerly (PT2E graphs are meant for inductor; eager they run their quantize/dequantize as ops). SQNR:
 model output against float on 4 held-out batches of 16. The CPU may be shared: compare ratios within
 one run only.
@@ -43,12 +44,14 @@ def example(model, inputs, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(batch, *x.shape[1:]) for x in inputs)
 
 
-def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float], float]:
-    """Median ms of each variant over ``repeats`` interleaved rounds, and the noise (max IQR / median)."""
+def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float], float, float]:
+    """Median ms of each variant over ``repeats`` interleaved rounds, the noise (max IQR / median), and the
+    median over rounds of last / second variant (a ratio within each round: drift cancels)."""
     times: list[list[float]] = [[] for _ in variants]
     with torch.no_grad():
         for model in variants:  # warm-up (the fused kernels compile on first use)
-            model(*x), model(*x)
+            for _ in range(5):
+                model(*x)
         for _ in range(repeats):
             for k, model in enumerate(variants):
                 start = time.perf_counter()
@@ -56,7 +59,7 @@ def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float],
                 times[k].append((time.perf_counter() - start) * 1000)
     medians = [statistics.median(t) for t in times]
     noise = max((statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / m for t, m in zip(times, medians))
-    return medians, noise
+    return medians, noise, statistics.median(b / a for a, b in zip(times[-2], times[-1]))
 
 
 def output_sqnr(reference, model, held_out) -> float:
@@ -75,9 +78,9 @@ def rows_for(name: str, model, inputs, route: str, repeats: int) -> list[list]:
     sqnr = (output_sqnr(model, int8, held_out), output_sqnr(model, lowered, held_out))
     rows = []
     for batch in BATCHES:
-        (f, i, lo), noise = interleaved_ms([model, int8, lowered], example(model, inputs, batch), repeats)
+        (f, i, lo), noise, paired = interleaved_ms([model, int8, lowered], example(model, inputs, batch), repeats)
         rows.append([
-            name, route, batch, f"{f:.3f}", f"{i:.3f} ({i / f:.2f}x)", f"{lo:.3f} ({lo / f:.2f}x)", f"{lo / i:.2f}",
+            name, route, batch, f"{f:.3f}", f"{i:.3f} ({i / f:.2f}x)", f"{lo:.3f} ({lo / f:.2f}x)", f"{paired:.2f}",
             f"{noise:.2f}", f"{sqnr[0]:.1f}", f"{sqnr[1]:.1f}", f"{float_bns(int8)} -> {float_bns(lowered)}",
         ])
     return rows
@@ -97,7 +100,7 @@ def main() -> None:
         for route in args.routes:
             rows += rows_for(name, model, inputs, route, args.repeats)
     headers = [
-        "model", "route", "batch", "float ms", "int8 ms (x float)", "lowered ms (x float)", "lowered / int8",
+        "model", "route", "batch", "float ms", "int8 ms (x float)", "lowered ms (x float)", "lowered / int8 (paired)",
         "noise", "SQNR int8 dB", "SQNR lowered dB", "float BNs int8 -> lowered",
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats} interleaved rounds")

@@ -25,6 +25,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn import qops
@@ -148,9 +150,27 @@ def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tupl
     return qparams, (lo if qmin is None else max(lo, qmin), hi if qmax is None else min(hi, qmax))
 
 
+# torch.ao ops whose quantized output keeps its input's qparams: (node.op, target); modules by type.
+_KEEPS_QPARAMS = frozenset({
+    *(("call_module", t) for t in (
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU, nn.ReLU6, nnq.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Flatten,
+    )),
+    *(("call_function", f) for f in (
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.relu, torch.relu, F.relu6, F.hardtanh, torch.flatten,
+    )),
+    *(("call_method", m) for m in ("relu", "flatten", "view", "reshape", "contiguous", "permute")),
+})
+
+
 def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParams | None:
     """The qparams of a torch.ao quantized value, when the graph shows them: the output of a quantize
-    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's)."""
+    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's), through
+    ops that keep their input's qparams (max-pool, ReLU, Identity, flatten, ...)."""
+    while node.args and isinstance(node.args[0], fx.Node):
+        target = type(root.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+        if (node.op, target) not in _KEEPS_QPARAMS:
+            break
+        node = node.args[0]
     if _is_quantize(node, "ao"):
         found = _boundary(node, root, "ao")
         return None if isinstance(found, str) else found[0]
@@ -158,7 +178,10 @@ def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParam
         module = root.get_submodule(str(node.target))
         scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
         if isinstance(scale, float) and isinstance(zero_point, int):
-            return QParams(scale, zero_point, output.dtype)
+            try:
+                return QParams(scale, zero_point, output.dtype)
+            except FxqbnError:
+                return None
     return None
 
 
@@ -189,10 +212,11 @@ class _Matcher:
         self.nodes = {node.name: node for node in gm.graph.nodes}
 
     def skip(self, position: int, node: fx.Node, call: BnCall | None, reason: str) -> Skip:
-        module = call.owner if call is not None else str(node.target) if node.op == "call_module" else node.name
-        spelling = call.spelling if call is not None else getattr(node.target, "__name__", str(node.target))
         if node.op == "call_module":
-            spelling = type(self.modules[str(node.target)]).__name__
+            module, spelling = str(node.target), type(self.modules[str(node.target)]).__name__
+        else:
+            module = call.owner if call is not None else node.name
+            spelling = call.spelling if call is not None else getattr(node.target, "__name__", str(node.target))
         return Skip(position=position, node=node.name, module=module, pattern=spelling, reason=reason, source=source_of(node))
 
     def match(self, position: int, node: fx.Node) -> LowerMatch | Skip | None:

@@ -78,7 +78,7 @@ def reference_codes(gm: fx.GraphModule, match, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("spelling", ["module", "functional"])
+@pytest.mark.parametrize("spelling", ["module", "functional", "aten", "aten_legit"])
 def test_one_pattern_becomes_one_int8_bn_within_one_step(route, dim, activation, spelling):
     passthrough = list(PASSTHROUGHS)[(dim + len(activation)) % len(PASSTHROUGHS)]  # every pass-through somewhere
     model = Sandwich(route, dim, spelling, activation, passthrough, affine=dim != 3)
@@ -297,6 +297,18 @@ def test_timm_style_nets_of_every_dim_through_torch_ao(dim, act):
     x = model.example(3)
     assert math.isfinite(model_sqnr(model, lowered, [x]))
     assert model_sqnr(model, lowered, [x]) >= model_sqnr(model, int8, [x]) - 0.5
+
+
+def test_fused_backend_on_a_torch_ao_graph_reads_the_qparams_of_the_quantized_modules():
+    model = trained(TimmStyleNet(2, nn.ReLU6))
+    int8 = int8_model(model, model.example(), batches(model, n=2), "ao")
+    lowered = fxqbn.lower(int8, backend="fused")
+    report = fxqbn.get_report(lowered)
+    assert [r.status for r in report.rows] == ["rewritten"] * 3 and all(r.op.startswith("fxqbn.fused.") for r in report.rows)
+    assert all(r.input_scale is not None for r in report.rows)  # from the QuantizedConv2d / max-pool input
+    matches, _ = find_lowerable(int8)
+    check_each_bn_within_one_step(int8, lowered, matches, model.example(3))
+    assert sandwiched_float_bns(lowered) == []
 
 
 @pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
