@@ -29,7 +29,7 @@ from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .qparams import DTYPE_RANGES
 from .report import Report, ReportRow, ReportSummary
-from .state import REPORT_KEY, attach, attached
+from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["lower", "DEFAULT_BACKENDS"]
 
@@ -152,4 +152,5 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     out.delete_all_unused_submodules()
     out.recompile()
     attach(out, REPORT_KEY, _report(rows, len(matches), len(skips) + len(refused), start))
+    attach(out, LOWERED_KEY, tuple(matches))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -188,6 +189,11 @@ def test_bad_input_is_refused():
         fxqbn.lower(gm, backend="int4")
     with pytest.raises(fxqbn.FxqbnError, match="already converted or lowered by fxqbn"):
         fxqbn.lower(fxqbn.lower(gm))
+    lowered = fxqbn.lower(gm)
+    with pytest.raises(fxqbn.FxqbnError, match="fxqbn.save stores models converted by fxqbn.convert"):
+        fxqbn.save(lowered, io.BytesIO())
+    with pytest.raises(fxqbn.FxqbnError, match="fxqbn.compare takes models from fxqbn.convert"):
+        fxqbn.compare(gm, lowered, torch.randn(1, 5, 4, 4))
     x = torch.randint(0, 255, (1, 5, 4, 4), dtype=torch.uint8)
     with pytest.raises(fxqbn.FxqbnError, match="expects a torch.quint8 quantized tensor"):
         fxqbn.lower(gm)(x)
