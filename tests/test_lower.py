@@ -365,3 +365,4 @@ def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
     lowered = [line for line in result.stdout.splitlines() if "rewritten" in line and "fxqbn.fused" in line]
     assert len(lowered) == 1 and "bn2" in lowered[0]  # the BN after the max-pool; PT2E folded the others
     assert "verification on a held-out batch" in result.stdout
+    assert "whole-model int8 via pt2e, BNs lowered" in result.stdout.splitlines()[0]
