@@ -157,6 +157,20 @@ def test_pt2e_uint8_and_int8_codes_with_any_qparams(signed, s_in, s_out, z_in, z
     assert (codes_of(actual) - codes_of(gm(x))).abs().max() <= 1
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
+    model = Sandwich(route, 2, "module", "ReLU", "none")
+    sync = nn.SyncBatchNorm(5).eval()
+    sync.load_state_dict(model.bn.state_dict())
+    model.bn = sync
+    gm = fx.symbolic_trace(model)
+    lowered = fxqbn.lower(gm)
+    (row,) = fxqbn.get_report(lowered).rows
+    assert (row.pattern, row.status) == ("SyncBatchNorm+ReLU", "rewritten") and "batch_normNd" in row.op
+    x = model.codes(SHAPES[2])
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+
+
 def test_native_relu6_equals_torch_ao_bn_then_relu6():
     """Native: the BN kernel then a quantized clamp equals torch.ao's quantized BN then its quantized ReLU6."""
     model = Sandwich("ao", 2, "module", "ReLU6", "none", qout=(0.02, 30))
