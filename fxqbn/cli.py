@@ -36,6 +36,7 @@ FORMATS = ("plain", "github", "json", "csv")
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
 DTYPES = ("quint8", "qint8")  # fxqbn.command.DTYPES: name -> torch dtype
 BACKENDS = ("native", "fused")  # fxqbn.backends.BACKENDS
+INT8_ROUTES = ("ao", "pt2e")  # fxqbn.whole_model.ROUTES
 EXIT_STATUS = ("exit status: 0 done; 1 fxqbn refused the model or the data (e.g. a model with no BatchNorm); "
                "2 the command line is wrong (e.g. a --skip module without BatchNorm, an output path it cannot write); "
                "130 interrupted")
@@ -163,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
-    c.add_argument("--backend", choices=BACKENDS, default="native",
-                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors")
+    c.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors "
+                   "(default: native; with --int8 pt2e: fused)")
+    c.add_argument("--int8", choices=INT8_ROUTES, metavar="{ao,pt2e}",
+                   help="quantize the whole model to int8 (ao: torch.ao FX with the x86 mapping; pt2e: torchao PT2E "
+                   "with X86InductorQuantizer, needs fxqbn[pt2e]), then lower its float BNs into int8 (fxqbn.lower)")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")
@@ -191,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace, progress: Progress) -> int:
     _check_model_file(args.model)
     _check_clashes(args)
+    _check_int8(args)
     with progress.step("loading PyTorch"):
         from .command import convert_command
     return convert_command(args, progress)
@@ -223,6 +229,13 @@ def _check_clashes(args: argparse.Namespace) -> None:
     problem = clash(outputs, {what: path for what, path in inputs.items() if path})
     if problem is not None:
         raise usage("fxqbn convert", problem)
+
+
+def _check_int8(args: argparse.Namespace) -> None:
+    """--out and --skip belong to the BN-only conversion: refused with --int8."""
+    if args.int8 and (args.out or args.skip):
+        raise usage("fxqbn convert", f"argument --int8: {'--out' if args.out else '--skip'} is not supported with --int8 "
+                    "(fxqbn.save stores BN-only conversions; --skip names BNs for fxqbn.prepare)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

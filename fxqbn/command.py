@@ -31,11 +31,13 @@ from .api import convert, get_report, prepare
 from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
+from .lower import lower
 from .paths import calibration_files
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, WIDTH, Report
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
+from .whole_model import int8_model
 
 __all__ = ["convert_command", "report_command", "verify", "Verification"]
 
@@ -283,13 +285,15 @@ def _render(
         document: dict[str, Any] = {
             "model": spec, "inputs": [list(x.shape) for x in example if isinstance(x, torch.Tensor)],
             "observer": args.observer, "dtype": args.dtype, "skip": args.skip, "calibration": calibration.to_dict(),
+            **({"int8": args.int8} if args.int8 else {}),
             "report": report.to_dict(),
         }
         if checked is not None:
             document["verification"] = checked.to_dict()
         return json.dumps(document, indent=2), written
     width = None if args.wide else WIDTH
-    header = [f"model: {spec}, input {_shapes(example)}, {args.observer} observer, {args.dtype}", calibration.note]
+    how = f"whole-model int8 via {args.int8}, BNs lowered" if args.int8 else f"{args.observer} observer, {args.dtype}"
+    header = [f"model: {spec}, input {_shapes(example)}, {how}", calibration.note]
     footer = checked.lines() if checked is not None else []
     if args.format == "csv":  # the table stays a table: the other lines go to stderr
         return report.format("csv").rstrip("\n"), [*header, *footer, *written]
@@ -351,6 +355,8 @@ def _calibrate(observed: nn.Module, calibration: Calibration, progress: Progress
 def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
               progress: Progress, spec: str) -> tuple[nn.Module | None, Calibration]:
     """The converted model (None on a torchrun rank other than 0: rank 0 converts) and the calibration done."""
+    if args.int8:
+        return _whole_model_int8(args, model, example, calibration, progress), calibration
     prog = "fxqbn convert"
     qconfig = _qconfig(prog, model, args.observer, args.dtype, args.skip)
     with progress.step("tracing"):
@@ -360,7 +366,18 @@ def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ..
     if calibration.ranks is not None and calibration.ranks.rank != 0:
         return None, calibration
     with progress.step("converting"):
-        return convert(observed, backend=args.backend), calibration
+        return convert(observed, backend=args.backend or "native"), calibration
+
+
+def _whole_model_int8(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
+                      progress: Progress) -> nn.Module:
+    """--int8 ao|pt2e: the whole model to int8 (torch.ao FX or torchao PT2E), then its BNs lowered (fxqbn.lower)."""
+    if distributed.is_launched():
+        raise FxqbnError("fxqbn convert --int8 calibrates in one process: run it without torchrun")
+    with progress.step(f"quantizing the whole model to int8 ({args.int8}), calibrating on {len(calibration.batches)} batches"):
+        int8 = int8_model(model, example, calibration.batches, args.int8)
+    with progress.step("lowering the BatchNorms"):
+        return lower(int8, backend=args.backend)
 
 
 def convert_command(args: argparse.Namespace, progress: Progress) -> int:
@@ -377,7 +394,8 @@ def convert_command(args: argparse.Namespace, progress: Progress) -> int:
     if calibration.held_out is not None:
         with progress.step("verifying"):
             checked = verify(model, quantized, calibration.held_out)
-            compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
+            if not args.int8:  # lowered graphs have no BN-only pipeline to compare per BN
+                compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
     if args.out:
         with progress.step(f"saving {args.out}"):
             save(quantized, args.out)
