@@ -201,9 +201,10 @@ def test_bare_convert_converts_the_builtin_densenet_and_verifies(tmp_path):
 
 
 def test_the_torch_free_choices_name_the_tables_they_stand_for():
-    from fxqbn import backends, command
+    from fxqbn import backends, command, whole_model
 
     assert (cli.OBSERVERS, cli.DTYPES, cli.BACKENDS) == (tuple(command.OBSERVERS), tuple(command.DTYPES), tuple(backends.BACKENDS))
+    assert cli.INT8_ROUTES == tuple(whole_model.ROUTES)
 
 
 def test_console_script_is_the_same_main():

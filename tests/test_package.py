@@ -1,5 +1,6 @@
 """The package's surface: ``import fxqbn`` is light (no torch until a name needs it), every export resolves."""
 
+import importlib
 import subprocess
 import sys
 
@@ -28,7 +29,10 @@ def test_exports_are_the_documented_api():
     assert set(fxqbn.__all__) == {
         "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
         "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
-        "sync_observers",
+        "sync_observers", "lower",
     }
     assert set(fxqbn.__all__) <= set(dir(fxqbn))
+    importlib.import_module("fxqbn.lower")  # the submodule of the same name: fxqbn.lower stays the function
+
+    assert callable(fxqbn.lower) and fxqbn.lower.__name__ == "lower" and fxqbn.lower.__module__ == "fxqbn.lower"
     assert fxqbn.FxqbnError.__module__ == "fxqbn.errors" and fxqbn.prepare.__module__ == "fxqbn.api"
