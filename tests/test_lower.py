@@ -382,6 +382,8 @@ def test_command_int8_ao_route_reports_and_verifies(capsys):
 def test_command_int8_refuses_what_it_cannot_do(capsys, tmp_path):
     assert cli.main(["convert", "--int8", "ao", "--out", str(tmp_path / "m.pt")]) == 2
     assert "--out is not supported with --int8" in capsys.readouterr().err
+    assert cli.main(["convert", "--int8", "ao", "--skip", "features"]) == 2
+    assert "--skip is not supported with --int8" in capsys.readouterr().err
     assert cli.main(["convert", "--int8", "int4"]) == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 
@@ -390,7 +392,7 @@ def test_command_int8_refuses_what_it_cannot_do(capsys, tmp_path):
 def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fxqbn", "convert", f"{MODELS_FILE}:timm_style_net", "--int8", "pt2e",
-         "--calib-batches", "2", "--verify"],
+         "--calib-batches", "2", "--verify", "--columns", "bn,op,status"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -398,4 +400,5 @@ def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
     lowered = [line for line in result.stdout.splitlines() if "rewritten" in line and "fxqbn.fused" in line]
     assert len(lowered) == 1 and "bn2" in lowered[0]  # the BN after the max-pool; PT2E folded the others
     assert "verification on a held-out batch" in result.stdout
-    assert "whole-model int8 via pt2e, BNs lowered" in result.stdout.splitlines()[0]
+    header = " ".join(result.stdout.split("calibration: ")[0].split())  # the header line, wrapped at 100 columns
+    assert header.startswith("model: ") and header.endswith("whole-model int8 via pt2e, BNs lowered")
