@@ -68,7 +68,7 @@ NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxq
     dequantize_shared=True,
 )
 
-FUSED = Backend(  # one compiled integer affine map per channel on plain uint8/int8 tensors (fxqbn.fused)
+FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint8/int8 tensors (fxqbn.fused)
     name="fused",
     module_for=lambda rule, t, qin, qout, name: fused.FusedBatchNorm.from_tensors(
         t, rule.dim, rule.relu, qin, qout, name=name

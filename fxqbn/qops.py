@@ -12,7 +12,7 @@ import torch
 
 from .errors import FxqbnError
 
-__all__ = ["quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
+__all__ = ["quantize", "dequantize", "from_codes", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
 
 
 # (spatial rank of the BN, fused ReLU) -> the name of the kernel ``batch_norm`` runs for it.
@@ -49,6 +49,11 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
 def dequantize(x: torch.Tensor) -> torch.Tensor:
     """Quantized -> float boundary."""
     return x.dequantize()
+
+
+def from_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """The per-tensor quantized tensor whose ``int_repr()`` is ``codes`` (uint8 -> quint8, int8 -> qint8)."""
+    return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
 
 
 def empty_quantized(like: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:

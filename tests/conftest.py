@@ -48,15 +48,6 @@ def calls(gm, module_type) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_module" and type(modules[n.target]) is module_type]
 
 
-@pytest.fixture(autouse=True)
-def eager_fused_kernels(monkeypatch):
-    """fxqbn.fused runs its kernels eagerly in tests (compiling costs seconds per kernel on CI);
-    the tests of the compiled path set fxqbn.fused.COMPILE = True themselves."""
-    import fxqbn.fused
-
-    monkeypatch.setattr(fxqbn.fused, "COMPILE", False)
-
-
 @pytest.fixture
 def calibrate():
     def run(observed, batches):

@@ -1,0 +1,384 @@
+/* fxqbn._ckernels: the fused backend's integer kernels on raw CPU buffers (no torch headers).
+ *
+ * bn:         out = clamp(zout + rne(fma(a[c], x - zin, b[c])), lo, hi) per channel, or a 256-entry
+ *             table for the channels the caller marks (where this map differs from the native op);
+ * quantize:   float32 -> codes, rne(fma(x, inv, zp)) or zp + rne(x * inv) (whichever torch uses),
+ *             reporting whether any value left the range where both of torch's code paths agree;
+ * dequantize: codes -> float32, (q - zp) * scale.
+ *
+ * Python passes data pointers and sizes as ints (METH_FASTCALL), the thread count included. Work
+ * is split with pthreads (no OpenMP: torch already loads one runtime). The GIL is released while
+ * the kernels run. AVX2+FMA code is chosen at import with __builtin_cpu_supports; every kernel also
+ * has a portable scalar version with the same results (fmaf, nearbyintf in the default rounding).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FXQBN_X86 1
+#include <immintrin.h>
+#endif
+
+#define MAX_THREADS 64
+#define MIN_PER_THREAD 65536 /* elements: below this a second thread costs more than it saves */
+#define CLIP 1073741824.0f   /* |t| beyond this is clipped before rounding; codes are in [-256, 511] anyway */
+
+/* -- the parallel loop ------------------------------------------------------------------------- */
+
+typedef void (*range_fn)(const void *job, int64_t begin, int64_t end, int *flag);
+
+typedef struct {
+    range_fn fn;
+    const void *job;
+    int64_t begin, end;
+    int flag;
+} task;
+
+static void *run_task(void *arg) {
+    task *t = (task *)arg;
+    t->fn(t->job, t->begin, t->end, &t->flag);
+    return NULL;
+}
+
+/* Run fn over [0, units) split into contiguous ranges, one per thread; each unit is `grain`
+ * elements. Returns the OR of the threads' flags. */
+static int parallel(range_fn fn, const void *job, int64_t units, int64_t grain, int threads) {
+    int64_t work = units * grain;
+    int64_t most = work / MIN_PER_THREAD;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > most) threads = (int)most;
+    if (threads > units) threads = (int)units;
+    if (threads <= 1) {
+        int flag = 0;
+        fn(job, 0, units, &flag);
+        return flag;
+    }
+    task tasks[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int i = 0; i < threads; i++) {
+        tasks[i] = (task){fn, job, units * i / threads, units * (i + 1) / threads, 0};
+        started[i] = i > 0 && pthread_create(&ids[i], NULL, run_task, &tasks[i]) == 0;
+    }
+    run_task(&tasks[0]);
+    int flag = tasks[0].flag;
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(ids[i], NULL);
+        else run_task(&tasks[i]); /* could not start a thread: do its share here */
+        flag |= tasks[i].flag;
+    }
+    return flag;
+}
+
+/* -- BatchNorm ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *src;
+    uint8_t *dst;
+    int64_t rows, row_len, channels;
+    int per_element;         /* 0: row r is channel r % C; 1: element j of the flat array is channel j % C */
+    const float *a, *b;      /* per channel; with per_element, `period` entries repeating the channels */
+    int64_t period;          /* per_element: a multiple of C (and of 32 when C allows), the length of a, b */
+    const uint8_t *table;    /* (C, 256) output codes, indexed by the input code's byte ^ flip */
+    const uint8_t *use_table;/* (C,) 1 where the channel runs the table */
+    const int32_t *table_channels; /* the channels where use_table is 1 */
+    int64_t n_table;
+    int zin, zout, lo, hi, is_signed;
+} bn_job;
+
+static inline int code_of(const bn_job *j, uint8_t byte) { return j->is_signed ? (int)(int8_t)byte : (int)byte; }
+
+static inline uint8_t bn_scalar(const bn_job *j, uint8_t byte, float a, float b) {
+    float t = fmaf(a, (float)(code_of(j, byte) - j->zin), b);
+    t = fminf(fmaxf(t, -CLIP), CLIP);
+    int q = (int)nearbyintf(t) + j->zout;
+    q = q < j->lo ? j->lo : (q > j->hi ? j->hi : q);
+    return (uint8_t)q;
+}
+
+static inline uint8_t bn_lookup(const bn_job *j, int64_t c, uint8_t byte) {
+    return j->table[c * 256 + (uint8_t)(byte ^ (j->is_signed ? 0x80 : 0))];
+}
+
+/* Channels that run the table, in a range of whole rows of C (per-element layout). */
+static void patch_table_channels(const bn_job *j, int64_t first, int64_t last) {
+    for (int64_t e = first; e < last; e += j->channels)
+        for (int64_t k = 0; k < j->n_table; k++) {
+            int64_t c = j->table_channels[k];
+            j->dst[e + c] = bn_lookup(j, c, j->src[e + c]);
+        }
+}
+
+static void bn_scalar_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const bn_job *j = (const bn_job *)job;
+    (void)flag;
+    if (!j->per_element) {
+        for (int64_t r = begin; r < end; r++) {
+            int64_t c = r % j->channels, base = r * j->row_len;
+            for (int64_t i = 0; i < j->row_len; i++)
+                j->dst[base + i] = j->use_table[c] ? bn_lookup(j, c, j->src[base + i]) : bn_scalar(j, j->src[base + i], j->a[c], j->b[c]);
+        }
+        return;
+    }
+    int64_t first = begin * j->period, last = end * j->period;
+    if (last > j->rows * j->row_len) last = j->rows * j->row_len;
+    for (int64_t e = first; e < last; e++) j->dst[e] = bn_scalar(j, j->src[e], j->a[e % j->period], j->b[e % j->period]);
+    patch_table_channels(j, first, last);
+}
+
+#ifdef FXQBN_X86
+__attribute__((target("avx2,fma"))) static inline __m256i bn8(__m128i bytes8, int is_signed, __m256i zin, __m256 a, __m256 b,
+                                                             __m256i zout, __m256i lo, __m256i hi) {
+    __m256i x = is_signed ? _mm256_cvtepi8_epi32(bytes8) : _mm256_cvtepu8_epi32(bytes8);
+    __m256 t = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(x, zin)), b);
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-CLIP)), _mm256_set1_ps(CLIP));
+    __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), zout);
+    return _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+}
+
+/* Four vectors of 8 int32 codes (already clamped to the code range) -> 32 bytes in order. */
+__attribute__((target("avx2"))) static inline __m256i pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, int is_signed) {
+    __m256i p01 = _mm256_packs_epi32(q0, q1), p23 = _mm256_packs_epi32(q2, q3);
+    __m256i bytes = is_signed ? _mm256_packs_epi16(p01, p23) : _mm256_packus_epi16(p01, p23);
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* 32 codes at src -> dst; constants a[0..32), b[0..32) (stride 1) or broadcast (stride 0). */
+__attribute__((target("avx2,fma"))) static inline void bn32(const bn_job *j, const uint8_t *src, uint8_t *dst, const float *a,
+                                                           const float *b, int stride) {
+    __m256i zin = _mm256_set1_epi32(j->zin), zout = _mm256_set1_epi32(j->zout);
+    __m256i lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
+    __m256i raw = _mm256_loadu_si256((const __m256i *)src);
+    __m128i low = _mm256_castsi256_si128(raw), high = _mm256_extracti128_si256(raw, 1);
+    __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+    __m256i q[4];
+    for (int k = 0; k < 4; k++) {
+        __m256 av = stride ? _mm256_loadu_ps(a + 8 * k) : _mm256_set1_ps(*a);
+        __m256 bv = stride ? _mm256_loadu_ps(b + 8 * k) : _mm256_set1_ps(*b);
+        q[k] = bn8(parts[k], j->is_signed, zin, av, bv, zout, lo, hi);
+    }
+    _mm256_storeu_si256((__m256i *)dst, pack32(q[0], q[1], q[2], q[3], j->is_signed));
+}
+
+__attribute__((target("avx2,fma"))) static void bn_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const bn_job *j = (const bn_job *)job;
+    (void)flag;
+    if (!j->per_element) {
+        for (int64_t r = begin; r < end; r++) {
+            int64_t c = r % j->channels, base = r * j->row_len, i = 0;
+            if (j->use_table[c]) {
+                for (; i < j->row_len; i++) j->dst[base + i] = bn_lookup(j, c, j->src[base + i]);
+                continue;
+            }
+            for (; i + 32 <= j->row_len; i += 32) bn32(j, j->src + base + i, j->dst + base + i, j->a + c, j->b + c, 0);
+            for (; i < j->row_len; i++) j->dst[base + i] = bn_scalar(j, j->src[base + i], j->a[c], j->b[c]);
+        }
+        return;
+    }
+    int64_t first = begin * j->period, last = end * j->period, total = j->rows * j->row_len;
+    if (last > total) last = total;
+    for (int64_t e = first; e < last; e += j->period) {
+        int64_t n = last - e < j->period ? last - e : j->period, i = 0;
+        for (; i + 32 <= n; i += 32) bn32(j, j->src + e + i, j->dst + e + i, j->a + i, j->b + i, 1);
+        for (; i < n; i++) j->dst[e + i] = bn_scalar(j, j->src[e + i], j->a[i], j->b[i]);
+    }
+    patch_table_channels(j, first, last);
+}
+#endif
+
+static range_fn bn_range = bn_scalar_range;
+
+/* -- quantize / dequantize ------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *src;
+    uint8_t *dst;
+    float inv, zpf;
+    int zp, lo, hi, mul_first; /* mul_first: zp + rne(x * inv) (else rne(fma(x, inv, zp))) */
+    int64_t n;
+} quantize_job;
+
+#define QGRAIN 4096 /* elements per unit of work */
+
+static inline int64_t unit_end(int64_t end, int64_t n) { return end * QGRAIN < n ? end * QGRAIN : n; }
+
+static inline uint8_t quantize_one(const quantize_job *j, float x, int *flag) {
+    float t = j->mul_first ? x * j->inv : fmaf(x, j->inv, j->zpf);
+    if (!(fabsf(t) <= CLIP)) { /* NaN too */
+        *flag = 1;
+        return 0;
+    }
+    int q = (int)nearbyintf(t) + (j->mul_first ? j->zp : 0);
+    return (uint8_t)(q < j->lo ? j->lo : (q > j->hi ? j->hi : q));
+}
+
+static void quantize_scalar_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const quantize_job *j = (const quantize_job *)job;
+    end = unit_end(end, j->n);
+    for (int64_t i = begin * QGRAIN; i < end; i++) j->dst[i] = quantize_one(j, j->src[i], flag);
+}
+
+#ifdef FXQBN_X86
+__attribute__((target("avx2,fma"))) static void quantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const quantize_job *j = (const quantize_job *)job;
+    __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
+    __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i add = _mm256_set1_epi32(j->mul_first ? j->zp : 0), lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
+    __m256 bad = _mm256_setzero_ps();
+    int64_t i = begin * QGRAIN;
+    end = unit_end(end, j->n);
+    for (; i + 32 <= end; i += 32) {
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 x = _mm256_loadu_ps(j->src + i + 8 * k);
+            __m256 t = j->mul_first ? _mm256_mul_ps(x, inv) : _mm256_fmadd_ps(x, inv, zpf);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(t, absmask), clip, _CMP_NLE_UQ));
+            t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-CLIP)), clip);
+            __m256i r = _mm256_add_epi32(_mm256_cvtps_epi32(t), add);
+            q[k] = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+        }
+        _mm256_storeu_si256((__m256i *)(j->dst + i), pack32(q[0], q[1], q[2], q[3], j->lo < 0));
+    }
+    if (_mm256_movemask_ps(bad)) *flag = 1;
+    for (; i < end; i++) j->dst[i] = quantize_one(j, j->src[i], flag);
+}
+#endif
+
+static range_fn quantize_range = quantize_scalar_range;
+
+typedef struct {
+    const uint8_t *src;
+    float *dst;
+    float scale;
+    int zp, is_signed;
+    int64_t n;
+} dequantize_job;
+
+static void dequantize_elements(const dequantize_job *j, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+        int q = j->is_signed ? (int)(int8_t)j->src[i] : (int)j->src[i];
+        j->dst[i] = (float)(q - j->zp) * j->scale;
+    }
+}
+
+static void dequantize_scalar_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const dequantize_job *j = (const dequantize_job *)job;
+    (void)flag;
+    dequantize_elements(j, begin * QGRAIN, unit_end(end, j->n));
+}
+
+#ifdef FXQBN_X86
+__attribute__((target("avx2,fma"))) static void dequantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const dequantize_job *j = (const dequantize_job *)job;
+    __m256i zp = _mm256_set1_epi32(j->zp);
+    __m256 scale = _mm256_set1_ps(j->scale);
+    int64_t i = begin * QGRAIN;
+    (void)flag;
+    end = unit_end(end, j->n);
+    for (; i + 8 <= end; i += 8) {
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(j->src + i));
+        __m256i x = j->is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+        _mm256_storeu_ps(j->dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(x, zp)), scale));
+    }
+    dequantize_elements(j, i, end);
+}
+#endif
+
+static range_fn dequantize_range = dequantize_scalar_range;
+
+/* -- Python entry points ---------------------------------------------------------------------------- */
+
+static int ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, const char *name, long long *out) {
+    if (n != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, want, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyFloat_Check(args[i])) continue; /* read by the caller */
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* bn(src, dst, rows, row_len, channels, per_element, a, b, period, table, use_table, table_channels,
+ *    n_table, zin, zout, lo, hi, is_signed, threads) */
+static PyObject *py_bn(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long v[19];
+    (void)self;
+    if (ints(args, n, 19, "bn", v) < 0) return NULL;
+    bn_job j = {(const uint8_t *)(intptr_t)v[0], (uint8_t *)(intptr_t)v[1], v[2], v[3], v[4], (int)v[5],
+                (const float *)(intptr_t)v[6], (const float *)(intptr_t)v[7], v[8], (const uint8_t *)(intptr_t)v[9],
+                (const uint8_t *)(intptr_t)v[10], (const int32_t *)(intptr_t)v[11], v[12],
+                (int)v[13], (int)v[14], (int)v[15], (int)v[16], (int)v[17]};
+    int64_t total = j.rows * j.row_len;
+    int64_t units = j.per_element ? (total + j.period - 1) / j.period : j.rows;
+    int64_t grain = j.per_element ? j.period : j.row_len;
+    Py_BEGIN_ALLOW_THREADS
+    parallel(bn_range, &j, units, grain, (int)v[18]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* quantize(src, dst, n, inv, zp, lo, hi, mul_first, threads) -> True when some value left the range */
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long v[9];
+    (void)self;
+    if (ints(args, n, 9, "quantize", v) < 0) return NULL;
+    double inv = PyFloat_AsDouble(args[3]);
+    if (inv == -1.0 && PyErr_Occurred()) return NULL;
+    quantize_job j = {(const float *)(intptr_t)v[0], (uint8_t *)(intptr_t)v[1], (float)inv, (float)v[4],
+                      (int)v[4], (int)v[5], (int)v[6], (int)v[7], v[2]};
+    int flag;
+    Py_BEGIN_ALLOW_THREADS
+    flag = parallel(quantize_range, &j, (v[2] + QGRAIN - 1) / QGRAIN, QGRAIN, (int)v[8]);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(flag);
+}
+
+/* dequantize(src, dst, n, scale, zp, is_signed, threads) */
+static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long v[7];
+    (void)self;
+    if (ints(args, n, 7, "dequantize", v) < 0) return NULL;
+    double scale = PyFloat_AsDouble(args[3]);
+    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    dequantize_job j = {(const uint8_t *)(intptr_t)v[0], (float *)(intptr_t)v[1], (float)scale, (int)v[4], (int)v[5], v[2]};
+    Py_BEGIN_ALLOW_THREADS
+    parallel(dequantize_range, &j, (v[2] + QGRAIN - 1) / QGRAIN, QGRAIN, (int)v[6]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : "avx2");
+}
+
+static PyMethodDef methods[] = {
+    {"bn", (PyCFunction)(void (*)(void))py_bn, METH_FASTCALL, "The BN map on codes (see fxqbn/_ckernels.c)."},
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "float32 -> codes; True if a value left the range."},
+    {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "codes -> float32."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: 'avx2' or 'scalar'."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels", "fxqbn's native integer kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__ckernels(void) {
+#ifdef FXQBN_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("FXQBN_SCALAR")) {
+        bn_range = bn_avx2_range;
+        quantize_range = quantize_avx2_range;
+        dequantize_range = dequantize_avx2_range;
+    }
+#endif
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,45 @@
+"""The optional C kernels (``fxqbn/_ckernels.c``, built by ``pip install``): loaded once.
+
+``EXT`` is the extension module, or None when it was not built (no C compiler at install time) or
+``FXQBN_NO_EXT=1`` is set; fxqbn then runs its pure-torch kernels, with the same results. A
+missing build is reported once, by ``warn_if_missing``, when a fused kernel first runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+__all__ = ["EXT", "WHY_NOT", "warn_if_missing", "threads"]
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("FXQBN_NO_EXT", "0") not in ("", "0"):
+        return None, "FXQBN_NO_EXT is set"
+    try:
+        from . import _ckernels
+    except ImportError as exc:
+        return None, f"the C extension fxqbn._ckernels is not built ({exc})"
+    return _ckernels, ""
+
+
+EXT, WHY_NOT = _load()
+_warned: list[bool] = []
+
+
+def warn_if_missing() -> None:
+    """Warn once per process that the pure-torch kernels run, unless the user asked for them."""
+    if EXT is None and not _warned and WHY_NOT != "FXQBN_NO_EXT is set":
+        _warned.append(True)
+        warnings.warn(
+            f"fxqbn.fused: {WHY_NOT}; running the pure-torch kernels (same results, slower). "
+            "Reinstall fxqbn on a machine with a C compiler to build it.", RuntimeWarning, stacklevel=3,
+        )
+
+
+def threads() -> int:
+    """How many threads a C kernel may use: torch's own setting."""
+    return torch.get_num_threads()
