@@ -12,13 +12,14 @@ from . import nn
 from .api import convert, get_report, prepare
 from .compare import compare
 from .errors import FxqbnError
+from .lower import lower
 from .qconfig import DEFAULT_OBSERVER
 from .qparams import QParams
 from .report import Report, ReportRow, ReportSummary
 from .serialize import load, load_report, save
 
 __all__ = [
-    "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
+    "prepare", "convert", "lower", "get_report", "compare", "save", "load", "load_report",
     "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,10 @@ import torch
 
 from .errors import FxqbnError
 
-__all__ = ["quantize", "dequantize", "from_codes", "batch_norm", "empty_quantized", "BN_OP_NAMES"]
+__all__ = [
+    "quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES",
+    "codes", "from_codes", "clamp_codes", "quantize_decomposed",
+]
 
 
 # (spatial rank of the BN, fused ReLU) -> the name of the kernel ``batch_norm`` runs for it.
@@ -51,9 +54,32 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
     return x.dequantize()
 
 
-def from_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """The per-tensor quantized tensor whose ``int_repr()`` is ``codes`` (uint8 -> quint8, int8 -> qint8)."""
-    return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+def codes(x: torch.Tensor) -> torch.Tensor:
+    """The integer codes of a quantized tensor, as a plain uint8/int8 tensor."""
+    return x.int_repr()
+
+
+def from_codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """A per-tensor quantized tensor (quint8 for uint8 codes, qint8 for int8) holding the codes ``x``."""
+    return torch._make_per_tensor_quantized_tensor(x, scale, zero_point)
+
+
+def clamp_codes(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Clamp a per-tensor quantized tensor's codes to [lo, hi] (``quantized::clamp`` at code bounds).
+
+    The float bounds are the codes' exact values, so the kernel quantizes them back to ``lo``/``hi``.
+    """
+    scale, zero_point = x.q_scale(), x.q_zero_point()
+    return torch.clamp(x, (lo - zero_point) * scale, (hi - zero_point) * scale)
+
+
+def quantize_decomposed(
+    x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """PT2E's quantize (``quantized_decomposed.quantize_per_tensor``) to plain uint8/int8 codes."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+
+    return torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype)
 
 
 def empty_quantized(like: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""``fxqbn.lower``: int8 BatchNorms inside whole-model int8 graphs (torch.ao ``convert_fx``, torchao ``convert_pt2e``).
+
+    q = convert_pt2e(prepare_pt2e(...))   # or convert_fx(prepare_fx(...))
+    lowered = fxqbn.lower(q)             # every float BN between a dequantize and a quantize -> one int8 BN
+    print(fxqbn.get_report(lowered))
+
+No calibration: the qparams are the graph's. The steps: check the arguments, copy the graph module,
+match (``passes.lower``), plan (which kernel, which clamp), rewrite (``passes.lower_rewrite``), report.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import time
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxqbn.passes.lower import LowerMatch, find_lowerable, graph_route
+from fxqbn.passes.lower_rewrite import rewrite_lowerable
+from fxqbn.passes.patterns import rule_for
+from fxqbn.passes.records import Skip
+
+from .backends import FUSED, NATIVE, Backend, BnTensors, backend_named
+from .errors import FxqbnError
+from .lowered import ByRank, LoweredBatchNorm
+from .qparams import DTYPE_RANGES
+from .report import Report, ReportRow, ReportSummary
+from .state import REPORT_KEY, attach, attached
+
+__all__ = ["lower", "DEFAULT_BACKENDS"]
+
+DEFAULT_BACKENDS = {"ao": NATIVE, "pt2e": FUSED}  # what each route's graph holds: quantized tensors / plain codes
+
+
+def _check(gm: object, backend: object) -> tuple[str, Backend]:
+    """(route, backend) for valid arguments; FxqbnError otherwise."""
+    if not isinstance(gm, fx.GraphModule):
+        raise FxqbnError(
+            f"fxqbn.lower expects the GraphModule returned by torch.ao convert_fx or torchao convert_pt2e, "
+            f"got {type(gm).__name__}"
+        )
+    if attached(gm, REPORT_KEY) is not None:
+        raise FxqbnError("this model was already converted or lowered by fxqbn: lower the torch.ao / PT2E result itself")
+    chosen = None if backend is None else backend_named(backend)
+    route = graph_route(gm.graph)
+    if route is None:
+        raise FxqbnError(
+            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
+            "this graph has no quantize/dequantize nodes: quantize the whole model first"
+        )
+    return route, chosen or DEFAULT_BACKENDS[route]
+
+
+def _plan(matches: list[LowerMatch], backend: Backend) -> tuple[list[LowerMatch], list[Skip]]:
+    """Matches the backend can build; the others become skips with the reason."""
+    kept, skips = [], []
+    for m in matches:
+        if backend is FUSED and m.input_qparams is None:
+            skips.append(Skip(
+                position=m.position, node=m.bn.node, module=m.bn.owner, pattern=m.bn.spelling, source=m.source,
+                reason=f"the graph does not show the qparams of its input {m.dequantize}'s value, which the fused "
+                       "kernel needs at build time: use backend='native', which reads them off the tensor",
+            ))
+        else:
+            kept.append(m)
+    return kept, skips
+
+
+def _kernel_clamp(m: LowerMatch) -> tuple[bool, tuple[int, int] | None]:
+    """(use the kernel's ReLU variant, extra output code clamp or None) for the match's code range."""
+    lo, hi = DTYPE_RANGES[m.output_qparams.dtype]
+    zero_point = m.output_qparams.zero_point
+    relu = m.codes[0] == zero_point and zero_point > lo
+    own = (zero_point if relu else lo, hi)
+    return relu, (None if m.codes == own else m.codes)
+
+
+def _tensors(gm: fx.GraphModule, m: LowerMatch) -> BnTensors:
+    def get(target: str | None):
+        return None if target is None else operator.attrgetter(target)(gm)
+
+    b = m.bn
+    return BnTensors(get(b.running_mean), get(b.running_var), get(b.weight), get(b.bias), b.eps, None)
+
+
+def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp) -> nn.Module:
+    tensors, qin = _tensors(gm, m), m.input_qparams or m.output_qparams
+    dims = (m.dim,) if m.dim is not None else (1, 2, 3)
+    kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
+    kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)
+    return LoweredBatchNorm(kernel, backend is FUSED, m.route == "pt2e", clamp, m.input_qparams, m.output_qparams)
+
+
+def _op(m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> str:
+    op = backend.op_for(rule_for(F.batch_norm, relu, m.dim or 2))
+    op = op if m.dim is not None else op.replace("2d", "Nd")
+    return op + ("" if clamp is None else f" + clamp[{clamp[0]}, {clamp[1]}]")
+
+
+def _row(m: LowerMatch, op: str) -> ReportRow:
+    qin, qout = m.input_qparams, m.output_qparams
+    return ReportRow(
+        node=m.bn.node, module=m.bn.owner, pattern=m.bn.spelling + (f"+{m.activation}" if m.activation else ""),
+        op=op, status="rewritten", reason="", source=m.source, dtype=str(qout.dtype).removeprefix("torch."),
+        input_scale=qin.scale if qin else None, input_zero_point=qin.zero_point if qin else None,
+        output_scale=qout.scale, output_zero_point=qout.zero_point,
+    )
+
+
+def _skip_row(s: Skip) -> ReportRow:
+    return ReportRow(node=s.node, module=s.module, pattern=s.pattern, op="", status="skipped", reason=s.reason, source=s.source)
+
+
+def _report(rows: Sequence[tuple[int, ReportRow]], lowered: int, skipped: int, start: float) -> Report:
+    summary = ReportSummary(
+        rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start
+    )
+    return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])), summary=summary)
+
+
+def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
+    """Replace every float BN pattern of a whole-model int8 graph that sits between a dequantize and a
+    per-tensor quantize (BN, any spelling and dim, then Identity / eval Dropout, then ReLU, ReLU6 or a
+    constant clamp) by one int8 BN that reads the int8 value and produces the quantize's codes.
+
+    Args:
+        gm: a GraphModule returned by torch.ao ``convert_fx`` or torchao ``convert_pt2e``. Never changed.
+        backend: ``None`` (torch.ao graphs: ``"native"``, on their quantized tensors; PT2E graphs:
+            ``"fused"``, on their plain codes, and the result still exports with ``torch.export``),
+            or ``"native"`` / ``"fused"`` to choose; the module converts at its edges when the kernel
+            works on the other kind of tensor.
+
+    Returns:
+        A new GraphModule; ``fxqbn.get_report`` lists every BN: lowered, or skipped with the reason.
+    """
+    start = time.perf_counter()
+    route, chosen = _check(gm, backend)
+    out = copy.deepcopy(gm)
+    matches, skips = find_lowerable(out)
+    matches, refused = _plan(matches, chosen)
+    kernels = [_kernel_clamp(m) for m in matches]
+    modules = [_build(out, m, chosen, relu, clamp) for m, (relu, clamp) in zip(matches, kernels)]  # all built before any edit
+    rows = [(m.position, _row(m, _op(m, chosen, relu, clamp))) for m, (relu, clamp) in zip(matches, kernels)]
+    rows += [(s.position, _skip_row(s)) for s in skips + refused]
+    for target, module in rewrite_lowerable(out.graph, out, matches, modules).items():
+        out.add_submodule(target, module)
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    attach(out, REPORT_KEY, _report(rows, len(matches), len(skips) + len(refused), start))
+    return out

@@ -1,0 +1,291 @@
+"""Matching for ``fxqbn.lower``: the float BNs of a whole-model int8 graph sandwiched between a
+dequantize and a per-tensor quantize. Reads the graph (and the qparams tensors it names); never edits it.
+
+A torch.ao ``convert_fx`` graph (quint8 tensors)::
+
+    dq = conv.dequantize()                                  # or torch.dequantize(conv)
+    bn = F.batch_norm(dq, mean, var, w, b, False, 0.1, 1e-5) # any BN spelling (passes.spellings)
+    act = relu(identity(bn))                                 # optional pass-throughs and one activation
+    q = torch.quantize_per_tensor(act, bn_scale_0, bn_zero_point_0, torch.quint8)
+
+A torchao ``convert_pt2e`` graph (plain uint8/int8 codes)::
+
+    dq = quantized_decomposed.dequantize_per_tensor(codes, 0.02, 128, 0, 255, torch.uint8)
+    bn = aten.batch_norm(dq, w, b, mean, var, False, 0.1, 1e-5, False)
+    act = aten.relu_(bn)
+    q = quantized_decomposed.quantize_per_tensor(act, 0.01, 0, 0, 255, torch.uint8)
+
+Each such BN becomes a ``LowerMatch``; every other BN a ``Skip`` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from fxqbn import qops
+from fxqbn.errors import FxqbnError
+from fxqbn.qparams import DTYPE_RANGES, QParams
+
+from .match import source_of
+from .patterns import RANK_TO_DIM
+from .records import Skip
+from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
+
+__all__ = ["LowerMatch", "ROUTES", "graph_route", "find_lowerable"]
+
+def _pt2e_ops() -> tuple[tuple[object, ...], tuple[object, ...]]:
+    """(quantize ops, dequantize ops) of PT2E graphs (per tensor, scalar or tensor qparams)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    ops = torch.ops.quantized_decomposed
+    return (
+        (ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor),
+        (ops.dequantize_per_tensor.default, ops.dequantize_per_tensor.tensor),
+    )
+
+
+_PLAIN_TO_QUANTIZED = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
+ROUTES = ("ao", "pt2e")  # torch.ao convert_fx graphs (quantized tensors); torchao convert_pt2e graphs (plain codes)
+
+
+@dataclass(frozen=True)
+class LowerMatch:
+    """A float BN pattern between a dequantize and a per-tensor quantize: one int8 BN replaces it."""
+
+    bn: BnCall  # the BN, normalised
+    position: int  # the BN node's index in graph order, for the report
+    dim: int | None  # kernel dim (from the module type or the input's rank); None: picked by rank at run time
+    dequantize: str  # the dequantize node the BN reads; its input is the int8 value the new BN takes
+    quantize: str  # the quantize node whose codes the new BN produces
+    chain: tuple[str, ...]  # nodes between the BN's output and the quantize (pass-throughs, activation)
+    activation: str  # "", "ReLU", "ReLU6" or "clamp(lo, hi)"
+    codes: tuple[int, int]  # the output code range: the activation's clamp and the quantize's range
+    input_qparams: QParams | None  # None: a torch.ao tensor whose qparams the graph does not show
+    output_qparams: QParams
+    route: str  # "ao" or "pt2e"
+    source: str = ""  # "file.py:123" of the BN call in the user's code
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
+        lo, hi = DTYPE_RANGES[self.output_qparams.dtype]
+        if not lo <= self.codes[0] <= self.codes[1] <= hi:
+            raise ValueError(f"code range {self.codes} outside {self.output_qparams.dtype}'s")
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The float nodes the rewrite removes (the dequantize only when nothing else reads it)."""
+        getitem = (self.bn.output,) if self.bn.output != self.bn.node else ()
+        return (self.quantize, *reversed(self.chain), *getitem, self.bn.node)
+
+
+# -- boundaries ----------------------------------------------------------------------------------
+
+
+def graph_route(graph: fx.Graph) -> str | None:
+    """"pt2e" for a graph holding PT2E's quantize/dequantize ops, "ao" for torch.ao's, None for neither."""
+    quantize, dequantize = _pt2e_ops()
+    targets = {node.target for node in graph.nodes if node.op == "call_function"}
+    if targets & set(quantize + dequantize):
+        return "pt2e"
+    if torch.quantize_per_tensor in targets or any(n.op == "call_method" and n.target == "dequantize" for n in graph.nodes):
+        return "ao"
+    return None
+
+
+def _is_dequantize(node: fx.Node, route: str) -> bool:
+    if route == "pt2e":
+        return node.op == "call_function" and node.target in _pt2e_ops()[1]
+    return (node.op == "call_method" and node.target == "dequantize") or (
+        node.op == "call_function" and node.target is torch.dequantize and len(node.args) == 1
+    )
+
+
+def _is_quantize(node: fx.Node, route: str) -> bool:
+    if route == "pt2e":
+        return node.op == "call_function" and node.target in _pt2e_ops()[0]
+    return node.op == "call_function" and node.target is torch.quantize_per_tensor
+
+
+def _value(root: nn.Module, value: object) -> object:
+    """A number, or the number a get_attr node's one-element tensor holds."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        value = operator.attrgetter(str(value.target))(root)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tuple[int, int]] | str:
+    """(qparams, code range) of a quantize or dequantize node, or why they cannot be read."""
+    args = [_value(root, a) for a in node.args[1:]]
+    if route == "pt2e":
+        scale, zero_point, qmin, qmax, dtype = args[:5]
+        dtype = _PLAIN_TO_QUANTIZED.get(dtype)
+    else:
+        scale, zero_point, dtype = args[:3]
+        qmin = qmax = None
+    if dtype is None or not isinstance(scale, float) or not isinstance(zero_point, int):
+        return f"{node.name} is not a per-tensor uint8/int8 quantization with constant qparams"
+    try:
+        qparams = QParams(scale, zero_point, dtype)
+    except FxqbnError as exc:
+        return f"{node.name}: {exc}"
+    lo, hi = DTYPE_RANGES[dtype]
+    return qparams, (lo if qmin is None else max(lo, qmin), hi if qmax is None else min(hi, qmax))
+
+
+def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParams | None:
+    """The qparams of a torch.ao quantized value, when the graph shows them: the output of a quantize
+    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's)."""
+    if _is_quantize(node, "ao"):
+        found = _boundary(node, root, "ao")
+        return None if isinstance(found, str) else found[0]
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
+        if isinstance(scale, float) and isinstance(zero_point, int):
+            return QParams(scale, zero_point, output.dtype)
+    return None
+
+
+def _code(value: float, quantize: fx.Node, root: nn.Module, route: str, qparams: QParams) -> int:
+    """The code the graph's own quantize gives ``value`` (so clamping codes equals clamping floats)."""
+    x = torch.tensor([value], dtype=torch.float32)
+    if route == "pt2e":
+        qmin, qmax, dtype = quantize.args[3:6]
+        return int(qops.quantize_decomposed(x, qparams.scale, qparams.zero_point, qmin, qmax, dtype)[0])
+    return int(qops.codes(qops.quantize(x, qparams.scale, qparams.zero_point, qparams.dtype))[0])
+
+
+def _rank(node: fx.Node) -> int | None:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _describe(node: fx.Node) -> str:
+    target = getattr(node.target, "__name__", node.target) if node.op != "call_module" else node.target
+    return f"{node.name} ({node.op} {target})"
+
+
+class _Matcher:
+    def __init__(self, gm: fx.GraphModule, route: str) -> None:
+        self.gm, self.route = gm, route
+        self.modules = dict(gm.named_modules(remove_duplicate=False))
+        self.nodes = {node.name: node for node in gm.graph.nodes}
+
+    def skip(self, position: int, node: fx.Node, call: BnCall | None, reason: str) -> Skip:
+        module = call.owner if call is not None else str(node.target) if node.op == "call_module" else node.name
+        spelling = call.spelling if call is not None else getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_module":
+            spelling = type(self.modules[str(node.target)]).__name__
+        return Skip(position=position, node=node.name, module=module, pattern=spelling, reason=reason, source=source_of(node))
+
+    def match(self, position: int, node: fx.Node) -> LowerMatch | Skip | None:
+        call = read_bn(node, self.modules)
+        if call is None or isinstance(call, str):
+            return None if call is None else self.skip(position, node, None, call)
+        found = self._sandwich(call, position)
+        return self.skip(position, node, call, found) if isinstance(found, str) else found
+
+    def _statistics_problem(self, call: BnCall) -> str:
+        mean = operator.attrgetter(call.running_mean)(self.gm)
+        if mean.dtype != torch.float32 or mean.device.type != "cpu":
+            return f"holds {mean.dtype} statistics on {mean.device.type}; the int8 kernels compute in float32 on the CPU"
+        return ""
+
+    def _chain(self, call: BnCall) -> tuple[list[str], tuple[float, float] | None, fx.Node] | str:
+        """(pass-through and activation nodes, the activation's clamp, the quantize) after the BN, or why not."""
+        value, chain = self.nodes[call.output], []
+        clamp = (0.0, math.inf) if call.activation == "ReLU" else None
+        while True:
+            users = list(value.users)
+            if len(users) != 1:
+                return f"its output {value.name} has {len(users)} users; lowering needs exactly one, a quantize"
+            user = users[0]
+            if _is_quantize(user, self.route) and user.args[0] is value:
+                return chain, clamp, user
+            activation = read_activation(user, self.modules)
+            if passthrough_input(user, self.modules) is value:
+                chain.append(user.name)
+            elif activation is not None and activation.input == value.name and clamp is None:
+                chain.append(user.name)
+                clamp = (activation.lo, activation.hi)
+            else:
+                return f"its output reaches {_describe(user)} in float, not a per-tensor quantize: nothing to lower into"
+            value = user
+
+    def _sandwich(self, call: BnCall, position: int) -> LowerMatch | str:
+        x = self.nodes[call.input]
+        if not _is_dequantize(x, self.route):
+            return f"its input {_describe(x)} is float, not a dequantize: there is no int8 value to read"
+        chain = self._chain(call)
+        if isinstance(chain, str):
+            return chain
+        nodes, clamp, quantize = chain
+        problem = self._statistics_problem(call)
+        out = _boundary(quantize, self.gm, self.route)
+        if problem or isinstance(out, str):
+            return problem or out
+        qout, codes = out
+        qin = self._input_qparams(x, qout)
+        if isinstance(qin, str):
+            return qin
+        dim = self._dim(call, x)
+        if isinstance(dim, str):
+            return dim
+        if clamp is not None:
+            lo = codes[0] if clamp[0] == -math.inf else _code(clamp[0], quantize, self.gm, self.route, qout)
+            hi = codes[1] if clamp[1] == math.inf else _code(clamp[1], quantize, self.gm, self.route, qout)
+            codes = (max(codes[0], lo), min(codes[1], hi))
+        return LowerMatch(
+            bn=call, position=position, dim=dim, dequantize=x.name, quantize=quantize.name,
+            chain=tuple(nodes), activation=activation_name(*clamp) if clamp else "", codes=codes,
+            input_qparams=qin, output_qparams=qout, route=self.route, source=source_of(self.nodes[call.node]),
+        )
+
+    def _input_qparams(self, dequantize: fx.Node, qout: QParams) -> QParams | None | str:
+        if self.route == "ao":
+            return _ao_input_qparams(dequantize.args[0], self.gm, qout) if isinstance(dequantize.args[0], fx.Node) else None
+        found = _boundary(dequantize, self.gm, self.route)
+        if isinstance(found, str):
+            return found
+        if found[0].dtype != qout.dtype:
+            return f"its input is {found[0].dtype} and its output {qout.dtype}: the int8 kernels keep the dtype"
+        return found[0]
+
+    def _dim(self, call: BnCall, x: fx.Node) -> int | None | str:
+        rank = _rank(x) if _rank(x) is not None else _rank(self.nodes[call.output])  # a BN keeps the shape
+        if rank is None:
+            return call.dim
+        dim = RANK_TO_DIM.get(rank)
+        if dim is None or (call.dim is not None and call.dim != dim):
+            return f"its input has rank {rank}: no int8 {call.spelling} kernel takes it"
+        return dim
+
+
+def find_lowerable(gm: fx.GraphModule) -> tuple[list[LowerMatch], list[Skip]]:
+    """Every BN of a converted int8 graph, in graph order: lowerable, or skipped with the reason.
+
+    Raises FxqbnError when ``gm`` is neither a torch.ao ``convert_fx`` nor a PT2E ``convert_pt2e`` graph.
+    """
+    route = graph_route(gm.graph)
+    if route is None:
+        raise FxqbnError(
+            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
+            "this graph has no quantize/dequantize nodes (quantize the whole model first)"
+        )
+    matcher = _Matcher(gm, route)
+    matches: list[LowerMatch] = []
+    skips: list[Skip] = []
+    for position, node in enumerate(gm.graph.nodes):
+        found = matcher.match(position, node)
+        if found is not None:
+            (matches if isinstance(found, LowerMatch) else skips).append(found)
+    return matches, skips
