@@ -15,6 +15,7 @@ mirrored as Python numbers so ``forward`` does no tensor-to-number conversion.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -147,6 +148,15 @@ class _QuantizedBatchNorm(nn.Module):
         self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64, device=running_mean.device))
         self._scale = float(scale)
         self._zero_point = int(zero_point)
+        self._has_clamp, self._clamp_lo, self._clamp_hi = False, 0.0, 0.0
+
+    def _set_clamp(self, clamp: tuple[float, float] | None) -> None:
+        """A quantized clamp of the output to the float bounds (lo, hi) after the kernel (e.g. ReLU6)."""
+        if clamp is not None:
+            lo, hi = float(clamp[0]), float(clamp[1])
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise FxqbnError(f"{type(self).__name__} clamp must be finite bounds lo <= hi, got {clamp!r}")
+            self._has_clamp, self._clamp_lo, self._clamp_hi = True, lo, hi
 
     # -- qparams ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -183,10 +193,11 @@ class _QuantizedBatchNorm(nn.Module):
             return qops.empty_quantized(x, self._scale, self._zero_point)
         weight = self.weight if self.weight is not None else self._unit_weight
         bias = self.bias if self.bias is not None else self._zero_bias
-        return qops.batch_norm(
+        y = qops.batch_norm(
             x, weight, bias, self.running_mean, self.running_var,
             self.eps, self._scale, self._zero_point, self._DIM, self._RELU,
         )
+        return qops.clamp(y, self._clamp_lo, self._clamp_hi) if self._has_clamp else y
 
     # -- construction from float modules -----------------------------------------------------
     @classmethod
@@ -225,8 +236,10 @@ class _QuantizedBatchNorm(nn.Module):
         momentum: float | None,
         qparams: QParams,
         name: str = "BatchNorm",
+        clamp: tuple[float, float] | None = None,
     ) -> "_QuantizedBatchNorm":
-        """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them.
+        """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them;
+        ``clamp``: float bounds of a quantized clamp after the kernel (ReLU6: (0, 6)).
 
         Raises FxqbnError, naming ``name`` and the channel, for statistics the kernel would turn
         into silently saturated channels.
@@ -242,6 +255,7 @@ class _QuantizedBatchNorm(nn.Module):
             None if weight is None else _float32_copy(weight), None if bias is None else _float32_copy(bias),
             eps, momentum, qparams.scale, qparams.zero_point,
         )
+        qbn._set_clamp(clamp)
         return qbn
 
     @classmethod
@@ -280,6 +294,7 @@ class _QuantizedBatchNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"scale={self._scale:.6g}, zero_point={self._zero_point}"
+            + (f", clamp=({self._clamp_lo:g}, {self._clamp_hi:g})" if self._has_clamp else "")
         )
 
 

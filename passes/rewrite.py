@@ -4,7 +4,8 @@ Before (one pattern, input x from float code, output read by float code)::
 
     x_obs = fxqbn_observer_0(x)
     bn = bn(x_obs)
-    relu = relu(bn)
+    drop = drop(bn)                 # Identity / eval Dropout, fused
+    relu = relu(drop)               # the activation (ReLU, ReLU6, ...), fused
     out_obs = fxqbn_observer_1(relu)
     y = add(out_obs, 1)
 
@@ -32,9 +33,9 @@ from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
 from fxqbn.qparams import Observation, observer_has_data, read_many
 
-from .records import Dropped, Match, Observed, Rewrite
+from .records import Converted, Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
+__all__ = ["read_observers", "build_replacements", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
@@ -70,19 +71,16 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
 
 
 def _bn_tensors(root: nn.Module, match: Match) -> BnTensors:
-    """The BN's tensors: from its module (inside torch.ao's fused BNReLU too) or its F.batch_norm call."""
-    f = match.functional
-    if f is None:
-        bn = match.rule.qmodule._unwrap(root.get_submodule(match.module))
-        if bn.running_mean is None or bn.running_var is None:
-            raise FxqbnError(f"BatchNorm '{match.module}' has track_running_stats=False: it cannot be quantized; keep it float")
-        affine = bn.affine
-        return BnTensors(bn.running_mean, bn.running_var, bn.weight if affine else None, bn.bias if affine else None, bn.eps, bn.momentum)
+    """The BN's tensors, from the attribute targets its normalised record names (module or functional)."""
 
     def tensor(target: str | None) -> torch.Tensor | None:
         return None if target is None else operator.attrgetter(target)(root)
 
-    return BnTensors(tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias), f.eps, f.momentum)
+    b, eps, momentum = match.bn, match.bn.eps, match.momentum
+    if match.bn_module is not None:  # a module's constants as they are now, not as at prepare
+        module = root.get_submodule(match.bn_module)
+        eps, momentum = module.eps, module.momentum
+    return BnTensors(tensor(b.running_mean), tensor(b.running_var), tensor(b.weight), tensor(b.bias), eps, momentum)
 
 
 class _NewModules:
@@ -114,7 +112,7 @@ class _NewModules:
     def replace(self, match: Match, module: nn.Module) -> str:
         """Where the float BN module was (a BN called twice: a fresh name beside it); an
         F.batch_norm's replacement at the root, named after its node."""
-        name = match.module if match.functional is None else f"fxqbn_{match.bn_node}"
+        name = match.module if match.bn_module is not None else f"fxqbn_{match.bn_node}"
         target, k = name, 0
         while target in self.modules or (k and not self._free(target)):
             k += 1
@@ -123,27 +121,86 @@ class _NewModules:
         return target
 
 
-def rewrite_patterns(
-    graph: fx.Graph,
-    root: nn.Module,
-    patterns: Sequence[Observed],
-    readings: Mapping[str, Observation],
-    backend: Backend = NATIVE,
-) -> tuple[tuple[Rewrite, ...], dict[str, nn.Module]]:
-    """Replace every observed pattern (in graph order) in ``graph`` with ``backend``'s modules and
-    remove their observers.
+class _Rewriter:
+    """One rewrite of one graph: the nodes by name, the modules added, the boundaries inserted."""
 
-    ``graph``'s targets resolve in ``root``, which is not changed. Returns the records and the
-    modules the rewritten graph needs beyond ``root``'s, by target (a replaced BN's target maps
-    to its quantized module). The caller builds or updates the GraphModule.
-    """
-    nodes = {node.name: node for node in graph.nodes}
-    quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
-    new = _NewModules(root)
-    rewrites = []
+    def __init__(self, graph: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend) -> None:
+        self.graph, self.backend, self.readings = graph, backend, readings
+        self.nodes = {node.name: node for node in graph.nodes}
+        self.new = _NewModules(root)
+        self.quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
+        self.quantize_nodes: list[str] = []
+        self.dequantize_nodes: list[str] = []
 
-    # 0. Every replacement is built (and its statistics checked) before the graph changes.
-    qmodules = [
+    def quantized_input(self, observer: fx.Node, before: fx.Node) -> fx.Node:
+        """The quantized value of an input observer: another pattern's output, or a new quantize."""
+        q_in = self.quantized.get(observer)
+        if q_in is None:
+            boundary = self.new.add(QUANTIZE_PREFIX, self.backend.quantize(self.readings[observer.name].qparams))
+            with self.graph.inserting_before(before):
+                q_in = self.graph.create_node("call_module", boundary, (observer,))  # the module is added later
+            self.quantized[observer] = q_in
+            self.quantize_nodes.append(q_in.name)
+        return q_in
+
+    def install(self, pattern: Observed, qmodule: nn.Module) -> Rewrite:
+        """Step 1 for one pattern: its quantized twin after the output observer, reading quantized input."""
+        match = pattern.match
+        bn = self.nodes[match.bn_node]
+        in_obs, out_obs = self.nodes[pattern.input_observer], self.nodes[pattern.output_observer]
+        if bn.args[0] is not in_obs:
+            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
+        q_in = self.quantized_input(in_obs, bn)
+        target = self.new.replace(match, qmodule)
+        with self.graph.inserting_before(out_obs):
+            self.quantized[out_obs] = self.graph.create_node("call_module", target, (q_in,))
+        op = self.backend.op_for(match.rule)
+        return Rewrite(pattern, target, self.readings[in_obs.name], self.readings[out_obs.name], self.backend.name, op)
+
+    def dequantize_readers(self, pattern: Observed, dequantizers: dict[object, str]) -> None:
+        """Step 2a: whatever still reads the pattern's output observer is float code: one dequantize."""
+        out_obs = self.nodes[pattern.output_observer]
+        readers = list(out_obs.users)
+        if not readers:
+            return
+        qparams = self.readings[out_obs.name].qparams
+        key = None if self.backend.dequantize_shared else qparams
+        if key not in dequantizers:
+            dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
+        with self.graph.inserting_after(self.quantized[out_obs]):
+            dq = self.graph.create_node("call_module", dequantizers[key], (self.quantized[out_obs],))
+        self.dequantize_nodes.append(dq.name)
+        for reader in readers:
+            reader.replace_input_with(out_obs, dq)
+
+    def erase_float(self, pattern: Observed) -> None:
+        """Step 2b: the pattern's float nodes (output observer, activation chain, BN) and the
+        statistics' get_attr nodes nothing else reads."""
+        match = pattern.match
+        bn = self.nodes[match.bn_node]
+        statistics = [arg for arg in bn.all_input_nodes if arg.op == "get_attr"]
+        getitem = (match.bn.output,) if match.bn.output != match.bn_node else ()
+        for name in (pattern.output_observer, *reversed(match.chain), *getitem, match.bn_node):
+            self.graph.erase_node(self.nodes[name])
+        for node in statistics:
+            if not node.users:
+                self.graph.erase_node(node)
+
+    def drop_input_observers(self, patterns: Sequence[Observed]) -> None:
+        """Step 3: input observers no pattern produced: their readers get the float value back."""
+        outputs = {pattern.output_observer for pattern in patterns}
+        for name in dict.fromkeys(pattern.input_observer for pattern in patterns):
+            if name not in outputs:
+                observer = self.nodes[name]
+                observer.replace_all_uses_with(observer.args[0])
+                self.graph.erase_node(observer)
+
+
+def build_replacements(
+    root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend
+) -> list[nn.Module]:
+    """Step 0: every replacement module, its statistics checked, before the graph changes."""
+    return [
         backend.module_for(
             p.match.rule, _bn_tensors(root, p.match), readings[p.input_observer].qparams,
             readings[p.output_observer].qparams, p.match.module,
@@ -151,59 +208,31 @@ def rewrite_patterns(
         for p in patterns
     ]
 
-    # 1. A quantized twin for every pattern, reading quantized inputs.
-    for pattern, qmodule in zip(patterns, qmodules):
-        match = pattern.match
-        bn = nodes[match.bn_node]
-        in_obs, out_obs = nodes[pattern.input_observer], nodes[pattern.output_observer]
-        if bn.args[0] is not in_obs:
-            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
-        q_in = quantized.get(in_obs)
-        if q_in is None:
-            boundary = new.add(QUANTIZE_PREFIX, backend.quantize(readings[in_obs.name].qparams))
-            with graph.inserting_before(bn):
-                q_in = graph.create_node("call_module", boundary, (in_obs,))  # the module is added later
-            quantized[in_obs] = q_in
-        target = new.replace(match, qmodule)
-        with graph.inserting_before(out_obs):
-            quantized[out_obs] = graph.create_node("call_module", target, (q_in,))
-        rewrites.append(
-            Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name], backend.name)
-        )
 
-    # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
-    #    output observer is float code and gets one dequantize. Then the float nodes go.
+def rewrite_patterns(
+    graph: fx.Graph,
+    root: nn.Module,
+    patterns: Sequence[Observed],
+    readings: Mapping[str, Observation],
+    backend: Backend = NATIVE,
+) -> tuple[Converted, dict[str, nn.Module]]:
+    """Replace every observed pattern (in graph order) in ``graph`` with ``backend``'s modules and
+    remove their observers.
+
+    ``graph``'s targets resolve in ``root``, which is not changed. Returns the record (rewrites and
+    the boundary nodes added) and the modules the rewritten graph needs beyond ``root``'s, by target
+    (a replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
+    """
+    qmodules = build_replacements(root, patterns, readings, backend)
+    rewriter = _Rewriter(graph, root, readings, backend)
+    rewrites = tuple(rewriter.install(p, m) for p, m in zip(patterns, qmodules))
     dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
-    for pattern in reversed(patterns):
-        out_obs = nodes[pattern.output_observer]
-        readers = list(out_obs.users)
-        if readers:
-            qparams = readings[out_obs.name].qparams
-            key = None if backend.dequantize_shared else qparams
-            if key not in dequantizers:
-                dequantizers[key] = new.add(DEQUANTIZE_PREFIX, backend.dequantize(qparams))
-            dequantize = dequantizers[key]
-            q_out = quantized[out_obs]
-            with graph.inserting_after(q_out):
-                dq = graph.create_node("call_module", dequantize, (q_out,))
-            for reader in readers:
-                reader.replace_input_with(out_obs, dq)
-        statistics = [arg for arg in nodes[pattern.match.bn_node].all_input_nodes if arg.op == "get_attr"]
-        for name in (pattern.output_observer, pattern.match.relu_node, pattern.match.bn_node):
-            if name is not None:
-                graph.erase_node(nodes[name])
-        for node in statistics:  # F.batch_norm's get_attr nodes, unless something else reads them
-            if not node.users:
-                graph.erase_node(node)
-
-    # 3. Input observers that no pattern produced: their readers get the float value back.
-    outputs = {pattern.output_observer for pattern in patterns}
-    for name in dict.fromkeys(pattern.input_observer for pattern in patterns):
-        if name not in outputs:
-            observer = nodes[name]
-            observer.replace_all_uses_with(observer.args[0])
-            graph.erase_node(observer)
-    return tuple(rewrites), new.modules
+    for pattern in reversed(patterns):  # last to first, so later patterns' BN nodes are gone
+        rewriter.dequantize_readers(pattern, dequantizers)
+        rewriter.erase_float(pattern)
+    rewriter.drop_input_observers(patterns)
+    converted = Converted(rewrites, tuple(rewriter.quantize_nodes), tuple(rewriter.dequantize_nodes))
+    return converted, rewriter.new.modules
 
 
 def remove_observers(graph: fx.Graph, dropped: Sequence[Dropped]) -> None:
