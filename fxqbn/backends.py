@@ -69,6 +69,9 @@ class Backend:
     dequantize: output qparams -> the quantized -> float boundary module.
     dequantize_shared: True when one dequantize module serves every boundary (quantized tensors
         carry their qparams); False when each set of qparams needs its own (plain integer tensors).
+    rebuild_from: like ``build``, from a replacement holding tensors from a file instead of BN tensors:
+        the replacement built afresh from them, checked as ``module_for`` checks (``fxqbn.load``
+        compares the two; see ``rebuild``).
     kernels: activation name -> Kernel; a rule whose activation is missing has no module here.
     """
 
@@ -78,6 +81,7 @@ class Backend:
     quantize: Callable[[QParams], nn.Module]
     dequantize: Callable[[QParams], nn.Module]
     dequantize_shared: bool
+    rebuild_from: Callable[..., nn.Module]
     kernels: Mapping[str, Kernel] = field(default_factory=lambda: KERNELS)
 
     def kernel_for(self, rule: "Rule") -> Kernel:
@@ -95,6 +99,12 @@ class Backend:
         kernel = self.kernel_for(rule)
         clamp = _finite_clamp(rule.activation.lo, rule.activation.hi, qout) if kernel.clamp else None
         return self.build(rule.dim, kernel, tensors, qin, qout, clamp, name)
+
+    def rebuild(self, rule: "Rule", loaded: nn.Module, qin: QParams, qout: QParams, name: str) -> nn.Module:
+        """``rule``'s replacement built afresh from the tensors of ``loaded`` (a replacement read from a file)."""
+        kernel = self.kernel_for(rule)
+        clamp = _finite_clamp(rule.activation.lo, rule.activation.hi, qout) if kernel.clamp else None
+        return self.rebuild_from(rule.dim, kernel, loaded, qin, qout, clamp, name)
 
     def op_for(self, rule: "Rule") -> str:
         """The kernel a rule's replacement runs, as the report names it."""
@@ -120,9 +130,19 @@ def _native(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams,
     )
 
 
+def _native_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
+    return _native(dim, kernel, BnTensors(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.momentum), qin, qout, clamp, name)
+
+
 def _fused(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
     codes = None if clamp is None else qops.clamp_bounds(*clamp, qout.scale, qout.zero_point, qout.dtype)
     return fused.FusedBatchNorm.from_tensors(t, dim, kernel.relu, qin, qout, name=name, clamp=codes)
+
+
+def _fused_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
+    codes = None if clamp is None else qops.clamp_bounds(*clamp, qout.scale, qout.zero_point, qout.dtype)
+    bounds = fused.code_bounds(qout, kernel.relu, codes)
+    return fused.FusedBatchNorm(dim, m.alpha, m.beta, m.table, qin, qout, bounds, relu=kernel.relu)
 
 
 NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxqbn.nn modules)
@@ -132,6 +152,7 @@ NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxq
     quantize=Quantize.from_qparams,
     dequantize=lambda qparams: DeQuantize(),
     dequantize_shared=True,
+    rebuild_from=_native_again,
 )
 
 FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint8/int8 tensors (fxqbn.fused)
@@ -141,6 +162,7 @@ FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint
     quantize=fused.FusedQuantize.from_qparams,
     dequantize=fused.FusedDeQuantize.from_qparams,
     dequantize_shared=False,
+    rebuild_from=_fused_again,
 )
 
 BACKENDS = {backend.name: backend for backend in (NATIVE, FUSED)}

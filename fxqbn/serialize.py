@@ -8,13 +8,16 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
                    "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
      "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
      "training": [...],        # names of the modules in training mode
-     "code": "...",            # the converted graph's Python code, to check the rebuild against
+     "graph": [...],           # the converted graph as data (graph_structure), to check the rebuild against
+     "code": "...",            # the converted graph's Python code, for people (and files without "graph")
      "report": {...}}          # Report.to_dict()
 
 The structure of a converted model is a function of the float model, of which BatchNorms were
 rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
 float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, observers that hold
 the saved qparams instead of observing data, and the ordinary ``convert``. No calibration runs.
+Everything read is checked as ``convert`` checks what it reads (``check_payload``; each quantized
+BN is rebuilt from the file's tensors; the result must equal the file's state_dict bit for bit).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from torch.ao.quantization import QConfigMapping
 
 from .api import convert, get_report, prepare_owned, refuse_fxqbn_output
 from .errors import FxqbnError
-from .qparams import DTYPE_RANGES
+from .backends import BACKENDS
+from .passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
+from .qparams import DTYPE_RANGES, QParams
 from .report import Report
 from .tracing import owned_copy
 from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 
-__all__ = ["save", "load", "load_report", "describe_load_error", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]
 
 FORMAT = "fxqbn.quantized"
 VERSION = 1
@@ -98,6 +103,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
         "state_dict": dict(quantized.state_dict()),
         "training": [name for name, module in quantized.named_modules() if module.training],
         "code": quantized.code,
+        "graph": graph_structure(quantized),
         "report": report.to_dict(),
         "convert_seconds": report.summary.convert_seconds,  # the one field to_dict leaves out
         "backend": next((rw.backend for rw in attached(quantized, REWRITES_KEY) or ()), "native"),
@@ -115,12 +121,12 @@ def _name(path: PathOrFile) -> str:
 def describe_load_error(exc: Exception) -> str:
     """One line on why ``torch.load(..., weights_only=True)`` failed."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message has terminal bold codes
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    refused = re.search(r"GLOBAL (\S+)", text)  # "Unsupported global: GLOBAL x", "unsupported GLOBAL x whose module is blocked"
     if refused:
         return f"it holds pickled Python objects (found {refused.group(1)}), which weights_only=True refuses to run"
     if isinstance(exc, FileNotFoundError):
         return "no such file"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if "PytorchStreamReader" in text or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
         return "it is not a file written by torch.save, or it is truncated"
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -141,7 +147,69 @@ def _read(path: PathOrFile) -> dict[str, Any]:
         raise FxqbnError(
             f"{where} is fxqbn.save format version {payload.get('version')}; this fxqbn reads version {VERSION}"
         )
+    check_payload(payload, where)
     return payload
+
+
+# The fields of an fxqbn.save file and their types (None: optional), checked before any is used.
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "torch": ((str,), True),
+    "patterns": ((list,), True),
+    "state_dict": ((dict,), True),
+    "training": ((list,), True),
+    "code": ((str,), True),
+    "report": ((dict,), True),
+    "convert_seconds": ((int, float), False),
+    "backend": ((str,), False),
+    "graph": ((list,), False),  # absent in files written before it was added: the code is compared then
+}
+_ROW_FIELDS = {"node": str, "module": str, "pattern": str, "status": str, "dtype": str, "input": list, "output": list}
+
+
+def _damaged(where: str, what: str) -> FxqbnError:
+    return FxqbnError(f"{where} is damaged: {what}; write it again with fxqbn.save")
+
+
+def _check_row(row: Any, i: int, where: str) -> None:
+    """One pattern record: its fields, and for a rewritten BN qparams that ``QParams`` accepts."""
+    if not isinstance(row, dict):
+        raise _damaged(where, f"patterns[{i}] is a {type(row).__name__}, not a dict")
+    for key, kind in _ROW_FIELDS.items():
+        if not isinstance(row.get(key), kind):
+            raise _damaged(where, f"patterns[{i}] ({row.get('module', '?')!r}) has {key} = {row.get(key)!r}, not a {kind.__name__}")
+    if row["status"] not in ("rewritten", "skipped"):
+        raise _damaged(where, f"BatchNorm '{row['module']}' has status {row['status']!r}")
+    if row["status"] == "skipped":
+        return
+    if row["dtype"] not in _DTYPES:
+        raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
+    for key in ("input", "output"):
+        pair = row[key]
+        if len(pair) != 2 or isinstance(pair[0], bool) or not isinstance(pair[0], (int, float)) or type(pair[1]) is not int:
+            raise _damaged(where, f"BatchNorm '{row['module']}' has {key} qparams {pair!r}, not [scale, zero_point]")
+        try:
+            QParams(float(pair[0]), pair[1], _DTYPES[row["dtype"]])
+        except FxqbnError as exc:
+            raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has bad {key} qparams: {exc}; write it again with fxqbn.save") from None
+
+
+def check_payload(payload: dict[str, Any], where: str) -> None:
+    """Refuse, naming the field or module, a file whose fields are missing or of the wrong type."""
+    for key, (kinds, required) in _FIELDS.items():
+        if key not in payload:
+            if required:
+                raise _damaged(where, f"field {key!r} is missing")
+        elif not isinstance(payload[key], kinds) or isinstance(payload[key], bool):
+            raise _damaged(where, f"field {key!r} is a {type(payload[key]).__name__}")
+    for i, row in enumerate(payload["patterns"]):
+        _check_row(row, i, where)
+    bad = next((k for k, v in payload["state_dict"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise _damaged(where, f"state_dict entry {bad!r} is a {type(payload['state_dict'][bad]).__name__}, not a tensor")
+    if not all(isinstance(name, str) for name in payload["training"]):
+        raise _damaged(where, "field 'training' holds something other than module names")
+    if payload.get("backend", "native") not in BACKENDS:
+        raise _damaged(where, f"backend {payload['backend']!r} is none of {sorted(BACKENDS)}")
 
 
 def _report_from_dict(data: dict[str, Any], where: str, convert_seconds: float = 0.0) -> Report:
@@ -161,11 +229,8 @@ def _replay_qconfig(plan: Sequence[dict[str, Any]], where: str) -> QConfigMappin
     """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype."""
     mapping = QConfigMapping()  # global None: every other BN stays float
     for row in plan:
-        if row["status"] == "rewritten":
-            dtype = _DTYPES.get(row["dtype"])
-            if dtype is None:
-                raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
-            mapping.set_module_name(row["module"], functools.partial(StoredQParams, dtype))
+        if row["status"] == "rewritten":  # its dtype was checked by check_payload
+            mapping.set_module_name(row["module"], functools.partial(StoredQParams, _DTYPES[row["dtype"]]))
     return mapping
 
 
@@ -219,21 +284,70 @@ def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], wh
             observer.qparams = qparams
 
 
-def _check_code(quantized: fx.GraphModule, payload: dict[str, Any], where: str) -> None:
-    saved, rebuilt = payload["code"].strip().splitlines(), quantized.code.strip().splitlines()
+def graph_structure(gm: fx.GraphModule) -> list[str]:
+    """``gm``'s graph as data that node names do not enter (they change when a GraphModule is
+    unpickled): one line per node, with its op, target and arguments, nodes by position."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    lines = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if not isinstance(target, str):
+            target = f"{getattr(target, '__module__', None) or ''}.{getattr(target, '__qualname__', repr(target))}"
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        lines.append(f"{node.op} {target} {args!r}")
+    return lines
+
+
+def _check_structure(quantized: fx.GraphModule, payload: dict[str, Any], where: str) -> None:
+    """Refuse when the rebuilt graph differs from the saved one, naming the first differing node."""
+    if "graph" in payload:
+        saved, rebuilt, what = [str(line) for line in payload["graph"]], graph_structure(quantized), "node"
+    else:  # an older file: its generated code is all there is
+        saved, rebuilt, what = payload["code"].strip().splitlines(), quantized.code.strip().splitlines(), "line"
     if saved == rebuilt:
         return
-    line = next((i for i, (a, b) in enumerate(zip(saved, rebuilt)) if a != b), min(len(saved), len(rebuilt)))
-    theirs = saved[line].strip() if line < len(saved) else "<end>"
-    ours = rebuilt[line].strip() if line < len(rebuilt) else "<end>"
+    i = next((i for i, (a, b) in enumerate(zip(saved, rebuilt)) if a != b), min(len(saved), len(rebuilt)))
+    theirs = saved[i].strip() if i < len(saved) else "<end>"
+    ours = rebuilt[i].strip() if i < len(rebuilt) else "<end>"
+    if what == "node" and i < len(quantized.graph.nodes):
+        what = f"node %{i} ('{list(quantized.graph.nodes)[i].name}' from the model)"
+    else:
+        what = f"{what} {i + 1}"
     versions = "" if payload["torch"] == str(torch.__version__) else f" (saved with torch {payload['torch']}, this is {torch.__version__})"
     raise FxqbnError(
-        f"the model does not match {where}{versions}: line {line + 1} of the converted forward is "
+        f"the model does not match {where}{versions}: {what} of the converted graph is "
         f"`{theirs}` in the file and `{ours}` from the model. Pass the float model the file was converted from"
     )
 
 
-def _load_state(quantized: fx.GraphModule, state: dict[str, torch.Tensor], where: str) -> None:
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_floating_point():
+        return torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(a, b)
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent), leaf, module)
+
+
+def _rebuild_from_file(quantized: fx.GraphModule, backend: str, where: str) -> None:
+    """Replace each quantized BN (holding the file's tensors) with one built afresh from them and
+    the pattern record's qparams: the checks ``convert`` makes, made on what the file holds."""
+    for rewrite in attached(quantized, REWRITES_KEY):
+        match = rewrite.observed.match
+        loaded = quantized.get_submodule(rewrite.qmodule)
+        try:
+            rebuilt = BACKENDS[backend].rebuild(match.rule, loaded, rewrite.input.qparams, rewrite.output.qparams, match.module)
+        except FxqbnError as exc:
+            named = "" if f"'{match.module}'" in str(exc) else f"BatchNorm '{match.module}': "
+            raise FxqbnError(f"{where}: {named}{exc}") from None
+        _set_module(quantized, rewrite.qmodule, rebuilt)
+
+
+def _load_state(quantized: fx.GraphModule, observed: fx.GraphModule, state: dict[str, torch.Tensor], where: str, backend: str) -> None:
+    """Load the file's tensors; keep what the pattern records define (boundaries, qparams) and
+    refuse, naming the tensor, a file whose tensors disagree with its records."""
     ours = quantized.state_dict()
     problems = [f"'{key}' missing from the model" for key in state if key not in ours]
     problems += [f"'{key}' not in the file" for key in ours if key not in state]
@@ -245,7 +359,30 @@ def _load_state(quantized: fx.GraphModule, state: dict[str, torch.Tensor], where
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FxqbnError(f"the model's tensors do not match {where}: {'; '.join(problems[:3])}{more}")
+    boundaries = {  # built from the pattern records alone: what the file says of them must agree
+        node.target: copy.deepcopy(quantized.get_submodule(node.target))
+        for node in quantized.graph.nodes
+        if node.op == "call_module" and str(node.target).startswith((QUANTIZE_PREFIX, DEQUANTIZE_PREFIX)) and not hasattr(observed, node.target)
+    }
     quantized.load_state_dict(state, strict=True)
+    _rebuild_from_file(quantized, backend, where)
+    for target, module in boundaries.items():
+        _set_module(quantized, target, module)
+    rebuilt = quantized.state_dict()
+    differing = [key for key in state if not _same(rebuilt[key], state[key])]
+    if differing:
+        key = differing[0]
+        module = key.rpartition(".")[0]
+        raise FxqbnError(
+            f"{where} is inconsistent: its state_dict's '{key}' ({_brief(state[key])}) is not what module "
+            f"'{module}' gets from the file's pattern records and tensors ({_brief(rebuilt[key])})"
+            + (f" (and {len(differing) - 1} more tensors)" if len(differing) > 1 else "")
+            + "; write it again with fxqbn.save"
+        )
+
+
+def _brief(t: torch.Tensor) -> str:
+    return repr(t.item()) if t.numel() == 1 else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
 
 def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.GraphModule:
@@ -271,9 +408,10 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where))
     _fill_observers(observed, plan, where)
     # a new GraphModule: modules in the same order as the saved one's
-    quantized = convert(observed, backend=payload.get("backend", "native"))
-    _check_code(quantized, payload, where)
-    _load_state(quantized, payload["state_dict"], where)
+    backend = payload.get("backend", "native")
+    quantized = convert(observed, backend=backend)
+    _check_structure(quantized, payload, where)
+    _load_state(quantized, observed, payload["state_dict"], where, backend)
     training = set(payload["training"])
     for name, module in quantized.named_modules():
         module.training = name in training

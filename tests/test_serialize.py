@@ -156,7 +156,7 @@ class Wider(Zoo):
     [
         (Fewer, r"the model does not match .*zoo\.pt: BatchNorm 'signed' in the file, not in the model\. Pass the float model"),
         (Unfused, r"BatchNorm 'bn1' \(node 'bn1'\) is BatchNorm2d\+ReLU \(rewritten\) in the file, BatchNorm2d \(rewritten\)"),
-        (OtherForward, r"line \d+ of the converted forward is `return drop` in the file and `mul_1 = drop \* 3; .*` from the model"),
+        (OtherForward, r"node %(\d+) \('mul_1' from the model\) of the converted graph is `output output \(\('%\d+',\), \{\}\)` in the file and `call_function _operator.mul \(\('%\d+', 3\), \{\}\)` from the model"),
         (Wider, r"tensors do not match .*: 'conv.weight' is \(4, 3, 3, 3\) torch.float32 in the file, \(4, 3, 5, 5\)"),
     ],
     ids=["fewer-bns", "relu-removed", "forward-changed", "tensor-shape"],
