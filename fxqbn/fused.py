@@ -39,11 +39,6 @@ __all__ = [
 ]
 
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
-# Adding 1.5 * 2**23 to a float32 |t| < 2**22 leaves round_half_even(t) in the low mantissa bits: the
-# int32 bit pattern is _MAGIC_BITS + round(t). Beyond that range, and for +-inf, the bit pattern is
-# still monotone in t, so the clamp that follows saturates.
-_MAGIC = 12582912.0
-_MAGIC_BITS = 0x4B400000
 _SEARCH_ULPS = 4  # how far a channel's torch-kernel constants may move, in float32 ulps, to match every code
 _VECTOR = 32  # codes per step of the C kernel: per-element constants repeat with a period that is a multiple
 
@@ -96,8 +91,8 @@ def native_table(bn: Any, dim: int, relu: bool, qin: QParams, qout: QParams, bou
 
 def bn_formula(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, zin: float, zout: int, lo: int, hi: int) -> torch.Tensor:
     """clamp(zout + round_half_even((x - zin) * a + b), lo, hi) as int32, two float32 roundings."""
-    t = (x.to(torch.float32) - zin) * a + b
-    return ((t + _MAGIC).view(torch.int32) + (zout - _MAGIC_BITS)).clamp(lo, hi)
+    t = ((x.to(torch.float32) - zin) * a + b).clamp(-1073741824.0, 1073741824.0)  # far outside any code, as in C
+    return (torch.round(t).to(torch.int32) + zout).clamp(lo, hi)
 
 
 def _every_code(dtype: torch.dtype) -> torch.Tensor:
@@ -194,6 +189,8 @@ class FusedBatchNorm(nn.Module):
     Buffers (saved): ``alpha``, ``beta`` (the native op's per-channel constants) and ``table`` (C, 256),
     the native op's output for every code. Everything else is derived from them (``_derive``).
     """
+
+    __jit_unused_properties__ = ["mode"]  # torch.jit.script: a Python-side description only
 
     def __init__(self, dim: int, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, input_qparams: QParams,
                  output_qparams: QParams, bounds: tuple[int, int], relu: bool = False, kernel: str = "auto") -> None:
@@ -301,11 +298,13 @@ class FusedBatchNorm(nn.Module):
         if torch.jit.is_scripting():
             self._check_scripted_input(x)
             return self._forward_torch(x)
-        self._check_input(x)
         return self._forward_eager(x)
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # fx tracing: aten ops in the graph
+            return self._forward_torch(x)
+        self._check_input(x)
         if self._c is None or tracing(x) or x.device.type != "cpu" or x.numel() == 0:
             if self._c is None:
                 warn_if_missing()
@@ -321,11 +320,11 @@ class FusedBatchNorm(nn.Module):
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The same codes in aten ops: the ulp-adjusted affine map, or a gather from the table."""
-        channel = [1, self.num_features] + [1] * (x.dim() - 2)
+        last = x.transpose(1, -1)  # channels last: the constants broadcast whatever the rank
         if self._torch_table:
-            return self.table.view(-1)[x.to(torch.int64) + self._table_offsets.view(channel)]
-        a, b = self._torch_a.view(channel), self._torch_b.view(channel)
-        return bn_formula(x, a, b, float(self._zin), self._zout, self._lo, self._hi).to(x.dtype)
+            return self.table.view(-1)[last.to(torch.int64) + self._table_offsets].transpose(1, -1)
+        out = bn_formula(last, self._torch_a, self._torch_b, float(self._zin), self._zout, self._lo, self._hi)
+        return out.to(self.table.dtype).transpose(1, -1)
 
     # -- presentation --------------------------------------------------------------------------------
     def _get_name(self) -> str:

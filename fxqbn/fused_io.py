@@ -31,7 +31,6 @@ INTEGER_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8}  # quantiz
 QUANTIZED_DTYPES = {plain: q for q, plain in INTEGER_DTYPES.items()}
 _F32 = torch.float32
 _CLIP = 2.0**30  # beyond this |t| torch's code paths disagree; the C kernel hands such inputs to torch
-_INT32_TOP = 2147483520.0  # torch's vector path clips x/scale here before rounding (INT32_MAX - 127)
 
 
 def integer_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,7 +84,7 @@ def quantize_formula(x: torch.Tensor, inv: float, zp: int, lo: int, hi: int, mul
         t = (x.to(torch.float64) * inv + float(zp)).to(torch.float32)  # fma: the product is exact in f64
         q = torch.round(t)
         top = hi
-    q = q.masked_fill(torch.isnan(t) | (t >= _INT32_TOP), float(top))
+    q = q.masked_fill(torch.isnan(t) | (t >= 2147483520.0), float(top))  # torch's vector path clips there (INT32_MAX - 127)
     return q.clamp(float(lo), float(hi)).to(dtype)
 
 
@@ -230,7 +229,16 @@ class FusedQuantize(_FusedBoundary):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return quantize_formula(x, self._inv, self._zero_point, self._lo, self._hi, self._mul_first, self._code_dtype)
+            return self._formula(x)
+        return self._eager(x)
+
+    def _formula(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_formula(x, self._inv, self._zero_point, self._lo, self._hi, self._mul_first, self._code_dtype)
+
+    @torch.jit.unused
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # fx tracing: aten ops in the graph
+            return self._formula(x)
         if x.dtype != _F32 or x.device.type != "cpu":
             raise FxqbnError(
                 f"fxqbn's fused BatchNorm takes float32 CPU tensors, got {x.dtype} on {x.device}: pass x.float().cpu()"
@@ -243,5 +251,11 @@ class FusedDeQuantize(_FusedBoundary):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            return dequantize_formula(x, self._scale32, self._zero_point)
+        return self._eager(x)
+
+    @torch.jit.unused
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # fx tracing: aten ops in the graph
             return dequantize_formula(x, self._scale32, self._zero_point)
         return dequantize(x, self._scale, self._zero_point)

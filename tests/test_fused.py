@@ -1,9 +1,14 @@
-"""fxqbn.fused: bit-exact with the quantized op library (quantize, dequantize, every BN pattern), compiled and eager."""
+"""fxqbn.fused: bit-exact with the installed torch's quantized ops (quantize, dequantize, every BN
+pattern), with the C kernels and with the pure-torch kernels (the ``kernels`` fixture runs each test both ways)."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import randomize_bn
 from torch import nn
+
+from fxqbn import ckernels
 
 import fxqbn
 from fxqbn import fused, qops
@@ -11,6 +16,17 @@ from fxqbn.fused import FusedBatchNorm
 from fxqbn.qparams import DTYPE_RANGES, QParams
 
 DTYPES = [torch.quint8, torch.qint8]
+KERNELS = ["c", "torch"] if ckernels.EXT is not None else ["torch"]
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def kernels(request, monkeypatch):
+    """Every test here runs with the C kernels (when built) and with the pure-torch ones."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "EXT", None)
+        monkeypatch.setattr(fxqbn.fused_io, "EXT", None)
+        monkeypatch.setattr(ckernels, "WHY_NOT", "FXQBN_NO_EXT is set")  # chosen: no warning
+    return request.param
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SPATIAL = {1: (12,), 2: (4, 6), 3: (2, 3, 4)}
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}  # rank -> channels-last format
@@ -118,7 +134,7 @@ def random_bn(dim, channels, gen):
 def test_every_code_of_every_channel_matches_the_native_kernel(dim, dtype, relu):
     gen = torch.Generator().manual_seed(dim * 10 + relu)
     checked = 0
-    for channels in (1, 3, 8, 12, 36, 64):  # < 8, the kernel's vector width, its tail, and > 32
+    for channels in (1, 3, 8, 12, 36, 64, 100):  # below, at and past 32 (the native op's and the C kernel's vector width)
         bn = random_bn(dim, channels, gen)
         qin, qout = random_qparams(gen, dtype), random_qparams(gen, dtype)
         module = FusedBatchNorm.from_bn(bn, dim, relu, qin, qout)
@@ -149,21 +165,6 @@ def test_exact_ties_round_half_to_even(dtype):
         codes = every_code(dtype, 4, (2, 2), gen)
         for relu in (False, True):
             assert torch.equal(FusedBatchNorm.from_bn(bn, 2, relu, qin, qout)(codes), native(bn, codes, qin, qout, 2, relu))
-
-
-def test_a_channel_where_mul_add_differs_from_fma_gets_moved_constants():
-    # Found by search: (x - 128) * alpha + beta with two float32 roundings gives one code a different
-    # integer than the native fma; moving alpha/beta by a few ulps fixes every code of the channel.
-    alpha = torch.tensor([1064146650], dtype=torch.int32).view(torch.float32)
-    beta = torch.tensor([-1033517059], dtype=torch.int32).view(torch.float32)
-    qin, qout = QParams(0.05, 128, torch.quint8), QParams(0.07, 100, torch.quint8)
-    table = fused.native_codes(alpha, beta, qin, qout, False)
-    assert int((fused._kernel_codes(alpha, beta, qin, qout, False) != table).sum()) == 1
-    module = FusedBatchNorm(2, False, alpha, beta, qin, qout)
-    assert module.mode == "affine"
-    assert not torch.equal(module.kernel_a, alpha) or not torch.equal(module.kernel_b, beta)
-    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    assert torch.equal(module(codes).view(1, -1).to(torch.int32), table)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,55 +218,164 @@ def test_bad_input_and_bad_statistics_are_refused():
         FusedBatchNorm.from_bn(nn.BatchNorm2d(4, track_running_stats=False), 2, False, qp, qp)
 
 
-# -- the compiled path -------------------------------------------------------------------------------
 
 
-def test_compiled_kernels_equal_eager_and_native(monkeypatch):
-    """The one test that compiles (a few seconds per kernel): word kernels (contiguous and
-    channels-last), the plain kernel (7x7 spatial) and quantize, against the native ops."""
-    monkeypatch.setattr(fused, "COMPILE", True)
-    gen = torch.Generator().manual_seed(11)
-    bn = random_bn(2, 8, gen)
-    for dtype in DTYPES:
-        qin, qout = random_qparams(gen, dtype), random_qparams(gen, dtype)
-        module = FusedBatchNorm.from_bn(bn, 2, True, qin, qout)
-        # (2, 8, 4, 4) first: rows of 4 words, as many as the byte lanes; the kernel compiled for it
-        # must not assume that for (4, 8, 8, 8), which reuses it.
-        for shape in ((2, 8, 4, 4), (4, 8, 8, 8), (2, 8, 7, 7)):
-            x = floats_with_ties(gen, qin, shape)
-            for name, xx in layouts(x):
-                if name not in ("contiguous", "channels_last"):
-                    continue
-                codes = fused.quantize(xx, qin.scale, qin.zero_point, dtype)
-                xq = qops.quantize(xx, qin.scale, qin.zero_point, dtype)
-                assert torch.equal(codes, xq.int_repr()), (dtype, shape, name)
-                out = module(codes)
-                assert torch.equal(out, native(bn, xq.int_repr(), qin, qout, 2, True)), (dtype, shape, name)
-                assert torch.equal(fused.dequantize(out, qout.scale, qout.zero_point), (out.float() - qout.zero_point) * qout.scale)
-    assert not fused._compile_failed
-    assert fused._compiled_ok >= {fused._bn_words, fused._bn_plain, fused._quantize_words}
+# -- exactness traps, clamps, any shape --------------------------------------------------------------
 
 
-def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
-    def no_compiler(fn, args):
-        raise RuntimeError("no C++ compiler")
+def test_huge_alpha_channels_follow_the_native_op_through_the_table():
+    """KERNEL_FACTS: with |alpha * v + beta| >= 2^31 and output zero point >= 128 the native op's vector
+    path wraps to code 0 where a clamped affine map gives 255; such channels must run the table."""
+    c = 64  # the native op's vector path covers channels 0..63
+    bn = nn.BatchNorm2d(c, eps=0.0).eval()
+    huge = torch.arange(c) % 3 == 0
+    with torch.no_grad():
+        bn.weight.copy_(torch.where(huge, torch.tensor(1e11), torch.linspace(0.5, 2, c)))
+        bn.bias.copy_(torch.linspace(-1, 1, c))
+    gen = torch.Generator().manual_seed(2)
+    for zout in (128, 200):
+        qin, qout = QParams(0.05, 128, torch.quint8), QParams(0.05, zout, torch.quint8)
+        module = FusedBatchNorm.from_bn(bn, 2, False, qin, qout)
+        alpha, beta = fused.fold(bn, qin, qout)
+        affine = fused.bn_formula(torch.arange(256, dtype=torch.uint8), alpha[:, None], beta[:, None], 128.0, zout, 0, 255)
+        differs = (affine != module.table.to(torch.int32)).any(dim=1)
+        assert bool(differs[huge].all()) and not bool(differs[~huge].any())  # the trap is there
+        assert set(module.table_channels) >= set(huge.nonzero().flatten().tolist())
+        codes = every_code(torch.quint8, c, (3, 5), gen)
+        for name, x in layouts(codes):
+            if name != "odd_numel":
+                assert torch.equal(module(x), native(bn, codes, qin, qout, 2, False)[..., 1:] if name == "strided" else native(bn, codes, qin, qout, 2, False)), name
 
-    monkeypatch.setattr(fused, "COMPILE", True)
-    monkeypatch.setattr(fused, "_compile", no_compiler)
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused, "_compiled_ok", set())
-    monkeypatch.setattr(fused, "_compile_failed", [])
-    x = torch.randn(2, 8, 4, 4)
-    with pytest.warns(RuntimeWarning, match="compiling the kernels failed.*running them eagerly"):
-        codes = fused.quantize(x, 0.05, 128, torch.quint8)
-    assert fused._compile_failed == ["RuntimeError: no C++ compiler"]
-    assert torch.equal(codes, qops.quantize(x, 0.05, 128, torch.quint8).int_repr())
-    module = FusedBatchNorm.from_bn(randomize_bn(nn.BatchNorm2d(8)).eval(), 2, False,
-                                    QParams(0.05, 128, torch.quint8), QParams(0.04, 120, torch.quint8))
-    import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        out = module(codes)
-    monkeypatch.setattr(fused, "COMPILE", False)
-    assert torch.equal(out, module(codes))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_code_clamp_is_the_native_op_clamped(dtype):
+    gen = torch.Generator().manual_seed(4)
+    bn = random_bn(2, 20, gen)
+    qin, qout = random_qparams(gen, dtype), random_qparams(gen, dtype)
+    lo, hi = DTYPE_RANGES[dtype]
+    codes = every_code(dtype, 20, (2, 3), gen)
+    for relu in (False, True):
+        module = FusedBatchNorm.from_bn(bn, 2, relu, qin, qout, clamp=(lo + 30, hi - 40))
+        expected = native(bn, codes, qin, qout, 2, relu).clamp(lo + 30, hi - 40)
+        for name, x in layouts(codes):
+            if name in ("contiguous", "channels_last"):
+                assert torch.equal(module(x), expected), (relu, name)
+    with pytest.raises(fxqbn.FxqbnError, match=r"clamp must be two codes lo <= hi within"):
+        FusedBatchNorm.from_bn(bn, 2, False, qin, qout, clamp=(hi, lo))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dim=st.sampled_from([1, 2, 3]), channels=st.integers(1, 300), dtype=st.sampled_from(DTYPES), relu=st.booleans(),
+    batch=st.integers(1, 3), size=st.integers(1, 9), layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31),
+)
+def test_any_shape_and_layout_matches_the_native_op(dim, channels, dtype, relu, batch, size, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    bn = random_bn(dim, channels, gen)
+    qin, qout = random_qparams(gen, dtype), random_qparams(gen, dtype)
+    module = FusedBatchNorm.from_bn(bn, dim, relu, qin, qout)
+    lo, hi = DTYPE_RANGES[dtype]
+    spatial = {1: (size,), 2: (size, 3), 3: (2, size, 2)}[dim]
+    x = torch.randint(lo, hi + 1, (batch, channels, *spatial), generator=gen).to(fused.integer_dtype(dtype))
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    out = module(x)
+    assert torch.equal(out, native(bn, x, qin, qout, dim, relu))
+    assert out.movedim(1, -1).is_contiguous() if layout == "channels_last" else out.is_contiguous()
+
+
+def test_threads_inside_and_around_the_kernels_give_the_same_codes():
+    import threading
+
+    gen = torch.Generator().manual_seed(9)
+    bn = random_bn(2, 16, gen)
+    qin, qout = random_qparams(gen, torch.quint8), random_qparams(gen, torch.quint8)
+    module = FusedBatchNorm.from_bn(bn, 2, True, qin, qout)
+    x = torch.randint(0, 256, (8, 16, 40, 40), generator=gen, dtype=torch.uint8)  # 204,800 codes: split over threads
+    expected = native(bn, x, qin, qout, 2, True)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(module(x), expected)
+            assert torch.equal(module(x.contiguous(memory_format=torch.channels_last)), expected)
+    finally:
+        torch.set_num_threads(before)
+    results = [None] * 8
+
+    def work(i):
+        results[i] = [module(x[i % 4 :]) for _ in range(5)]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for i, outs in enumerate(results):
+        assert all(torch.equal(o, expected[i % 4 :]) for o in outs), i
+
+
+# -- boundaries: the installed torch's rounding --------------------------------------------------------
+
+
+def test_the_rounding_probe_tells_the_two_torch_roundings_apart():
+    """KERNEL_FACTS' example: 150 with torch 2.13's fma rounding, 149 with 2.14.1's."""
+    r = fused.rounding()
+    assert r is not None
+    x = torch.full((64,), 0.19004565)
+    theirs = qops.quantize(x, 0.0115179233, 133, torch.quint8).int_repr()
+    assert torch.equal(fused.quantize(x, 0.0115179233, 133, torch.quint8), theirs)
+    other = fused.Rounding(not r.mul_first, r.inv_in_f64)
+    got = fxqbn.fused_io.quantize_formula(x, other.inverse(0.0115179233), 133, 0, 255, other.mul_first, torch.uint8)
+    assert not torch.equal(got, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_inputs_with_inf_nan_and_huge_values_quantize_as_torch(dtype):
+    gen = torch.Generator().manual_seed(6)
+    qp = random_qparams(gen, dtype)
+    x = floats_with_ties(gen, qp, (300_000,))
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e10, -1e30, 3e9])
+    spots = torch.randint(0, x.numel(), (50,), generator=gen)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for data in (x, x.clone().index_put_((spots,), special.repeat(9)[:50])):
+                theirs = qops.quantize(data, qp.scale, qp.zero_point, dtype).int_repr()
+                assert torch.equal(fused.quantize(data, qp.scale, qp.zero_point, dtype), theirs)
+                assert torch.equal(fused.dequantize(theirs, qp.scale, qp.zero_point), qops.dequantize(qops.from_codes(theirs, qp.scale, qp.zero_point)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dequantize_falls_back_to_torch_where_the_fast_path_would_differ(monkeypatch):
+    fast = fxqbn.fused_io._fast_dequantize
+    monkeypatch.setattr(fxqbn.fused_io, "_fast_dequantize", lambda *args: torch.nextafter(fast(*args), torch.tensor(1e30)))
+    fxqbn.fused_io._dequantize_exact.cache_clear()
+    try:
+        q = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        assert torch.equal(fused.dequantize(q, 0.1, 3), qops.dequantize(qops.from_codes(q, 0.1, 3)))
+        assert not fxqbn.fused_io._dequantize_exact(0.1, 3, torch.uint8)
+    finally:
+        fxqbn.fused_io._dequantize_exact.cache_clear()
+
+
+def test_fx_tracing_a_fused_model_records_aten_ops_with_the_same_outputs():
+    from torch import fx
+
+    model = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.BatchNorm2d(12)).eval()
+    randomize_bn(model)
+    observed = fxqbn.prepare(model, (torch.randn(1, 12, 4, 4),))
+    with torch.no_grad():
+        observed(torch.randn(8, 12, 4, 4))
+    q = fxqbn.convert(observed, backend="fused")
+    traced = fx.symbolic_trace(q)
+    targets = {str(n.target) for n in traced.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not any("quantize" in t or "quantized" in t for t in targets), targets
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 12, 5, 6).contiguous(memory_format=layout)
+        assert torch.equal(traced(x), q(x))

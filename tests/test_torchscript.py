@@ -1,4 +1,4 @@
-"""torch.jit.script compiles converted models: same outputs, bit for bit, before and after save/load."""
+"""torch.jit.script compiles converted models of both backends: same outputs, bit for bit, before and after save/load."""
 
 import io
 
@@ -33,15 +33,15 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def quantized():
+@pytest.fixture(scope="module", params=["native", "fused"])
+def quantized(request):
     torch.manual_seed(0)
     model = randomize_bn(Mixed()).eval()
     observed = fxqbn.prepare(model, (torch.randn(1, 3, 8, 8),), MinMaxObserver)
     with torch.no_grad():
         for _ in range(3):
             observed(torch.randn(2, 3, 8, 8))
-    return fxqbn.convert(observed)
+    return fxqbn.convert(observed, backend=request.param)
 
 
 def test_scripted_model_equals_eager_before_and_after_save(quantized):
