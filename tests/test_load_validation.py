@@ -63,7 +63,10 @@ def corruption(draw, payload):
     if kind == "qparams-buffer":
         keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("scale", "zero_point")]
         if not keys:  # fused modules keep qparams off the state_dict: corrupt a kernel constant instead
-            keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("kernel_a", "kernel_b")]
+            keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("alpha", "beta")]
+            key = draw(st.sampled_from(keys))
+            state[key].view(-1)[0] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+            return bad, rf"bad\.pt.*'({module}|{module.removesuffix('_1')})'.*not finite"
         key = draw(st.sampled_from(keys))
         state[key].view(-1)[0] = draw(st.sampled_from(BAD_SCALES if state[key].is_floating_point() else BAD_ZERO_POINTS))
         return bad, rf"bad\.pt is inconsistent: its state_dict's '{key}'.*module '{module}'"
