@@ -23,9 +23,9 @@ BN_OP_NAMES = {(dim, relu): f"quantized::batch_norm{dim}d" + ("_relu" if relu el
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
-    """Float -> quantized boundary: ``torch.quantize_per_tensor``, defined for every input on every
-    supported torch: values beyond the codes' float range saturate (torch 2.14.1 maps +inf and
-    values past about 2**31 steps to code 0 for quint8; 2.13.0 saturates), NaN is refused.
+    """Float -> quantized boundary: ``torch.quantize_per_tensor``, defined alike on every supported
+    torch: values beyond the codes' float range saturate, and NaN takes the highest code (as on
+    torch 2.13.0; 2.14.1 maps +inf, NaN and values past about 2**31 steps to code 0 for quint8).
 
     Refuses what the CPU-only kernels cannot take (another dtype or device) with an FxqbnError
     instead of the dispatcher's message.
@@ -40,10 +40,8 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
         low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
         lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates into both
         if bool(torch.isnan(lo)):
-            raise FxqbnError(
-                f"fxqbn's Quantize (scale {scale}, zero point {zero_point}) got NaN input: a quantized "
-                "tensor cannot hold NaN; clean the input (e.g. torch.nan_to_num) or keep this BatchNorm float"
-            )
+            x = torch.nan_to_num(x, nan=high, posinf=high, neginf=low)
+            lo, hi = torch.aminmax(x.detach())
         if float(lo) < low or float(hi) > high:
             x = x.clamp(low, high)  # the same codes as unclamped, where torch's own arithmetic is exact
     return torch.quantize_per_tensor(x, scale, zero_point, dtype)
