@@ -1,12 +1,13 @@
-"""Speed of quantized BatchNorm: float vs torch.ao (BN-only) vs fxqbn native vs fxqbn fused.
+"""Speed of quantized BatchNorm: float vs torch.ao (BN-only) vs fxqbn native vs fxqbn fused (C kernels).
 
-    python benchmarks/fused_speed.py            # both tables, 1 thread (a few minutes on 2 cores)
-    python benchmarks/fused_speed.py --quick    # fewer repeats, for a smoke run
+    python benchmarks/fused_speed.py            # every table, 1 and 2 threads (several minutes on 2 cores)
+    python benchmarks/fused_speed.py --quick    # fewer shapes and repeats, for a smoke run
 
-Prints two markdown tables: single BN kernels (one quantized BN module on codes, against float
-BatchNorm on floats) and whole models (float input -> float output, boundaries included). Times are
-the median of interleaved repeats with the interquartile range; ratios are medians over medians.
-The fused kernels are compiled before timing; their first-call cost is printed separately.
+Prints three markdown tables: the BN map on codes (float BatchNorm on floats, the native op, the fused
+C kernel and a uint8 ``copy_`` of the same size, as ratios to float BN), the boundaries (fused
+quantize/dequantize against torch's), and whole models (float input -> float output). Times are the
+medians of interleaved rounds (A B C A B C ...), so that load from other jobs hits every column alike;
+the ratios are what to read on a shared machine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxqbn
-from fxqbn import fused, qops
+from fxqbn import ckernels, fused, qops
 from fxqbn.qparams import QParams
 
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
@@ -90,7 +91,10 @@ MODELS = [
     ModelCase("3-D CNN C=16 8x16x16", Small3d, (3, 8, 16, 16)),
     ModelCase("dense block C=16..32 28x28", DenseBlock, (16, 28, 28)),
 ]
-KERNELS = [(1, 8, 56, 56), (16, 8, 56, 56), (32, 16, 28, 28), (32, 64, 28, 28), (32, 256, 14, 14)]
+KERNELS = [(1, 8, 4, 4), (1, 8, 56, 56), (16, 8, 56, 56), (32, 16, 28, 28), (32, 64, 28, 28), (32, 256, 14, 14),
+           (8, 16, 8, 28, 28)]  # KERNEL_FACTS.md's shapes, and a tiny one that shows the per-call cost
+QUICK_KERNELS = [(1, 8, 4, 4), (16, 8, 56, 56), (32, 64, 28, 28), (32, 256, 14, 14)]
+BOUNDARY_SHAPES = [(16, 8, 56, 56), (32, 64, 28, 28)]
 BATCHES = (1, 32)
 LAYOUTS = ("NCHW", "channels_last")
 
@@ -98,33 +102,36 @@ LAYOUTS = ("NCHW", "channels_last")
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Interleaved repeats; each sample runs enough calls for ~5 ms. -> name: (median ms, IQR ms)."""
+class Timings(dict):
+    """name -> per-round times (ms) of interleaved rounds."""
+
+    def ms(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """The median over rounds of name/base within one round: load that hits a round hits both."""
+        return statistics.median(a / b for a, b in zip(self[name], self[base]))
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> Timings:
+    """Interleaved rounds (A B C A B C ...); each sample runs enough calls for ~4 ms."""
     calls = {}
     with torch.no_grad():
         for name, fn in fns.items():
             fn()
             start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.005:
+            while time.perf_counter() - start < 0.004:
                 fn()
                 n += 1
             calls[name] = max(n, 1)
-        samples: dict[str, list[float]] = {name: [] for name in fns}
+        samples = Timings({name: [] for name in fns})
         for _ in range(repeats):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 for _ in range(calls[name]):
                     fn()
                 samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
-    out = {}
-    for name, values in samples.items():
-        q = statistics.quantiles(values, n=4)
-        out[name] = (statistics.median(values), q[2] - q[0])
-    return out
-
-
-def fmt(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.3f} ±{ms[1]:.3f}"
+    return samples
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -133,31 +140,59 @@ def layout(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
-# -- the two tables ----------------------------------------------------------------------------------
+# -- the tables ----------------------------------------------------------------------------------------
 
 
-def kernel_table(repeats: int) -> list[list[str]]:
+def bn_case(shape: tuple[int, ...]) -> tuple[nn.Module, fused.FusedBatchNorm, QParams, QParams]:
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm3d)(shape[1]).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.uniform_(0.5, 2)
+    qin, qout = QParams(0.05, 128, torch.quint8), QParams(0.04, 120, torch.quint8)
+    return bn, fused.FusedBatchNorm.from_bn(bn, len(shape) - 2, True, qin, qout), qin, qout
+
+
+def kernel_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repeats: int) -> list[list[str]]:
     rows = []
-    for shape in KERNELS:
-        c = shape[1]
-        bn = nn.BatchNorm2d(c).eval()
-        with torch.no_grad():
-            bn.running_var.uniform_(0.5, 2)
-            bn.running_mean.uniform_(-1, 1)
-        qin, qout = QParams(0.05, 128, torch.quint8), QParams(0.04, 120, torch.quint8)
-        module = fused.FusedBatchNorm.from_bn(bn, 2, False, qin, qout)
-        weight, bias = bn.weight.detach(), bn.bias.detach()
+    for shape in shapes:
+        bn, module, qin, qout = bn_case(shape)
+        weight, bias, dim = bn.weight.detach(), bn.bias.detach(), len(shape) - 2
         for name in LAYOUTS:
             xf = layout(torch.randn(shape), name)
             codes = fused.quantize(xf, qin.scale, qin.zero_point, qin.dtype)
-            xq = qops.quantize(xf, qin.scale, qin.zero_point, qin.dtype)
-            t = timed({
-                "float": lambda: bn(xf),
-                "native": lambda: qops.batch_norm(xq, weight, bias, bn.running_mean, bn.running_var, bn.eps, qout.scale, qout.zero_point, 2, False),
-                "fused": lambda: module(codes),
-            }, repeats)
-            rows.append([str(shape), name, fmt(t["float"]), fmt(t["native"]), fmt(t["fused"]),
-                         f"{t['native'][0] / t['fused'][0]:.1f}x", f"{t['float'][0] / t['fused'][0]:.2f}x"])
+            xq, target = qops.from_codes(codes, qin.scale, qin.zero_point), torch.empty_like(codes)
+            for n in threads:
+                torch.set_num_threads(n)
+                t = timed({
+                    "float": lambda: bn(xf),
+                    "native": lambda: qops.batch_norm(xq, weight, bias, bn.running_mean, bn.running_var, bn.eps, qout.scale, qout.zero_point, dim, True),
+                    "fused": lambda: module(codes),
+                    "copy": lambda: target.copy_(codes),
+                }, repeats)
+                rows.append([str(shape), name, n, f"{t.ms('float'):.3f}", f"{t.ratio('native', 'float'):.2f}x",
+                             f"{t.ratio('fused', 'float'):.2f}x", f"{t.ratio('copy', 'float'):.2f}x",
+                             f"{t.ratio('fused', 'copy'):.1f}", f"{t.ratio('native', 'fused'):.1f}x"])
+    return rows
+
+
+def boundary_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repeats: int) -> list[list[str]]:
+    rows = []
+    for shape in shapes:
+        for name in LAYOUTS:
+            xf = layout(torch.randn(shape), name)
+            xq = torch.quantize_per_tensor(xf, 0.05, 128, torch.quint8)
+            codes = xq.int_repr()
+            for n in threads:
+                torch.set_num_threads(n)
+                t = timed({
+                    "tq": lambda: torch.quantize_per_tensor(xf, 0.05, 128, torch.quint8),
+                    "fq": lambda: fused.quantize(xf, 0.05, 128, torch.quint8),
+                    "td": lambda: xq.dequantize(),
+                    "fd": lambda: fused.dequantize(codes, 0.05, 128),
+                }, repeats)
+                rows.append([str(shape), name, n, f"{t.ms('tq'):.3f}", f"{t.ratio('fq', 'tq'):.2f}x",
+                             f"{t.ms('td'):.3f}", f"{t.ratio('fd', 'td'):.2f}x"])
     return rows
 
 
@@ -183,53 +218,47 @@ def calibrated(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, ...
     return fxqbn.convert(observed), fxqbn.convert(observed, backend="fused"), (convert_fx(ao) if ao is not None else None)
 
 
-def model_table(repeats: int) -> tuple[list[list[str]], list[str]]:
-    rows, first_calls = [], []
-    for case in MODELS:
+def model_table(cases: list[ModelCase], batches: tuple[int, ...], threads: tuple[int, ...], repeats: int) -> list[list[str]]:
+    rows = []
+    for case in cases:
         torch.manual_seed(0)
         model = case.build().eval()
         native, fused_model, ao = calibrated(model, case.shape)
-        for batch in BATCHES:
+        for batch in batches:
             for name in LAYOUTS:
                 x = layout(torch.randn(batch, *case.shape), name)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    fused_model(x)
-                first_calls.append(f"{case.name}, batch {batch}, {name}: {time.perf_counter() - start:.2f} s")
                 fns = {"float": lambda: model(x), "torch.ao": lambda: ao(x), "native": lambda: native(x),
                        "fused": lambda: fused_model(x)}
                 if ao is None:
                     del fns["torch.ao"]
-                t = timed(fns, repeats)
-                ao_ms = fmt(t["torch.ao"]) if ao is not None else "fails"
-                rows.append([case.name, batch, name, fmt(t["float"]), ao_ms, fmt(t["native"]), fmt(t["fused"]),
-                             f"{t['native'][0] / t['fused'][0]:.1f}x", f"{t['float'][0] / t['fused'][0]:.2f}x"])
-    return rows, first_calls
+                for n in threads:
+                    torch.set_num_threads(n)
+                    t = timed(fns, repeats)
+                    ao_x = f"{t.ratio('torch.ao', 'float'):.2f}x" if ao is not None else "fails"
+                    rows.append([case.name, batch, name, n, f"{t.ms('float'):.3f}", ao_x, f"{t.ratio('native', 'float'):.2f}x",
+                                 f"{t.ratio('fused', 'float'):.2f}x", f"{t.ratio('native', 'fused'):.1f}x"])
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="5 repeats instead of 15")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and models, 7 rounds instead of 15")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats = 5 if args.quick else 15
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s), "
-          f"median ms ±IQR of {repeats} interleaved repeats\n")
-    start = time.perf_counter()
-    with torch.no_grad():
-        fused.FusedBatchNorm.from_bn(nn.BatchNorm2d(8).eval(), 2, False, QParams(0.1, 0, torch.quint8),
-                                     QParams(0.1, 0, torch.quint8))(torch.zeros(1, 8, 4, 4, dtype=torch.uint8))
-    print(f"first fused call in this process (compiles the word kernel): {time.perf_counter() - start:.1f} s\n")
-    headers = ["BN input", "layout", "float BN ms", "native ms", "fused ms", "native/fused", "float/fused"]
-    print(tabulate(kernel_table(repeats), headers=headers, tablefmt="github"))
-    print()
-    rows, first_calls = model_table(repeats)
-    headers = ["model", "batch", "layout", "float ms", "torch.ao ms", "native ms", "fused ms", "native/fused", "float/fused"]
-    print(tabulate(rows, headers=headers, tablefmt="github"))
-    print("\nfirst call of each fused model (compiling new kernels or shapes):")
-    for line in first_calls:
-        print("  " + line)
+    repeats, threads = (7 if args.quick else 15), tuple(args.threads)
+    isa = ckernels.EXT.isa() if ckernels.EXT is not None else f"not used: {ckernels.WHY_NOT}"
+    print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, fxqbn C kernels: {isa}; "
+          f"medians over {repeats} interleaved rounds of per-round ratios\n")
+    print("BN+ReLU on codes (times as a ratio to float BatchNorm on the same shape; fused/copy in uint8 copies):\n")
+    headers = ["BN input", "layout", "threads", "float BN ms", "native", "fused", "uint8 copy", "fused/copy", "native/fused"]
+    print(tabulate(kernel_table(QUICK_KERNELS if args.quick else KERNELS, threads, repeats), headers=headers, tablefmt="github"))
+    print("\nBoundaries (fused as a ratio to torch's):\n")
+    headers = ["input", "layout", "threads", "quantize_per_tensor ms", "fused.quantize", "dequantize() ms", "fused.dequantize"]
+    print(tabulate(boundary_table(BOUNDARY_SHAPES[:1] if args.quick else BOUNDARY_SHAPES, threads, repeats), headers=headers, tablefmt="github"))
+    print("\nWhole models, float in -> float out (ratios to the float model):\n")
+    cases, batches = (MODELS[:1], (32,)) if args.quick else (MODELS, BATCHES)
+    headers = ["model", "batch", "layout", "threads", "float ms", "torch.ao", "native", "fused", "native/fused"]
+    print(tabulate(model_table(cases, batches, threads, repeats), headers=headers, tablefmt="github"))
 
 
 if __name__ == "__main__":

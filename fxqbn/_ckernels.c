@@ -82,7 +82,8 @@ typedef struct {
     uint8_t *dst;
     int64_t rows, row_len, channels;
     int per_element;         /* 0: row r is channel r % C; 1: element j of the flat array is channel j % C */
-    const float *a, *b;      /* per channel; with per_element, `period` entries repeating the channels */
+    const float *a, *b;      /* per channel; with per_element, `period` entries repeating the channels
+                              * (then 32 more, read by the last partial block) */
     int64_t period;          /* per_element: a multiple of C (and of 32 when C allows), the length of a, b */
     const uint8_t *table;    /* (C, 256) output codes, indexed by the input code's byte ^ flip */
     const uint8_t *use_table;/* (C,) 1 where the channel runs the table */
@@ -93,10 +94,14 @@ typedef struct {
 
 static inline int code_of(const bn_job *j, uint8_t byte) { return j->is_signed ? (int)(int8_t)byte : (int)byte; }
 
+static inline int sat16(int64_t v) { return v < -32768 ? -32768 : (v > 32767 ? 32767 : (int)v); }
+
+/* What the AVX2 kernel computes for one code: rne to int32 (INT32_MIN when out of range, as
+ * cvtps2dq), saturate to int16, add zout saturating, clamp. */
 static inline uint8_t bn_scalar(const bn_job *j, uint8_t byte, float a, float b) {
     float t = fmaf(a, (float)(code_of(j, byte) - j->zin), b);
-    t = fminf(fmaxf(t, -CLIP), CLIP);
-    int q = (int)nearbyintf(t) + j->zout;
+    int64_t r = (t > -2147483648.0f && t < 2147483648.0f) ? (int64_t)nearbyintf(t) : INT32_MIN;
+    int q = sat16(sat16(r) + j->zout);
     q = q < j->lo ? j->lo : (q > j->hi ? j->hi : q);
     return (uint8_t)q;
 }
@@ -132,60 +137,94 @@ static void bn_scalar_range(const void *job, int64_t begin, int64_t end, int *fl
 }
 
 #ifdef FXQBN_X86
-__attribute__((target("avx2,fma"))) static inline __m256i bn8(__m128i bytes8, int is_signed, __m256i zin, __m256 a, __m256 b,
-                                                             __m256i zout, __m256i lo, __m256i hi) {
-    __m256i x = is_signed ? _mm256_cvtepi8_epi32(bytes8) : _mm256_cvtepu8_epi32(bytes8);
-    __m256 t = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(x, zin)), b);
-    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-CLIP)), _mm256_set1_ps(CLIP));
-    __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), zout);
-    return _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
-}
+#define AVX2 __attribute__((target("avx2,fma")))
 
 /* Four vectors of 8 int32 codes (already clamped to the code range) -> 32 bytes in order. */
-__attribute__((target("avx2"))) static inline __m256i pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, int is_signed) {
+AVX2 static inline __m256i pack32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, int is_signed) {
     __m256i p01 = _mm256_packs_epi32(q0, q1), p23 = _mm256_packs_epi32(q2, q3);
     __m256i bytes = is_signed ? _mm256_packs_epi16(p01, p23) : _mm256_packus_epi16(p01, p23);
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* 32 codes at src -> dst; constants a[0..32), b[0..32) (stride 1) or broadcast (stride 0). */
-__attribute__((target("avx2,fma"))) static inline void bn32(const bn_job *j, const uint8_t *src, uint8_t *dst, const float *a,
-                                                           const float *b, int stride) {
-    __m256i zin = _mm256_set1_epi32(j->zin), zout = _mm256_set1_epi32(j->zout);
-    __m256i lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
+/* 32 codes src -> dst with constants a[0..32), b[0..32) (per_element) or a[0], b[0]. No clipping
+ * before the conversion: an out-of-range t gives INT32_MIN, as bn_scalar emulates, and channels
+ * where that changes a code fail the build-time check and run the table. zout is added, and the
+ * clamp done, on int16 lanes after a saturating pack (16 lanes per instruction). */
+AVX2 static inline __attribute__((always_inline)) void bn_block(const uint8_t *src, uint8_t *dst, const float *a, const float *b,
+                                                               int per_element, int is_signed, __m256i vzin, __m256 a0,
+                                                               __m256 b0, __m256i vzout, __m256i vlo, __m256i vhi) {
     __m256i raw = _mm256_loadu_si256((const __m256i *)src);
     __m128i low = _mm256_castsi256_si128(raw), high = _mm256_extracti128_si256(raw, 1);
     __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
-    __m256i q[4];
+    __m256i r[4];
     for (int k = 0; k < 4; k++) {
-        __m256 av = stride ? _mm256_loadu_ps(a + 8 * k) : _mm256_set1_ps(*a);
-        __m256 bv = stride ? _mm256_loadu_ps(b + 8 * k) : _mm256_set1_ps(*b);
-        q[k] = bn8(parts[k], j->is_signed, zin, av, bv, zout, lo, hi);
+        __m256i x = is_signed ? _mm256_cvtepi8_epi32(parts[k]) : _mm256_cvtepu8_epi32(parts[k]);
+        __m256 av = per_element ? _mm256_loadu_ps(a + 8 * k) : a0;
+        __m256 bv = per_element ? _mm256_loadu_ps(b + 8 * k) : b0;
+        r[k] = _mm256_cvtps_epi32(_mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_sub_epi32(x, vzin)), bv));
     }
-    _mm256_storeu_si256((__m256i *)dst, pack32(q[0], q[1], q[2], q[3], j->is_signed));
+    __m256i h01 = _mm256_adds_epi16(_mm256_packs_epi32(r[0], r[1]), vzout);
+    __m256i h23 = _mm256_adds_epi16(_mm256_packs_epi32(r[2], r[3]), vzout);
+    h01 = _mm256_min_epi16(_mm256_max_epi16(h01, vlo), vhi);
+    h23 = _mm256_min_epi16(_mm256_max_epi16(h23, vlo), vhi);
+    __m256i bytes = is_signed ? _mm256_packs_epi16(h01, h23) : _mm256_packus_epi16(h01, h23);
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)dst, bytes);
 }
 
-__attribute__((target("avx2,fma"))) static void bn_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+/* n codes src -> dst (not in place); a last partial block is redone as the last 32 codes, or, when
+ * n < 32, goes through a 32-byte buffer (a, b are padded by 32 floats for it).
+ * Inlined into four callers with constant per_element / is_signed, so each gets its own loop, with
+ * every invariant in registers (dst is a byte pointer: stores through it could alias anything). */
+AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *restrict src, uint8_t *restrict dst, int64_t n,
+                                                              const float *restrict a, const float *restrict b, int per_element,
+                                                              int is_signed, int zin, int zout, int lo, int hi) {
+    const __m256i vzin = _mm256_set1_epi32(zin), vzout = _mm256_set1_epi16((short)zout);
+    const __m256i vlo = _mm256_set1_epi16((short)lo), vhi = _mm256_set1_epi16((short)hi);
+    const __m256 a0 = _mm256_set1_ps(a[0]), b0 = _mm256_set1_ps(b[0]);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        bn_block(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    if (i < n && n >= 32) { /* the last 32 codes once more: the same constants give the same codes */
+        i = n - 32;
+        bn_block(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    } else if (i < n) {
+        uint8_t in[32] = {0}, out[32];
+        memcpy(in, src + i, (size_t)(n - i));
+        bn_block(in, out, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+        memcpy(dst + i, out, (size_t)(n - i));
+    }
+}
+
+AVX2 static void bn_span_avx2(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
+    int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
+    if (j->per_element) {
+        if (j->is_signed) bn_span(src, dst, n, a, b, 1, 1, zin, zout, lo, hi);
+        else bn_span(src, dst, n, a, b, 1, 0, zin, zout, lo, hi);
+    } else {
+        if (j->is_signed) bn_span(src, dst, n, a, b, 0, 1, zin, zout, lo, hi);
+        else bn_span(src, dst, n, a, b, 0, 0, zin, zout, lo, hi);
+    }
+}
+
+AVX2 static void bn_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const bn_job *j = (const bn_job *)job;
     (void)flag;
     if (!j->per_element) {
         for (int64_t r = begin; r < end; r++) {
-            int64_t c = r % j->channels, base = r * j->row_len, i = 0;
-            if (j->use_table[c]) {
-                for (; i < j->row_len; i++) j->dst[base + i] = bn_lookup(j, c, j->src[base + i]);
-                continue;
-            }
-            for (; i + 32 <= j->row_len; i += 32) bn32(j, j->src + base + i, j->dst + base + i, j->a + c, j->b + c, 0);
-            for (; i < j->row_len; i++) j->dst[base + i] = bn_scalar(j, j->src[base + i], j->a[c], j->b[c]);
+            int64_t c = r % j->channels, base = r * j->row_len;
+            if (j->use_table[c])
+                for (int64_t i = 0; i < j->row_len; i++) j->dst[base + i] = bn_lookup(j, c, j->src[base + i]);
+            else
+                bn_span_avx2(j, j->src + base, j->dst + base, j->row_len, j->a + c, j->b + c);
         }
         return;
     }
     int64_t first = begin * j->period, last = end * j->period, total = j->rows * j->row_len;
     if (last > total) last = total;
     for (int64_t e = first; e < last; e += j->period) {
-        int64_t n = last - e < j->period ? last - e : j->period, i = 0;
-        for (; i + 32 <= n; i += 32) bn32(j, j->src + e + i, j->dst + e + i, j->a + i, j->b + i, 1);
-        for (; i < n; i++) j->dst[e + i] = bn_scalar(j, j->src[e + i], j->a[i], j->b[i]);
+        int64_t n = last - e < j->period ? last - e : j->period;
+        bn_span_avx2(j, j->src + e, j->dst + e, n, j->a, j->b);
     }
     patch_table_channels(j, first, last);
 }
@@ -224,7 +263,7 @@ static void quantize_scalar_range(const void *job, int64_t begin, int64_t end, i
 }
 
 #ifdef FXQBN_X86
-__attribute__((target("avx2,fma"))) static void quantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+AVX2 static void quantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const quantize_job *j = (const quantize_job *)job;
     __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
     __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -273,7 +312,7 @@ static void dequantize_scalar_range(const void *job, int64_t begin, int64_t end,
 }
 
 #ifdef FXQBN_X86
-__attribute__((target("avx2,fma"))) static void dequantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
+AVX2 static void dequantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const dequantize_job *j = (const dequantize_job *)job;
     __m256i zp = _mm256_set1_epi32(j->zp);
     __m256 scale = _mm256_set1_ps(j->scale);

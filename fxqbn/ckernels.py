@@ -7,6 +7,7 @@ missing build is reported once, by ``warn_if_missing``, when a fused kernel firs
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -20,10 +21,11 @@ def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("FXQBN_NO_EXT", "0") not in ("", "0"):
         return None, "FXQBN_NO_EXT is set"
     try:
-        from . import _ckernels
-    except ImportError as exc:
-        return None, f"the C extension fxqbn._ckernels is not built ({exc})"
-    return _ckernels, ""
+        return importlib.import_module("fxqbn._ckernels"), ""
+    except ModuleNotFoundError:
+        return None, "the C extension fxqbn._ckernels is not built"
+    except ImportError as exc:  # built, but does not load here
+        return None, f"the C extension fxqbn._ckernels does not load ({exc})"
 
 
 EXT, WHY_NOT = _load()

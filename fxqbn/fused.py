@@ -41,6 +41,7 @@ __all__ = [
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
 _SEARCH_ULPS = 4  # how far a channel's torch-kernel constants may move, in float32 ulps, to match every code
 _VECTOR = 32  # codes per step of the C kernel: per-element constants repeat with a period that is a multiple
+_PERIOD = 1024  # ... of it, and at least this long
 
 
 def fold(bn: Any, qin: QParams, qout: QParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +146,9 @@ class _CKernel:
                  dtype: torch.dtype, zin: int, zout: int, bounds: tuple[int, int]) -> None:
         c = alpha.numel()
         period = c * _VECTOR // math.gcd(c, _VECTOR)
+        period *= -(-_PERIOD // period)  # long enough that the loop runs many blocks per pass
         self.channels, self.period = c, period
-        self.a, self.b = alpha.repeat(period // c).contiguous(), beta.repeat(period // c).contiguous()
+        self.a, self.b = (t.repeat(period // c + _VECTOR).contiguous() for t in (alpha, beta))  # padded: see the C
         self.table = table.contiguous().view(torch.uint8)
         self.use_table = use_table.to(torch.uint8).contiguous()
         self.table_channels = use_table.nonzero().flatten().to(_I32)

@@ -128,12 +128,16 @@ def rounding() -> Rounding | None:
     return None
 
 
-def _check_scale(scale: float, dtype: torch.dtype) -> None:
+@functools.lru_cache(maxsize=1024)
+def _quantize_constants(scale: float, zero_point: int, dtype: torch.dtype) -> tuple[Rounding | None, float, int, int]:
+    """(this torch's rounding, 1/scale as it rounds it, qmin, qmax), after checking the arguments."""
     if dtype not in INTEGER_DTYPES:
         raise FxqbnError(f"fxqbn.fused.quantize takes torch.quint8 or torch.qint8, got {dtype}")
     s = torch.tensor(scale, dtype=_F32)
     if not (bool(torch.isfinite(s)) and float(s) > 0):
         raise FxqbnError(f"fxqbn.fused.quantize: scale {scale!r} is not a positive float32 number")
+    r = rounding()
+    return r, (r or ROUNDINGS[0]).inverse(scale), *DTYPE_RANGES[dtype]
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
@@ -142,15 +146,13 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise FxqbnError(f"fxqbn.fused.quantize expects a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     scale, zero_point = float(scale), int(zero_point)
-    _check_scale(scale, dtype)
-    r, (lo, hi) = rounding(), DTYPE_RANGES[dtype]
+    r, inv, lo, hi = _quantize_constants(scale, zero_point, dtype)
     if tracing(x):
-        r = r or ROUNDINGS[0]
-        return quantize_formula(x, r.inverse(scale), zero_point, lo, hi, r.mul_first, integer_dtype(dtype))
-    x = dense(x.to(_F32))
+        return quantize_formula(x, inv, zero_point, lo, hi, (r or ROUNDINGS[0]).mul_first, integer_dtype(dtype))
+    x = dense(x if x.dtype == _F32 else x.to(_F32))
     if EXT is not None and r is not None and x.device.type == "cpu":
         out = torch.empty_like(x, dtype=integer_dtype(dtype))
-        if not EXT.quantize(x.data_ptr(), out.data_ptr(), x.numel(), r.inverse(scale), zero_point, lo, hi, r.mul_first, threads()):
+        if not EXT.quantize(x.data_ptr(), out.data_ptr(), x.numel(), inv, zero_point, lo, hi, r.mul_first, threads()):
             return out
     warn_if_missing()
     return qops.quantize(x, scale, zero_point, dtype).int_repr()
@@ -196,7 +198,8 @@ def dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         return dequantize_formula(x, _scale32(scale), zero_point)
     x = dense(x)
     if _dequantize_exact(scale, zero_point, x.dtype):
-        warn_if_missing()
+        if EXT is None:
+            warn_if_missing()
         return _fast_dequantize(x, scale, zero_point, threads())
     return qops.dequantize(qops.from_codes(x, scale, zero_point))
 
