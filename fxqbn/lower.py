@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -138,7 +139,9 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     """
     start = time.perf_counter()
     route, chosen = _check(gm, backend)
-    out = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # torch's own deprecation, raised while copying an exported module's pytree specs
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+        out = copy.deepcopy(gm)
     matches, skips = find_lowerable(out)
     matches, refused = _plan(matches, chosen)
     kernels = [_kernel_clamp(m) for m in matches]

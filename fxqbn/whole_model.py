@@ -1,0 +1,138 @@
+"""Whole-model int8, then lowering: the pipeline behind ``fxqbn convert MODEL --int8 ao|pt2e``.
+
+* ``ao``: torch.ao FX, ``prepare_fx`` with ``get_default_qconfig_mapping("x86")``, calibrate, ``convert_fx``;
+* ``pt2e``: ``torch.export``, torchao's ``prepare_pt2e`` with ``X86InductorQuantizer``, calibrate,
+  ``convert_pt2e`` (needs the optional dependency: ``pip install "fxqbn[pt2e]"``).
+
+``quantize_whole_model`` returns the int8 model with its BNs lowered (``fxqbn.lower``); ``int8_model``
+the int8 model before lowering. The user's model is never changed. The deprecation notices torch.ao
+prints on every call, and the log lines torchao's import writes about its CUDA-only extensions,
+are silenced here (message by message, around those calls only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import FxqbnError
+from .lower import lower
+
+__all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
+
+ROUTES = ("ao", "pt2e")
+
+# Warnings torch.ao emits on every call of prepare_fx / convert_fx (regexes matched at the message start).
+_AO_WARNINGS = (
+    r"torch\.ao\.quantization is deprecated",
+    r"Please use quant_min and quant_max to specify the range for observers",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation functions",
+)
+# Log records torchao's import writes on a CPU machine: its CUDA-only extensions fail to load, and
+# torch warns about one of its enums. (logger name, message prefix)
+_TORCHAO_IMPORT_LOGS = (
+    ("torchao", "Failed to load "),
+    ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass"),
+)
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet_logs(rules: Iterable[tuple[str, str]]) -> Iterator[None]:
+    installed = [(logging.getLogger(name), _DropPrefix(prefix)) for name, prefix in rules]
+    for logger, rule in installed:
+        logger.addFilter(rule)
+    try:
+        yield
+    finally:
+        for logger, rule in installed:
+            logger.removeFilter(rule)
+
+
+@contextlib.contextmanager
+def _quiet_ao() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _AO_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def import_pt2e() -> tuple[Any, Any, Any, Any]:
+    """(prepare_pt2e, convert_pt2e, X86InductorQuantizer, its default config), imported quietly;
+    FxqbnError naming the extra when torchao is not installed."""
+    try:
+        with _quiet_logs(_TORCHAO_IMPORT_LOGS):
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
+    except ImportError as exc:
+        raise FxqbnError(f'the PT2E route needs torchao: pip install "fxqbn[pt2e]" ({exc})') from None
+    return prepare_pt2e, convert_pt2e, X86InductorQuantizer, get_default_x86_inductor_quantization_config
+
+
+def _calibrate(model: nn.Module, batches: Iterable[tuple]) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            model(*batch)
+
+
+def _ao(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.GraphModule:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with _quiet_ao():
+        observed = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs)
+        _calibrate(observed, batches)
+        return convert_fx(observed)
+
+
+def _pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.GraphModule:
+    prepare_pt2e, convert_pt2e, quantizer_class, default_config = import_pt2e()
+    # Exported with a dynamic batch dimension, from the inputs with the largest batch (export fixes a batch of 1).
+    sample = max([example_inputs, *batches], key=lambda b: b[0].shape[0] if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 0)
+    batch = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None for x in sample)
+    exported = torch.export.export(copy.deepcopy(model), sample, dynamic_shapes=batch).module()
+    quantizer = quantizer_class().set_global(default_config())
+    observed = prepare_pt2e(exported, quantizer)
+    _calibrate(observed, batches)
+    return convert_pt2e(observed)
+
+
+def int8_model(model: nn.Module, example_inputs: Any, calib_batches: Iterable[Any], route: str) -> fx.GraphModule:
+    """``model`` quantized whole to int8 through ``route`` ("ao" or "pt2e"), calibrated on ``calib_batches``
+    (tensors or tuples of inputs), before lowering."""
+    if route not in ROUTES:
+        raise FxqbnError(f"unknown int8 route {route!r}: choose one of {', '.join(repr(r) for r in ROUTES)}")
+    if not isinstance(model, nn.Module):
+        raise FxqbnError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise FxqbnError("the model is in training mode: call model.eval() before quantizing it")
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    batches = [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in calib_batches]
+    if not batches:
+        raise FxqbnError("no calibration batches: pass at least one")
+    return (_ao if route == "ao" else _pt2e)(model, example, batches)
+
+
+def quantize_whole_model(
+    model: nn.Module, example_inputs: Any, calib_batches: Iterable[Any], route: str, backend: str | None = None
+) -> fx.GraphModule:
+    """``int8_model`` then ``fxqbn.lower``: whole-model int8 with every sandwiched BN int8 too."""
+    return lower(int8_model(model, example_inputs, calib_batches, route), backend=backend)

@@ -1,0 +1,306 @@
+"""fxqbn.lower: int8 BNs inside whole-model int8 graphs from torch.ao convert_fx and torchao convert_pt2e."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lower_models import ACTIVATIONS, PASSTHROUGHS, MLP, Sandwich, TimmStyleNet, models, trained
+from torch import fx, nn
+
+import fxqbn
+from fxqbn.compare import sqnr_db
+from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
+from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
+from fxqbn.passes.spellings import passthrough_input, read_activation, read_bn
+from fxqbn.whole_model import import_pt2e, int8_model
+
+try:
+    import_pt2e()
+    PT2E_MISSING = ""
+except fxqbn.FxqbnError as exc:
+    PT2E_MISSING = str(exc)
+
+ROUTES = ["ao", pytest.param("pt2e", marks=pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-"))]
+SHAPES = {1: (2, 5, 256), 2: (2, 5, 16, 16), 3: (2, 5, 4, 8, 8)}
+
+
+def codes_of(value: torch.Tensor) -> torch.Tensor:
+    return (value.int_repr() if value.is_quantized else value).to(torch.int32)
+
+
+def sandwiched_float_bns(gm: fx.GraphModule) -> list[str]:
+    """BN nodes still computing in float between a dequantize and a quantize (the structure lowering removes)."""
+    route, modules, found = graph_route(gm.graph), dict(gm.named_modules()), []
+    for node in gm.graph.nodes:
+        call = read_bn(node, modules)
+        if call is None or isinstance(call, str) or not _is_dequantize(node.args[0], route):
+            continue
+        value = next(n for n in gm.graph.nodes if n.name == call.output)
+        while len(value.users) == 1:
+            user = next(iter(value.users))
+            if _is_quantize(user, route):
+                found.append(node.name)
+                break
+            if passthrough_input(user, modules) is not value and read_activation(user, modules) is None:
+                break
+            value = user
+    return found
+
+
+def reference_codes(gm: fx.GraphModule, match, x: torch.Tensor) -> torch.Tensor:
+    """What the float nodes of ``match`` in ``gm`` compute from ``x`` (the dequantize's input): the oracle."""
+    interpreter = fx.Interpreter(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            interpreter.env[node] = interpreter.run_node(node)
+    dequantize = nodes[match.dequantize]
+    interpreter.env[dequantize.args[0]] = x
+    order = [dequantize.name, *reversed(match.nodes)]
+    for name in order:
+        interpreter.env[nodes[name]] = interpreter.run_node(nodes[name])
+    return codes_of(interpreter.env[nodes[match.quantize]])
+
+
+# -- one pattern, every spelling -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("spelling", ["module", "functional"])
+def test_one_pattern_becomes_one_int8_bn_within_one_step(route, dim, activation, spelling):
+    passthrough = list(PASSTHROUGHS)[(dim + len(activation)) % len(PASSTHROUGHS)]  # every pass-through somewhere
+    model = Sandwich(route, dim, spelling, activation, passthrough, affine=dim != 3)
+    gm = fx.symbolic_trace(model)
+    before = gm.code
+    lowered = fxqbn.lower(gm)
+    assert gm.code == before  # the input is not changed
+    (match,), skips = find_lowerable(gm)
+    assert not skips
+    assert sandwiched_float_bns(gm) == [match.bn.node] and sandwiched_float_bns(lowered) == []
+    lowered.graph.lint()
+    ops = [n for n in lowered.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    assert [(n.op, n.target) for n in ops] == [("call_module", LOWERED_PREFIX + match.bn.node)]
+    x = model.codes(SHAPES[dim])
+    expected, actual = codes_of(gm(x)), codes_of(lowered(x))
+    assert torch.equal(expected, reference_codes(gm, match, x))
+    assert (actual - expected).abs().max() <= 1
+    lo, hi = match.codes
+    assert int(actual.min()) >= lo and int(actual.max()) <= hi  # the activation's clamp holds exactly
+    (row,) = fxqbn.get_report(lowered).rows
+    assert row.status == "rewritten" and row.node == match.bn.node and row.module == "bn"
+    assert row.pattern.endswith(f"+{match.activation}") if match.activation else "+" not in row.pattern
+    assert row.output_scale == model.qout[0] and row.output_zero_point == model.qout[1]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_both_backends_on_both_routes(route, backend):
+    model = Sandwich(route, 2, "module", "ReLU6", "Identity", qout=(0.03, 40))
+    gm = fx.symbolic_trace(model)
+    lowered = fxqbn.lower(gm, backend=backend)
+    (row,) = fxqbn.get_report(lowered).rows
+    if route == "ao" and backend == "fused":  # a placeholder's qparams are only known at run time
+        assert row.status == "skipped" and "backend='native'" in row.reason
+        return
+    assert row.status == "rewritten"
+    kernel = "quantized::batch_norm2d_relu" if backend == "native" else "fxqbn.fused.batch_norm2d_relu"
+    assert row.op == kernel + " + clamp[40, 240]"  # ReLU6 at scale 0.03: codes 40 .. 40 + 6 / 0.03
+    x = model.codes(SHAPES[2])
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(lo=st.floats(-4, 4), width=st.floats(0.01, 6), scale=st.floats(0.005, 0.2), zp=st.integers(0, 255),
+       backend=st.sampled_from(["native", "fused"]))
+def test_any_clamp_is_exact_in_code_space(lo, width, scale, zp, backend):
+    hi = lo + width
+    model = Sandwich("pt2e", 2, "module", "none", "none", qout=(scale, zp))
+    model.act = lambda x: torch.clamp(x, lo, hi)
+    gm = fx.symbolic_trace(model)
+    lowered = fxqbn.lower(gm, backend=backend)
+    x = model.codes(SHAPES[2])
+    expected, actual = codes_of(gm(x)), codes_of(lowered(x))
+    assert (actual - expected).abs().max() <= 1
+    (match,), _ = find_lowerable(gm)
+    assert int(actual.min()) >= match.codes[0] and int(actual.max()) <= match.codes[1]
+
+
+def test_native_relu6_equals_torch_ao_bn_then_relu6():
+    """Native: the BN kernel then a quantized clamp equals torch.ao's quantized BN then its quantized ReLU6."""
+    model = Sandwich("ao", 2, "module", "ReLU6", "none", qout=(0.02, 30))
+    lowered = fxqbn.lower(fx.symbolic_trace(model))
+    x = model.codes(SHAPES[2])
+    bn = model.bn
+    theirs = torch.ops.quantized.batch_norm2d(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, 0.02, 30)
+    theirs = torch.ao.nn.quantized.ReLU6()(theirs)
+    assert torch.equal(codes_of(lowered(x)), codes_of(theirs))
+
+
+# -- where a BN is not lowered -----------------------------------------------------------------------
+
+
+class FloatReader(nn.Module):
+    """dequantize -> BN -> quantize, where the dequantized value also feeds float code, and a BN
+    whose output goes to float code."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.bn2 = nn.BatchNorm2d(3).eval(), nn.BatchNorm2d(3).eval()
+
+    def forward(self, x):
+        y = x.dequantize()
+        q = torch.quantize_per_tensor(self.bn(y), 0.05, 100, torch.quint8)
+        return q.dequantize() + y.sum(), self.bn2(y) * 2
+
+
+def test_a_dequantize_read_by_float_code_stays_and_unsandwiched_bns_are_reported():
+    gm = fx.symbolic_trace(FloatReader())
+    lowered = fxqbn.lower(gm)
+    targets = [n.target for n in lowered.graph.nodes if n.op == "call_method"]
+    assert targets.count("dequantize") == 2  # the input's, kept for sum() and bn2; the output's
+    report = fxqbn.get_report(lowered)
+    assert [(r.node, r.status) for r in report.rows] == [("bn", "rewritten"), ("bn2", "skipped")]
+    assert "in float, not a per-tensor quantize" in report.rows[1].reason
+    x = torch.quantize_per_tensor(torch.randn(2, 3, 4, 4), 0.03, 128, torch.quint8)
+    for a, b in zip(gm(x), lowered(x)):
+        assert (a - b).abs().max() <= 0.05 + 1e-6  # one output step of bn; bn2 unchanged
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(fxqbn.FxqbnError, match="expects the GraphModule returned by torch.ao convert_fx"):
+        fxqbn.lower(nn.Linear(2, 2))
+    with pytest.raises(fxqbn.FxqbnError, match="no quantize/dequantize nodes: quantize the whole model first"):
+        fxqbn.lower(fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()))
+    gm = fx.symbolic_trace(Sandwich("ao", 2, "module", "ReLU", "none"))
+    with pytest.raises(fxqbn.FxqbnError, match="unknown backend 'int4'"):
+        fxqbn.lower(gm, backend="int4")
+    with pytest.raises(fxqbn.FxqbnError, match="already converted or lowered by fxqbn"):
+        fxqbn.lower(fxqbn.lower(gm))
+    x = torch.randint(0, 255, (1, 5, 4, 4), dtype=torch.uint8)
+    with pytest.raises(fxqbn.FxqbnError, match="expects a torch.quint8 quantized tensor"):
+        fxqbn.lower(gm)(x)
+
+
+# -- whole models through both routes -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return models()
+
+
+@pytest.fixture(scope="module")
+def int8s(nets):
+    """(name, route) -> the model quantized whole to int8, built once (convert_pt2e takes about a minute here)."""
+    built = {}
+
+    def get(name, route):
+        if (name, route) not in built:
+            model, example = nets[name]
+            built[(name, route)] = int8_model(model, example, batches(model), route)
+        return built[(name, route)]
+
+    return get
+
+
+def batches(model, n=4, batch=8):
+    torch.manual_seed(3)
+    return [model.example(batch) if hasattr(model, "example") else (torch.randn(batch, 3, 32, 32),) for _ in range(n)]
+
+
+def tensors_of(gm):
+    return {k: v.clone() for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor) and not v.is_quantized}
+
+
+def model_sqnr(reference, quantized, inputs) -> float:
+    with torch.no_grad():
+        ref = torch.cat([reference(*x).flatten() for x in inputs])
+        out = torch.cat([quantized(*x).flatten() for x in inputs])
+    return sqnr_db(float(ref.pow(2).sum()), float((ref - out).pow(2).sum()))
+
+
+# (model, route) -> BNs the lowering must rewrite: torch.ao leaves float the F.batch_norm BNs and BN1d
+# after ReLU; it quantizes DenseNet's BN+ReLU itself. PT2E folds conv -> BN and leaves the BN after the
+# max-pool and DenseNet's BNs after cat/conv float; its MLP's BN reads a float ReLU (not int8).
+EXPECTED_LOWERED = {
+    ("timm_style", "ao"): 3, ("mlp", "ao"): 2, ("densenet_bc", "ao"): 0,
+    ("timm_style", "pt2e"): 1, ("mlp", "pt2e"): 0, ("densenet_bc", "pt2e"): 11,
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("name", ["timm_style", "mlp", "densenet_bc"])
+def test_whole_model_end_to_end(nets, int8s, name, route):
+    model, example = nets[name]
+    int8 = int8s(name, route)
+    snapshot = (int8.code, tensors_of(int8))
+    lowered = fxqbn.lower(int8)
+    assert int8.code == snapshot[0] and tensors_of(int8).keys() == snapshot[1].keys()
+    assert all(torch.equal(v, snapshot[1][k]) for k, v in tensors_of(int8).items())
+    report = fxqbn.get_report(lowered)
+    assert report.summary.rewritten == len(report.rewritten) == EXPECTED_LOWERED[(name, route)]
+    assert len(sandwiched_float_bns(int8)) == report.summary.rewritten and sandwiched_float_bns(lowered) == []
+    assert all(row.reason for row in report.skipped)
+    held_out = [model.example(4) if hasattr(model, "example") else (torch.randn(4, 3, 32, 32),) for _ in range(2)]
+    assert model_sqnr(model, lowered, held_out) >= model_sqnr(model, int8, held_out) - 0.5
+    matches, _ = find_lowerable(int8)
+    check_each_bn_within_one_step(int8, lowered, matches, held_out[0])
+
+
+def check_each_bn_within_one_step(int8, lowered, matches, inputs):
+    """Every lowered BN, fed the int8 value it reads in the unlowered model, gives the codes
+    dequantize -> float BN -> quantize gives, within one step."""
+    recorded: dict[str, torch.Tensor] = {}
+    class Record(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            recorded[node.name] = value
+            return value
+
+    Record(int8).run(*inputs)
+    nodes = {n.name: n for n in int8.graph.nodes}
+    for match in matches:
+        x = recorded[nodes[match.dequantize].args[0].name]
+        module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
+        assert (codes_of(module(x)) - codes_of(recorded[match.quantize])).abs().max() <= 1, match.bn.node
+
+
+@pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
+def test_lowered_pt2e_model_exports_with_the_same_outputs(int8s):
+    lowered = fxqbn.lower(int8s("densenet_bc", "pt2e"))
+    exported = torch.export.export(lowered, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(exported.module()(x), lowered(x))
+    kinds = {type(m).__name__ for m in lowered.modules()}
+    assert "FusedBatchNorm" in kinds and "BatchNorm2d" not in kinds
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_timm_style_nets_of_every_dim_through_torch_ao(dim, act):
+    model = trained(TimmStyleNet(dim, act))
+    int8 = int8_model(model, model.example(), batches(model, n=2), "ao")
+    lowered = fxqbn.lower(int8)
+    assert sandwiched_float_bns(lowered) == [] and fxqbn.get_report(lowered).summary.rewritten == 3
+    x = model.example(3)
+    assert math.isfinite(model_sqnr(model, lowered, [x]))
+    assert model_sqnr(model, lowered, [x]) >= model_sqnr(model, int8, [x]) - 0.5
+
+
+@pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
+def test_mlp_skips_say_why_under_pt2e(int8s):
+    report = fxqbn.get_report(fxqbn.lower(int8s("mlp", "pt2e")))
+    assert [r.status for r in report.rows] == ["skipped", "skipped"]
+    assert all("is float, not a dequantize" in r.reason for r in report.rows)
+
+
+def test_densenet_under_torch_ao_lists_the_bns_torch_ao_quantized(int8s):
+    report = fxqbn.get_report(fxqbn.lower(int8s("densenet_bc", "ao")))
+    assert len(report.rows) == 12 and all("already int8 (torch.ao QuantizedBNReLU2d)" in r.reason for r in report.rows)
