@@ -94,11 +94,12 @@ class Backend:
             )
         return kernel
 
-    def module_for(self, rule: "Rule", tensors: BnTensors, qin: QParams, qout: QParams, name: str) -> nn.Module:
-        """The module replacing a pattern of ``rule`` whose BN holds ``tensors``, between ``qin`` and ``qout``."""
+    def module_for(self, rule: "Rule", tensors: BnTensors, qin: QParams, qout: QParams, name: str, checked: bool = False) -> nn.Module:
+        """The module replacing a pattern of ``rule`` whose BN holds ``tensors``, between ``qin`` and ``qout``
+        (``checked``: ``fxqbn.nn.check_many`` already passed these tensors)."""
         kernel = self.kernel_for(rule)
         clamp = _finite_clamp(rule.activation.lo, rule.activation.hi, qout) if kernel.clamp else None
-        return self.build(rule.dim, kernel, tensors, qin, qout, clamp, name)
+        return self.build(rule.dim, kernel, tensors, qin, qout, clamp, name, checked)
 
     def rebuild(self, rule: "Rule", loaded: nn.Module, qin: QParams, qout: QParams, name: str) -> nn.Module:
         """``rule``'s replacement built afresh from the tensors of ``loaded`` (a replacement read from a file)."""
@@ -124,9 +125,9 @@ _NATIVE_CLASSES = {  # (dim, the kernel's ReLU) -> the fxqbn.nn module
 }
 
 
-def _native(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
+def _native(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str, checked: bool = False) -> nn.Module:
     return _NATIVE_CLASSES[(dim, kernel.relu)].from_tensors(
-        t.running_mean, t.running_var, t.weight, t.bias, t.eps, t.momentum, qout, name=name, clamp=clamp
+        t.running_mean, t.running_var, t.weight, t.bias, t.eps, t.momentum, qout, name=name, clamp=clamp, checked=checked
     )
 
 
@@ -134,7 +135,7 @@ def _native_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QP
     return _native(dim, kernel, BnTensors(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.momentum), qin, qout, clamp, name)
 
 
-def _fused(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
+def _fused(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str, checked: bool = False) -> nn.Module:
     codes = None if clamp is None else qops.clamp_bounds(*clamp, qout.scale, qout.zero_point, qout.dtype)
     return fused.FusedBatchNorm.from_tensors(t, dim, kernel.relu, qin, qout, name=name, clamp=codes)
 

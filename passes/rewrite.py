@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
+from fxqbn.nn import check_many
 from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Converted, Dropped, Match, Observed, Rewrite
@@ -199,13 +200,15 @@ class _Rewriter:
 def build_replacements(
     root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend
 ) -> list[nn.Module]:
-    """Step 0: every replacement module, its statistics checked, before the graph changes."""
+    """Step 0: every replacement module, its statistics checked (all at once), before the graph changes."""
+    tensors = [_bn_tensors(root, p.match) for p in patterns]
+    check_many([(p.match.module, t) for p, t in zip(patterns, tensors)])
     return [
         backend.module_for(
-            p.match.rule, _bn_tensors(root, p.match), readings[p.input_observer].qparams,
-            readings[p.output_observer].qparams, p.match.module,
+            p.match.rule, t, readings[p.input_observer].qparams, readings[p.output_observer].qparams,
+            p.match.module, checked=True,
         )
-        for p in patterns
+        for p, t in zip(patterns, tensors)
     ]
 
 
