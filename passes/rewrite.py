@@ -23,6 +23,7 @@ replacement and boundary modules; the default is the native one above.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -122,79 +123,77 @@ class _NewModules:
         return target
 
 
+class _Roles:
+    """What each node of the observed graph is to the rewrite, by name (planning, no graph edits)."""
+
+    def __init__(self, patterns: Sequence[Observed], dropped: Sequence[Dropped]) -> None:
+        self.pattern_of = {p.match.bn_node: p for p in patterns}  # BN node -> its pattern
+        self.outputs = {p.output_observer for p in patterns}  # read as the pattern's quantized value
+        self.passed = {p.input_observer for p in patterns} | {d.observer for d in dropped}  # -> their input
+        self.passed -= self.outputs
+        self.gone = {n for p in patterns for n in (*p.match.chain, p.match.bn.output)}  # fused into the BN
+        self.bn_inputs = set(self.pattern_of)
+
+    def statistics_only(self, node: fx.Node) -> bool:
+        """A get_attr read by replaced BNs alone (F.batch_norm's statistics)."""
+        return node.op == "get_attr" and bool(node.users) and all(u.name in self.bn_inputs for u in node.users)
+
+
 class _Rewriter:
-    """One rewrite of one graph: the nodes by name, the modules added, the boundaries inserted."""
+    """Builds the rewritten graph in one pass over the observed one: float nodes are copied, each
+    pattern becomes one call of its quantized module, boundaries are added where values cross."""
 
-    def __init__(self, graph: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend) -> None:
-        self.graph, self.backend, self.readings = graph, backend, readings
-        self.nodes = {node.name: node for node in graph.nodes}
+    def __init__(self, source: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend) -> None:
+        self.graph = fx.Graph(tracer_cls=source._tracer_cls)
+        self.graph._codegen = copy.deepcopy(source._codegen)  # as Graph.__deepcopy__ does
+        self.backend, self.readings = backend, readings
         self.new = _NewModules(root)
-        self.quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
+        self.env: dict[str, fx.Node] = {}  # observed node name -> its float value in the new graph
+        self.quantized: dict[str, fx.Node] = {}  # observer name -> new node holding the quantized value
+        self.dequantized: dict[str, fx.Node] = {}  # output observer name -> its dequantize node
+        self.dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
         self.quantize_nodes: list[str] = []
-        self.dequantize_nodes: list[str] = []
 
-    def quantized_input(self, observer: fx.Node, before: fx.Node) -> fx.Node:
-        """The quantized value of an input observer: another pattern's output, or a new quantize."""
-        q_in = self.quantized.get(observer)
-        if q_in is None:
-            boundary = self.new.add(QUANTIZE_PREFIX, self.backend.quantize(self.readings[observer.name].qparams))
-            with self.graph.inserting_before(before):
-                q_in = self.graph.create_node("call_module", boundary, (observer,))  # the module is added later
-            self.quantized[observer] = q_in
-            self.quantize_nodes.append(q_in.name)
-        return q_in
-
-    def install(self, pattern: Observed, qmodule: nn.Module) -> Rewrite:
-        """Step 1 for one pattern: its quantized twin after the output observer, reading quantized input."""
-        match = pattern.match
-        bn = self.nodes[match.bn_node]
-        in_obs, out_obs = self.nodes[pattern.input_observer], self.nodes[pattern.output_observer]
-        if bn.args[0] is not in_obs:
-            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
-        q_in = self.quantized_input(in_obs, bn)
-        target = self.new.replace(match, qmodule)
-        with self.graph.inserting_before(out_obs):
-            self.quantized[out_obs] = self.graph.create_node("call_module", target, (q_in,))
-        op = self.backend.op_for(match.rule)
-        return Rewrite(pattern, target, self.readings[in_obs.name], self.readings[out_obs.name], self.backend.name, op)
-
-    def dequantize_readers(self, pattern: Observed, dequantizers: dict[object, str]) -> None:
-        """Step 2a: whatever still reads the pattern's output observer is float code: one dequantize."""
-        out_obs = self.nodes[pattern.output_observer]
-        readers = list(out_obs.users)
-        if not readers:
-            return
-        qparams = self.readings[out_obs.name].qparams
+    def value(self, node: fx.Node) -> fx.Node:
+        """``node``'s value for float code: a pattern's output is dequantized once, after it."""
+        if node.name not in self.quantized or node.name in self.env:
+            return self.env[node.name]
+        qparams = self.readings[node.name].qparams
         key = None if self.backend.dequantize_shared else qparams
-        if key not in dequantizers:
-            dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
-        with self.graph.inserting_after(self.quantized[out_obs]):
-            dq = self.graph.create_node("call_module", dequantizers[key], (self.quantized[out_obs],))
-        self.dequantize_nodes.append(dq.name)
-        for reader in readers:
-            reader.replace_input_with(out_obs, dq)
+        if key not in self.dequantizers:
+            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
+        with self.graph.inserting_after(self.quantized[node.name]):
+            self.env[node.name] = self.graph.create_node("call_module", self.dequantizers[key], (self.quantized[node.name],))
+        self.dequantized[node.name] = self.env[node.name]
+        return self.env[node.name]
 
-    def erase_float(self, pattern: Observed) -> None:
-        """Step 2b: the pattern's float nodes (output observer, activation chain, BN) and the
-        statistics' get_attr nodes nothing else reads."""
+    def quantized_input(self, observer: fx.Node) -> fx.Node:
+        """The quantized value of an input observer: another pattern's output, or a new quantize."""
+        if observer.name not in self.quantized:
+            boundary = self.new.add(QUANTIZE_PREFIX, self.backend.quantize(self.readings[observer.name].qparams))
+            node = self.graph.create_node("call_module", boundary, (self.env[observer.name],))  # module added later
+            self.quantized[observer.name] = node
+            self.quantize_nodes.append(node.name)
+        return self.quantized[observer.name]
+
+    def install(self, bn: fx.Node, pattern: Observed, qmodule: nn.Module) -> Rewrite:
+        """One pattern: its quantized module's call, reading the quantized input, named as the BN was."""
         match = pattern.match
-        bn = self.nodes[match.bn_node]
-        statistics = [arg for arg in bn.all_input_nodes if arg.op == "get_attr"]
-        getitem = (match.bn.output,) if match.bn.output != match.bn_node else ()
-        for name in (pattern.output_observer, *reversed(match.chain), *getitem, match.bn_node):
-            self.graph.erase_node(self.nodes[name])
-        for node in statistics:
-            if not node.users:
-                self.graph.erase_node(node)
+        in_obs = bn.args[0]
+        if not isinstance(in_obs, fx.Node) or in_obs.name != pattern.input_observer:
+            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
+        q_in = self.quantized_input(in_obs)
+        target = self.new.replace(match, qmodule)
+        self.quantized[pattern.output_observer] = self.graph.create_node("call_module", target, (q_in,), name=bn.name)
+        op = self.backend.op_for(match.rule)
+        return Rewrite(pattern, target, self.readings[in_obs.name], self.readings[pattern.output_observer], self.backend.name, op)
 
-    def drop_input_observers(self, patterns: Sequence[Observed]) -> None:
-        """Step 3: input observers no pattern produced: their readers get the float value back."""
-        outputs = {pattern.output_observer for pattern in patterns}
-        for name in dict.fromkeys(pattern.input_observer for pattern in patterns):
-            if name not in outputs:
-                observer = self.nodes[name]
-                observer.replace_all_uses_with(observer.args[0])
-                self.graph.erase_node(observer)
+    def copy(self, node: fx.Node, roles: _Roles) -> None:
+        """A node that is no part of a pattern: copied, or passed through (observers), or left out."""
+        if node.name in roles.passed:
+            self.env[node.name] = self.value(node.args[0])  # type: ignore[arg-type]
+        elif node.name not in roles.gone and node.name not in roles.outputs and not roles.statistics_only(node):
+            self.env[node.name] = self.graph.node_copy(node, self.value)
 
 
 def build_replacements(
@@ -218,24 +217,27 @@ def rewrite_patterns(
     patterns: Sequence[Observed],
     readings: Mapping[str, Observation],
     backend: Backend = NATIVE,
-) -> tuple[Converted, dict[str, nn.Module]]:
-    """Replace every observed pattern (in graph order) in ``graph`` with ``backend``'s modules and
-    remove their observers.
+    dropped: Sequence[Dropped] = (),
+) -> tuple[fx.Graph, Converted, dict[str, nn.Module]]:
+    """A new graph: ``graph`` with every observed pattern replaced by ``backend``'s module and the
+    observers (the patterns' and ``dropped``) removed. ``graph`` and ``root`` are not changed.
 
-    ``graph``'s targets resolve in ``root``, which is not changed. Returns the record (rewrites and
-    the boundary nodes added) and the modules the rewritten graph needs beyond ``root``'s, by target
-    (a replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
+    Returns the new graph (its targets resolve in the returned modules first, then in ``root``), the
+    record (rewrites, boundary nodes added) and the modules it needs beyond ``root``'s, by target (a
+    replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
     """
-    qmodules = build_replacements(root, patterns, readings, backend)
-    rewriter = _Rewriter(graph, root, readings, backend)
-    rewrites = tuple(rewriter.install(p, m) for p, m in zip(patterns, qmodules))
-    dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
-    for pattern in reversed(patterns):  # last to first, so later patterns' BN nodes are gone
-        rewriter.dequantize_readers(pattern, dequantizers)
-        rewriter.erase_float(pattern)
-    rewriter.drop_input_observers(patterns)
-    converted = Converted(rewrites, tuple(rewriter.quantize_nodes), tuple(rewriter.dequantize_nodes))
-    return converted, rewriter.new.modules
+    qmodules = dict(zip((p.match.bn_node for p in patterns), build_replacements(root, patterns, readings, backend)))
+    roles, rewriter = _Roles(patterns, dropped), _Rewriter(graph, root, readings, backend)
+    rewrites = []
+    for node in graph.nodes:
+        pattern = roles.pattern_of.get(node.name)
+        if pattern is None:
+            rewriter.copy(node, roles)
+        else:
+            rewrites.append(rewriter.install(node, pattern, qmodules[node.name]))
+    dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
+    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes)
+    return rewriter.graph, converted, rewriter.new.modules
 
 
 def remove_observers(graph: fx.Graph, dropped: Sequence[Dropped]) -> None:
