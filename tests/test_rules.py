@@ -217,3 +217,83 @@ def test_every_bn_act_of_models_like_the_real_ones_is_fused_and_rewritten(name, 
     assert not left
     with torch.no_grad():
         assert (q(x) - model(x)).abs().max() < 0.25 * float(model(x).abs().max())
+
+
+RELU6_SPELLINGS = {  # every way a model spells ReLU6 on the BN output
+    "nn.ReLU6": lambda m, y: m.relu6(y),
+    "nn.ReLU6(inplace)": lambda m, y: m.relu6_inplace(y),
+    "F.relu6": lambda m, y: F.relu6(y),
+    "nn.Hardtanh(0, 6)": lambda m, y: m.hardtanh(y),
+    "F.hardtanh(0, 6)": lambda m, y: F.hardtanh(y, 0.0, 6.0),
+    "F.hardtanh_(0, 6)": lambda m, y: F.hardtanh_(y, 0.0, 6.0),
+    "torch.clamp(0, 6)": lambda m, y: torch.clamp(y, 0, 6),
+    ".clamp(min=0, max=6)": lambda m, y: y.clamp(min=0.0, max=6.0),
+    ".clamp_(0, 6)": lambda m, y: y.clamp_(0, 6),
+}
+PASSTHROUGHS = {  # what may sit between the BN and its activation
+    "none": lambda m, y: y,
+    "nn.Identity": lambda m, y: m.identity(y),
+    "eval nn.Dropout": lambda m, y: m.dropout(y),
+    "eval nn.Dropout2d then Identity": lambda m, y: m.identity(m.dropout2d(y)),
+    "F.dropout(training=False)": lambda m, y: F.dropout(y, 0.5, training=False),
+}
+
+
+class Spelled(nn.Module):
+    def __init__(self, activation, passthrough):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.relu6, self.relu6_inplace, self.hardtanh = nn.ReLU6(), nn.ReLU6(inplace=True), nn.Hardtanh(0.0, 6.0)
+        self.identity, self.dropout, self.dropout2d = nn.Identity(), nn.Dropout(0.3), nn.Dropout2d(0.3)
+        self.activation, self.passthrough = RELU6_SPELLINGS[activation], PASSTHROUGHS[passthrough]
+        self.rule = patterns.find_rule("BatchNorm", 2, patterns.RELU6)
+
+    def forward(self, x):
+        return self.activation(self, self.passthrough(self, self.bn(x))) + 1
+
+
+@pytest.mark.parametrize("passthrough", PASSTHROUGHS)
+@pytest.mark.parametrize("activation", RELU6_SPELLINGS)
+def test_relu6_is_fused_in_every_spelling_through_every_passthrough(activation, passthrough):
+    model = randomize_bn(Spelled(activation, passthrough)).eval()
+    observed, x = calibrate(model, SHAPES[2])
+    q = fxqbn.convert(observed)
+    (row,) = fxqbn.get_report(q).rows
+    assert (row.pattern, row.status, row.reason) == ("BatchNorm2d+ReLU6", "rewritten", "")
+    assert [n.op for n in q.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "call_function", "output"]
+    with torch.no_grad():
+        expected = reference(model, x, row, patterns.RELU6) + 1
+        assert (q(x) - expected).abs().max() <= row.output_scale * 1.0001
+
+
+def test_an_activation_after_a_shared_passthrough_is_left_float_with_the_reason():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.identity = nn.BatchNorm2d(4), nn.Identity()
+
+        def forward(self, x):
+            y = self.identity(self.bn(x))
+            return F.relu6(y) + y
+
+    model = randomize_bn(Shared()).eval()
+    observed, x = calibrate(model, SHAPES[2])
+    q = fxqbn.convert(observed)
+    (row,) = fxqbn.get_report(q).rows
+    assert (row.pattern, row.status, row.reason) == ("BatchNorm2d", "rewritten", "ReLU6 not fused: the BN output has 2 users")
+    with torch.no_grad():
+        assert (q(x) - model(x)).abs().max() < 4 * row.output_scale
+
+
+def test_a_clamp_no_rule_names_is_left_float_with_the_reason():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.hardtanh(self.bn(x), -1.0, 1.0)
+
+    observed, x = calibrate(randomize_bn(Odd()).eval(), SHAPES[2])
+    (row,) = fxqbn.get_report(fxqbn.convert(observed)).rows
+    assert (row.pattern, row.status, row.reason) == ("BatchNorm2d", "rewritten", "clamp(-1, 1) not fused: no rule has that activation")
