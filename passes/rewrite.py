@@ -17,7 +17,8 @@ After::
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them. The ``Backend`` record (``fxqbn.backends``) supplies the
+dequantize/quantize pair between them. The new graph is built in one pass over the observed one,
+which is not changed (``_Roles`` plans from the records, ``_Rewriter`` emits). The ``Backend`` record (``fxqbn.backends``) supplies the
 replacement and boundary modules; the default is the native one above.
 """
 
@@ -37,7 +38,7 @@ from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Converted, Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "build_replacements", "rewrite_patterns", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
+__all__ = ["read_observers", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
@@ -238,12 +239,3 @@ def rewrite_patterns(
     dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
     converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes)
     return rewriter.graph, converted, rewriter.new.modules
-
-
-def remove_observers(graph: fx.Graph, dropped: Sequence[Dropped]) -> None:
-    """Remove observer nodes that belong to no pattern; their readers get the observed value."""
-    nodes = {node.name: node for node in graph.nodes}
-    for item in dropped:
-        node = nodes[item.observer]
-        node.replace_all_uses_with(node.args[0])
-        graph.erase_node(node)
