@@ -7,8 +7,9 @@ BatchNorm, an activation or a pass-through op; this module says which combinatio
   SyncBatchNorm in eval, by its input's rank; "F.batch_norm": the functional and ATen forms;
   "BNReLU": torch.ao's fused float module, its ReLU inside);
 * ``ACTIVATIONS``: what may follow the BN, as its float clamp (the spellings' ``(lo, hi)``);
-* ``RULES``: the table. Adding BN+ReLU6 was one line; a new clamp is an ``Activation`` and a line
-  here (the backends map any clamp to their kernels: see ``fxqbn.backends``).
+* ``RULES``: the table, one entry per (kind, dim, activation): BatchNorm2d+ReLU6 is one entry. A new
+  activation is an ``Activation`` (its float clamp), its entries here, and its kernel in
+  ``fxqbn.backends.KERNELS``.
 
 Tests are parametrised over ``RULES`` x ``fxqbn.backends.BACKENDS`` and pick new entries up.
 """
