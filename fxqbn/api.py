@@ -26,6 +26,7 @@ from fxqbn.passes import (
     read_observers,
     rewrite_patterns,
 )
+from fxqbn.passes.rewrite import bn_tensors
 
 from . import fused
 from . import nn as qnn
@@ -79,6 +80,8 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
     if needs_shapes(graph, model):
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
     matches, skips = find_patterns(graph, model, config, skip_requested)
+    # Known now: refuse bad statistics before calibration meets them (convert checks again).
+    qnn.check_many([(match.module, bn_tensors(model, match)) for match in matches])
     observed, observers = insert_observers(graph, model, matches)
     graph.lint()
     gm = build_graph_module(model, graph, observers)

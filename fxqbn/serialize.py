@@ -151,7 +151,7 @@ def _read(path: PathOrFile) -> dict[str, Any]:
     return payload
 
 
-# The fields of an fxqbn.save file and their types (None: optional), checked before any is used.
+# The fields of an fxqbn.save file: (accepted types, required), checked before any is used.
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "torch": ((str,), True),
     "patterns": ((list,), True),
@@ -219,10 +219,24 @@ def _report_from_dict(data: dict[str, Any], where: str, convert_seconds: float =
         raise FxqbnError(f"the report in {where} does not fit this fxqbn's Report ({exc}): re-save it with this version") from None
 
 
+def _saved_report(payload: dict[str, Any], where: str) -> Report:
+    """The file's report, refused when its rows disagree with the pattern records ``load`` replays."""
+    report = _report_from_dict(payload["report"], where, payload.get("convert_seconds", 0.0))
+    for ours, theirs in zip(_plan(report), payload["patterns"]):
+        if ours != theirs:
+            raise FxqbnError(
+                f"{where} is inconsistent: its report says BatchNorm '{ours['module']}' is {ours}, its pattern "
+                f"record {theirs}; write it again with fxqbn.save"
+            )
+    if len(report.rows) != len(payload["patterns"]):
+        raise FxqbnError(f"{where} is inconsistent: {len(report.rows)} report rows, {len(payload['patterns'])} pattern records")
+    return report
+
+
 def load_report(path: PathOrFile) -> Report:
     """The report stored in an ``fxqbn.save`` file, without the float model."""
     payload = _read(path)
-    return _report_from_dict(payload["report"], _name(path), payload.get("convert_seconds", 0.0))
+    return _saved_report(payload, _name(path))
 
 
 def _replay_qconfig(plan: Sequence[dict[str, Any]], where: str) -> QConfigMapping:
@@ -402,6 +416,7 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"fxqbn.load expects the float torch.nn.Module, got {type(model).__name__}")
     plan = payload["patterns"]
+    report = _saved_report(payload, where)
     refuse_fxqbn_output(model)
     float_model = owned_copy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -415,5 +430,5 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     training = set(payload["training"])
     for name, module in quantized.named_modules():
         module.training = name in training
-    attach(quantized, REPORT_KEY, _report_from_dict(payload["report"], where, payload.get("convert_seconds", 0.0)))
+    attach(quantized, REPORT_KEY, report)
     return quantized

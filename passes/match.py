@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
-from fxqbn.nn import check_statistics
 from fxqbn.qconfig import ActivationConfig
 
 from . import patterns
@@ -181,12 +180,11 @@ class _Matcher:
         return self._match(position, node, call, ("F.batch_norm", None), pattern, activation, momentum)
 
     def _check_tensors(self, who: str, call: BnCall, name: str) -> None:
-        """Refuse statistics the kernel cannot take (dtype, device, values), naming ``who`` / ``name``."""
-        get = lambda target: None if target is None else operator.attrgetter(target)(self.root)  # noqa: E731
-        problem = _tensor_problem(get(call.running_mean))
+        """Refuse statistics the kernel cannot take (dtype, device), naming ``who``; their values are
+        checked by ``prepare`` for the matches (a BN torch.ao left unobserved is not refused)."""
+        problem = _tensor_problem(operator.attrgetter(call.running_mean)(self.root))
         if problem:
             raise FxqbnError(f"{who} {problem}")
-        check_statistics(name, get(call.running_mean), get(call.running_var), get(call.weight), get(call.bias), call.eps)
 
     def _match(self, position, node, call, kind_dim, pattern, activation, momentum) -> Match | Skip:
         kind, dim = kind_dim
@@ -237,8 +235,8 @@ def find_patterns(
 
     Raises FxqbnError for a matched BN that must not be calibrated (training mode; with
     ``refuse_training`` False, for a graph someone else calibrated, the message says to call
-    .eval() before convert), whose statistics are not float32 on the CPU or fail
-    ``fxqbn.nn.check_statistics``, or whose qconfig cannot drive a quantized BN.
+    .eval() before convert), whose statistics are not float32 on the CPU, or whose qconfig cannot
+    drive a quantized BN.
     """
     matcher = _Matcher(root, config, skip, refuse_training)
     matches: list[Match] = []

@@ -38,7 +38,7 @@ from fxqbn.qparams import Observation, observer_has_data, read_many
 
 from .records import Converted, Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
+__all__ = ["read_observers", "bn_tensors", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
@@ -73,7 +73,7 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings  # type: ignore[return-value]
 
 
-def _bn_tensors(root: nn.Module, match: Match) -> BnTensors:
+def bn_tensors(root: nn.Module, match: Match) -> BnTensors:
     """The BN's tensors, from the attribute targets its normalised record names (module or functional)."""
 
     def tensor(target: str | None) -> torch.Tensor | None:
@@ -201,7 +201,7 @@ def build_replacements(
     root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend
 ) -> list[nn.Module]:
     """Step 0: every replacement module, its statistics checked (all at once), before the graph changes."""
-    tensors = [_bn_tensors(root, p.match) for p in patterns]
+    tensors = [bn_tensors(root, p.match) for p in patterns]
     check_many([(p.match.module, t) for p, t in zip(patterns, tensors)])
     return [
         backend.module_for(

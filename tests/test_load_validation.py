@@ -52,7 +52,7 @@ def corruption(draw, payload):
     bn_modules = sorted({key.rpartition(".")[0] for key in state if key.endswith(("zero_point", "alpha")) and "fxqbn_" not in key})
     module = draw(st.sampled_from(bn_modules))
     kind = draw(st.sampled_from(["statistic", "qparams-buffer", "boundary", "record-scale", "record-zero-point",
-                                 "missing-field", "mistyped-field", "row-field"]))
+                                 "missing-field", "mistyped-field", "row-field", "report-row"]))
     if kind == "statistic":
         name = draw(st.sampled_from([k.rpartition(".")[2] for k in state if k.rpartition(".")[0] == module and state[k].is_floating_point() and state[k].numel() > 1]))
         tensor = state[f"{module}.{name}"]
@@ -78,6 +78,10 @@ def corruption(draw, payload):
         state[key].view(-1)[0] = draw(st.sampled_from(BAD_SCALES + [0.5] if key.endswith("scale") else BAD_ZERO_POINTS + [7]))
         return bad, rf"bad\.pt is inconsistent: its state_dict's '{key}'.*module '{key.rpartition('.')[0]}'"
     row = draw(st.sampled_from(rewritten(bad)))
+    if kind == "report-row":  # a report that tells other qparams than the file replays
+        shown = next(r for r in bad["report"]["rows"] if r["node"] == row["node"])
+        shown["output_scale"] = row["output"][0] * draw(st.sampled_from([2.0, 0.5]))
+        return bad, rf"bad\.pt is inconsistent: its report says BatchNorm '{row['module']}'"
     if kind == "record-scale":
         row[draw(st.sampled_from(["input", "output"]))][0] = draw(st.sampled_from(BAD_SCALES))
         return bad, rf"bad\.pt: BatchNorm '{row['module']}' has bad (input|output) qparams: scale"

@@ -212,3 +212,18 @@ def test_a_fused_bnrelu_takes_the_qconfig_of_its_batchnorm_type(fused_entry):
 def test_skipping_a_batchnorm_type_skips_the_fused_modules_made_of_it():
     observed = fxqbn.prepare(randomize_bn(Fused()).eval(), (torch.randn(2, 4, 5, 5),), skip=[nn.BatchNorm2d])
     assert {s.module for s in observed.meta["fxqbn_prepared"].skips} == {"bnrelu", "bn"}
+
+
+def test_an_uncalibrated_torch_ao_qat_graph_is_refused_like_an_idle_one():
+    from torch.ao.quantization import MovingAverageMinMaxObserver, default_weight_fake_quant
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+
+    model = randomize_bn(Fused()).train()
+    mapping = QConfigMapping()
+    for kind in (nn.BatchNorm2d, nn.ReLU, nni.BNReLU2d):  # torch.ao wants one qconfig for a fused module's parts
+        mapping.set_object_type(kind, QConfig(activation=activation, weight=default_weight_fake_quant))
+    observed = prepare_qat_fx(model, mapping, (torch.randn(2, 4, 5, 5),)).eval()
+    with pytest.raises(fxqbn.FxqbnError, match=r"observers never saw data for BatchNorm 'bn', 'bnrelu'"):
+        fxqbn.convert(observed)
