@@ -6,4 +6,8 @@ kernels (same results, slower).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("fxqbn._ckernels", ["fxqbn/_ckernels.c"], extra_compile_args=["-O3", "-std=c11"], optional=True)])
+KERNELS = Extension(
+    "fxqbn._ckernels", ["fxqbn/_ckernels.c"], extra_compile_args=["-O3", "-std=c11", "-pthread"],
+    extra_link_args=["-pthread"], optional=True,
+)
+setup(ext_modules=[KERNELS])

@@ -8,8 +8,12 @@
  *
  * Python passes data pointers and sizes as ints (METH_FASTCALL), the thread count included. Work
  * is split with pthreads (no OpenMP: torch already loads one runtime). The GIL is released while
- * the kernels run. AVX2+FMA code is chosen at import with __builtin_cpu_supports; every kernel also
- * has a portable scalar version with the same results (fmaf, nearbyintf in the default rounding).
+ * the kernels run. AVX-512 (F/BW/VL) or AVX2+FMA code is chosen at import with
+ * __builtin_cpu_supports (FXQBN_NO_VBMI=1: no byte permutes; FXQBN_NO_AVX512=1: AVX2 at most;
+ * FXQBN_SCALAR=1: scalar, for tests); with AVX-512 VBMI a row of one channel is a table lookup. Every
+ * kernel also has a portable scalar version with the same results (fmaf, nearbyintf in the default
+ * rounding). Whatever a path computes, the Python side checks the BN map on every code against
+ * torch's own op before using it (fxqbn/fused.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,7 +29,7 @@
 #endif
 
 #define MAX_THREADS 64
-#define MIN_PER_THREAD 65536 /* elements: below this a second thread costs more than it saves */
+#define MIN_PER_THREAD (1 << 20) /* elements: below this a new thread costs more than it saves (and on a loaded machine may wait ms to run) */
 #define CLIP 1073741824.0f   /* |t| beyond this is clipped before rounding; codes are in [-256, 511] anyway */
 
 /* -- the parallel loop ------------------------------------------------------------------------- */
@@ -196,7 +200,79 @@ AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *re
     }
 }
 
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+/* bn_block's arithmetic, 64 codes at a time with 16-lane vectors: the same codes, fewer instructions. */
+AVX512 static inline __attribute__((always_inline)) void bn_block64(const uint8_t *src, uint8_t *dst, const float *a, const float *b,
+                                                                   int per_element, int is_signed, __m512i vzin, __m512 a0,
+                                                                   __m512 b0, __m512i vzout, __m512i vlo, __m512i vhi) {
+    __m512i raw = _mm512_loadu_si512((const void *)src);
+    __m512i r[4];
+    for (int k = 0; k < 4; k++) {
+        __m128i part = _mm512_extracti32x4_epi32(raw, k);
+        __m512i x = is_signed ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part);
+        __m512 av = per_element ? _mm512_loadu_ps(a + 16 * k) : a0;
+        __m512 bv = per_element ? _mm512_loadu_ps(b + 16 * k) : b0;
+        r[k] = _mm512_cvtps_epi32(_mm512_fmadd_ps(av, _mm512_cvtepi32_ps(_mm512_sub_epi32(x, vzin)), bv));
+    }
+    /* packs work per 128-bit lane: dword 4L + k of the bytes holds codes 4L..4L+3 of r[k] */
+    __m512i h01 = _mm512_min_epi16(_mm512_max_epi16(_mm512_adds_epi16(_mm512_packs_epi32(r[0], r[1]), vzout), vlo), vhi);
+    __m512i h23 = _mm512_min_epi16(_mm512_max_epi16(_mm512_adds_epi16(_mm512_packs_epi32(r[2], r[3]), vzout), vlo), vhi);
+    __m512i bytes = is_signed ? _mm512_packs_epi16(h01, h23) : _mm512_packus_epi16(h01, h23);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi32(order, bytes));
+}
+
+AVX512 static inline __attribute__((always_inline)) void bn_span64(const uint8_t *restrict src, uint8_t *restrict dst, int64_t n,
+                                                                  const float *restrict a, const float *restrict b, int per_element,
+                                                                  int is_signed, int zin, int zout, int lo, int hi) {
+    const __m512i vzin = _mm512_set1_epi32(zin), vzout = _mm512_set1_epi16((short)zout);
+    const __m512i vlo = _mm512_set1_epi16((short)lo), vhi = _mm512_set1_epi16((short)hi);
+    const __m512 a0 = _mm512_set1_ps(a[0]), b0 = _mm512_set1_ps(b[0]);
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        bn_block64(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    if (i < n) { /* the last 64 codes once more */
+        i = n - 64;
+        bn_block64(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
+    }
+}
+
+static int use_avx512 = 0, use_vbmi = 0;
+
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")))
+
+/* One channel's row through its 256-entry table (the native op's codes themselves): two 128-byte
+ * permutes (vpermi2b) and a blend on the index's top bit per 64 codes; masked loads and stores for
+ * the tail. `flip` (0x80 for int8) turns a code's byte into its table index. */
+VBMI static void bn_row_lut(const uint8_t *restrict table, const uint8_t *restrict src, uint8_t *restrict dst, int64_t n, int flip) {
+    const __m512i t0 = _mm512_loadu_si512((const void *)table), t1 = _mm512_loadu_si512((const void *)(table + 64));
+    const __m512i t2 = _mm512_loadu_si512((const void *)(table + 128)), t3 = _mm512_loadu_si512((const void *)(table + 192));
+    const __m512i vflip = _mm512_set1_epi8((char)flip);
+    for (int64_t i = 0; i < n; i += 64) {
+        __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+        __m512i idx = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), vflip);
+        __m512i lo = _mm512_permutex2var_epi8(t0, idx, t1), hi = _mm512_permutex2var_epi8(t2, idx, t3);
+        _mm512_mask_storeu_epi8(dst + i, m, _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi));
+    }
+}
+
+AVX512 static void bn_span_avx512(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
+    int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
+    if (j->per_element) {
+        if (j->is_signed) bn_span64(src, dst, n, a, b, 1, 1, zin, zout, lo, hi);
+        else bn_span64(src, dst, n, a, b, 1, 0, zin, zout, lo, hi);
+    } else {
+        if (j->is_signed) bn_span64(src, dst, n, a, b, 0, 1, zin, zout, lo, hi);
+        else bn_span64(src, dst, n, a, b, 0, 0, zin, zout, lo, hi);
+    }
+}
+
 AVX2 static void bn_span_avx2(const bn_job *j, const uint8_t *src, uint8_t *dst, int64_t n, const float *a, const float *b) {
+    if (use_avx512 && n >= 64) {
+        bn_span_avx512(j, src, dst, n, a, b);
+        return;
+    }
     int zin = j->zin, zout = j->zout, lo = j->lo, hi = j->hi;
     if (j->per_element) {
         if (j->is_signed) bn_span(src, dst, n, a, b, 1, 1, zin, zout, lo, hi);
@@ -213,7 +289,9 @@ AVX2 static void bn_avx2_range(const void *job, int64_t begin, int64_t end, int 
     if (!j->per_element) {
         for (int64_t r = begin; r < end; r++) {
             int64_t c = r % j->channels, base = r * j->row_len;
-            if (j->use_table[c])
+            if (use_vbmi) /* a row is one channel: its table is exact and fastest */
+                bn_row_lut(j->table + c * 256, j->src + base, j->dst + base, j->row_len, j->is_signed ? 0x80 : 0);
+            else if (j->use_table[c])
                 for (int64_t i = 0; i < j->row_len; i++) j->dst[base + i] = bn_lookup(j, c, j->src[base + i]);
             else
                 bn_span_avx2(j, j->src + base, j->dst + base, j->row_len, j->a + c, j->b + c);
@@ -263,28 +341,53 @@ static void quantize_scalar_range(const void *job, int64_t begin, int64_t end, i
 }
 
 #ifdef FXQBN_X86
+/* The vector bodies take every field as a local: dst is a byte pointer, and stores through it could
+ * alias the job's fields. The chunk's flag is all that matters for inputs out of range (the caller
+ * then quantizes the whole tensor with torch), so those lanes are not clipped. */
 AVX2 static void quantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const quantize_job *j = (const quantize_job *)job;
-    __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
-    __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256i add = _mm256_set1_epi32(j->mul_first ? j->zp : 0), lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
+    const float *src = j->src;
+    uint8_t *dst = j->dst;
+    const int mul_first = j->mul_first, is_signed = j->lo < 0;
+    const __m256 inv = _mm256_set1_ps(j->inv), zpf = _mm256_set1_ps(j->zpf), clip = _mm256_set1_ps(CLIP);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i add = _mm256_set1_epi32(mul_first ? j->zp : 0), lo = _mm256_set1_epi32(j->lo), hi = _mm256_set1_epi32(j->hi);
     __m256 bad = _mm256_setzero_ps();
     int64_t i = begin * QGRAIN;
     end = unit_end(end, j->n);
     for (; i + 32 <= end; i += 32) {
         __m256i q[4];
         for (int k = 0; k < 4; k++) {
-            __m256 x = _mm256_loadu_ps(j->src + i + 8 * k);
-            __m256 t = j->mul_first ? _mm256_mul_ps(x, inv) : _mm256_fmadd_ps(x, inv, zpf);
+            __m256 x = _mm256_loadu_ps(src + i + 8 * k);
+            __m256 t = mul_first ? _mm256_mul_ps(x, inv) : _mm256_fmadd_ps(x, inv, zpf);
             bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(t, absmask), clip, _CMP_NLE_UQ));
-            t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-CLIP)), clip);
-            __m256i r = _mm256_add_epi32(_mm256_cvtps_epi32(t), add);
-            q[k] = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+            q[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), add), lo), hi);
         }
-        _mm256_storeu_si256((__m256i *)(j->dst + i), pack32(q[0], q[1], q[2], q[3], j->lo < 0));
+        _mm256_storeu_si256((__m256i *)(dst + i), pack32(q[0], q[1], q[2], q[3], is_signed));
     }
     if (_mm256_movemask_ps(bad)) *flag = 1;
-    for (; i < end; i++) j->dst[i] = quantize_one(j, j->src[i], flag);
+    for (; i < end; i++) dst[i] = quantize_one(j, src[i], flag);
+}
+
+AVX512 static void quantize_avx512_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const quantize_job *j = (const quantize_job *)job;
+    const float *src = j->src;
+    uint8_t *dst = j->dst;
+    const int mul_first = j->mul_first;
+    const __m512 inv = _mm512_set1_ps(j->inv), zpf = _mm512_set1_ps(j->zpf), clip = _mm512_set1_ps(CLIP);
+    const __m512i add = _mm512_set1_epi32(mul_first ? j->zp : 0), lo = _mm512_set1_epi32(j->lo), hi = _mm512_set1_epi32(j->hi);
+    __mmask16 bad = 0;
+    int64_t i = begin * QGRAIN;
+    end = unit_end(end, j->n);
+    for (; i + 16 <= end; i += 16) {
+        __m512 x = _mm512_loadu_ps(src + i);
+        __m512 t = mul_first ? _mm512_mul_ps(x, inv) : _mm512_fmadd_ps(x, inv, zpf);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(t), clip, _CMP_NLE_UQ);
+        __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), add), lo), hi);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm512_cvtepi32_epi8(q));
+    }
+    if (bad) *flag = 1;
+    for (; i < end; i++) dst[i] = quantize_one(j, src[i], flag);
 }
 #endif
 
@@ -314,15 +417,36 @@ static void dequantize_scalar_range(const void *job, int64_t begin, int64_t end,
 #ifdef FXQBN_X86
 AVX2 static void dequantize_avx2_range(const void *job, int64_t begin, int64_t end, int *flag) {
     const dequantize_job *j = (const dequantize_job *)job;
-    __m256i zp = _mm256_set1_epi32(j->zp);
-    __m256 scale = _mm256_set1_ps(j->scale);
+    const uint8_t *src = j->src;
+    float *dst = j->dst;
+    const int is_signed = j->is_signed;
+    const __m256i zp = _mm256_set1_epi32(j->zp);
+    const __m256 scale = _mm256_set1_ps(j->scale);
     int64_t i = begin * QGRAIN;
     (void)flag;
     end = unit_end(end, j->n);
     for (; i + 8 <= end; i += 8) {
-        __m128i bytes = _mm_loadl_epi64((const __m128i *)(j->src + i));
-        __m256i x = j->is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-        _mm256_storeu_ps(j->dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(x, zp)), scale));
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(src + i));
+        __m256i x = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(x, zp)), scale));
+    }
+    dequantize_elements(j, i, end);
+}
+
+AVX512 static void dequantize_avx512_range(const void *job, int64_t begin, int64_t end, int *flag) {
+    const dequantize_job *j = (const dequantize_job *)job;
+    const uint8_t *src = j->src;
+    float *dst = j->dst;
+    const int is_signed = j->is_signed;
+    const __m512i zp = _mm512_set1_epi32(j->zp);
+    const __m512 scale = _mm512_set1_ps(j->scale);
+    int64_t i = begin * QGRAIN;
+    (void)flag;
+    end = unit_end(end, j->n);
+    for (; i + 16 <= end; i += 16) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(src + i));
+        __m512i x = is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(x, zp)), scale));
     }
     dequantize_elements(j, i, end);
 }
@@ -397,14 +521,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : "avx2");
+    return PyUnicode_FromString(bn_range == bn_scalar_range ? "scalar" : (use_vbmi ? "avx512vbmi" : (use_avx512 ? "avx512" : "avx2")));
 }
 
 static PyMethodDef methods[] = {
     {"bn", (PyCFunction)(void (*)(void))py_bn, METH_FASTCALL, "The BN map on codes (see fxqbn/_ckernels.c)."},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "float32 -> codes; True if a value left the range."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "codes -> float32."},
-    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: 'avx2' or 'scalar'."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the BN kernel uses: 'avx512vbmi', 'avx512', 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -417,6 +541,13 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
         bn_range = bn_avx2_range;
         quantize_range = quantize_avx2_range;
         dequantize_range = dequantize_avx2_range;
+        use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && !getenv("FXQBN_NO_AVX512");
+        use_vbmi = use_avx512 && __builtin_cpu_supports("avx512vbmi") && !getenv("FXQBN_NO_VBMI");
+        if (use_avx512) {
+            quantize_range = quantize_avx512_range;
+            dequantize_range = dequantize_avx512_range;
+        }
     }
 #endif
     return PyModule_Create(&module);

@@ -126,7 +126,7 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
             converted, its other observers removed (listed in the report's ``dropped``).
         inplace: rewrite ``observed`` itself instead of building a new GraphModule.
         backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
-            or ``"fused"`` (a compiled integer map on plain uint8/int8 tensors, ``fxqbn.fused``).
+            or ``"fused"`` (fxqbn's C integer kernels on plain uint8/int8 tensors, ``fxqbn.fused``).
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It

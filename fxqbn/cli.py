@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--observer", choices=sorted(OBSERVERS), default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
     c.add_argument("--backend", choices=["native", "fused"], default="native",
-                   help="native: PyTorch's quantized kernels; fused: a compiled integer map on uint8/int8 tensors")
+                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable")
     c.add_argument("--out", metavar="PATH", help="save the converted model with fxqbn.save (load with fxqbn.load)")

@@ -7,8 +7,8 @@ codes of every channel, clamps them to the module's code range [lo, hi] (ReLU: l
 and keeps that (C, 256) ``table``. Then it checks its fast kernels against the table, every code:
 
 * the C kernel (``fxqbn/_ckernels.c``): ``clamp(zout + rne(fma(alpha, x - zin, beta)), lo, hi)``
-  with the native op's own constants ``alpha``, ``beta`` (``fold``); a channel where it differs (the
-  native op's vector path wraps to 0 for huge alpha with zero point >= 128) runs the table instead;
+  with the native op's own constants ``alpha``, ``beta`` (``fold``); a channel where it differs (for
+  |alpha * v + beta| >= 2^31 the native op clips and adds the zero point in int32) runs the table;
 * the pure-torch kernel (no C extension, ``FXQBN_NO_EXT=1``, tracing, TorchScript):
   ``(x - zin) * a + b`` with two float32 roundings, ``a``/``b`` moved by a few ulps per channel
   until every code matches; if a channel cannot be matched the torch path gathers from the table.
@@ -40,7 +40,7 @@ __all__ = [
 
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
 _SEARCH_ULPS = 4  # how far a channel's torch-kernel constants may move, in float32 ulps, to match every code
-_VECTOR = 32  # codes per step of the C kernel: per-element constants repeat with a period that is a multiple
+_VECTOR = 64  # codes per step of the C kernel (AVX-512; 32 with AVX2): per-element constants repeat with a period that is a multiple
 _PERIOD = 1024  # ... of it, and at least this long
 
 
@@ -153,13 +153,24 @@ class _CKernel:
         self.use_table = use_table.to(torch.uint8).contiguous()
         self.table_channels = use_table.nonzero().flatten().to(_I32)
         self.ints = (zin, zout, bounds[0], bounds[1], int(dtype == torch.qint8))
+        self._set_constants()
+
+    def _set_constants(self) -> None:
+        """The kernel's constant arguments, pointers into this object's own tensors."""
+        self.constants = (self.a.data_ptr(), self.b.data_ptr(), self.period, self.table.data_ptr(), self.use_table.data_ptr(),
+                          self.table_channels.data_ptr(), self.table_channels.numel(), *self.ints)
+
+    def __getstate__(self) -> dict:  # copies and pickles get new tensors: their pointers are recomputed
+        return {k: v for k, v in self.__dict__.items() if k != "constants"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_constants()
 
     def run(self, x: torch.Tensor, out: torch.Tensor, per_element: bool, rows: int, row_len: int, n_threads: int) -> None:
         """x, out: dense tensors of the same layout; rows of ``row_len`` codes (one channel per row
         unless ``per_element``: then channel = flat index % C)."""
-        EXT.bn(x.data_ptr(), out.data_ptr(), rows, row_len, self.channels, per_element, self.a.data_ptr(),
-               self.b.data_ptr(), self.period, self.table.data_ptr(), self.use_table.data_ptr(),
-               self.table_channels.data_ptr(), self.table_channels.numel(), *self.ints, n_threads)
+        EXT.bn(x.data_ptr(), out.data_ptr(), rows, row_len, self.channels, per_element, *self.constants, n_threads)
 
     def mismatches(self, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(C,) bool: channels where the kernel differs from ``reference`` (C, 256) on some code, in its
@@ -216,6 +227,7 @@ class FusedBatchNorm(nn.Module):
         self._zin, self._zout = input_qparams.zero_point, output_qparams.zero_point
         self._lo, self._hi = self.bounds
         self._code_lo = DTYPE_RANGES[input_qparams.dtype][0]
+        self._codes, self._ranks = integer_dtype(input_qparams.dtype), RANKS[dim]  # what forward takes
         self._derive()
 
     def _derive(self) -> None:
@@ -225,8 +237,8 @@ class FusedBatchNorm(nn.Module):
         self._torch_table = found is None  # the torch path gathers from the table
         self._torch_a, self._torch_b = found if found is not None else (self.alpha.clone(), self.beta.clone())
         self._table_offsets = torch.arange(self.num_features) * 256 - self._code_lo
-        self._c: _CKernel | None = None
-        self.table_channels: list[int] = list(range(self.num_features)) if self._torch_table else []
+        self._c = None  # the C kernel, when built
+        self.table_channels = list(range(self.num_features)) if self._torch_table else []
         if EXT is not None:
             args = (self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
             use_table = torch.full((self.num_features,), self.kernel == "table")
@@ -306,18 +318,20 @@ class FusedBatchNorm(nn.Module):
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):  # fx tracing: aten ops in the graph
             return self._forward_torch(x)
-        self._check_input(x)
-        if self._c is None or tracing(x) or x.device.type != "cpu" or x.numel() == 0:
+        if x.dtype != self._codes or x.dim() not in self._ranks or x.shape[1] != self.num_features:
+            self._check_input(x)  # raises, naming what is wrong
+        n = x.numel()
+        if self._c is None or n == 0 or not x.is_cpu or tracing(x):
             if self._c is None:
                 warn_if_missing()
             return self._forward_torch(x)
         x = dense(x)
         out, c = torch.empty_like(x), self.num_features
-        row_len = x.numel() // (x.shape[0] * c)
-        if x.is_contiguous() and row_len > 1:  # (N, C, S): a channel per row
+        row_len = n // (x.shape[0] * c)
+        if row_len > 1 and x.is_contiguous():  # (N, C, S): a channel per row
             self._c.run(x, out, False, x.shape[0] * c, row_len, threads())
         else:  # channels innermost: (N * S, C)
-            self._c.run(x, out, True, x.numel() // c, c, threads())
+            self._c.run(x, out, True, n // c, c, threads())
         return out
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Everything that creates quantized tensors or runs a quantized kernel goes through
 these functions, so the deprecation of quantized dtypes (pytorch#184982) touches
 one file. The graph reaches them through the modules of ``fxqbn.nn`` (Quantize, DeQuantize and the
-quantized BatchNorms).
+quantized BatchNorms); ``fxqbn.fused`` calls them to build its reference tables and where it hands
+an input to torch's own op.
 """
 
 from __future__ import annotations

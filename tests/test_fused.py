@@ -300,7 +300,7 @@ def test_threads_inside_and_around_the_kernels_give_the_same_codes():
     bn = random_bn(2, 16, gen)
     qin, qout = random_qparams(gen, torch.quint8), random_qparams(gen, torch.quint8)
     module = FusedBatchNorm.from_bn(bn, 2, True, qin, qout)
-    x = torch.randint(0, 256, (8, 16, 40, 40), generator=gen, dtype=torch.uint8)  # 204,800 codes: split over threads
+    x = torch.randint(0, 256, (8, 16, 160, 160), generator=gen, dtype=torch.uint8)  # 3.3M codes: split over 3 threads
     expected = native(bn, x, qin, qout, 2, True)
     before = torch.get_num_threads()
     try:
@@ -343,7 +343,7 @@ def test_the_rounding_probe_tells_the_two_torch_roundings_apart():
 def test_large_inputs_with_inf_nan_and_huge_values_quantize_as_torch(dtype):
     gen = torch.Generator().manual_seed(6)
     qp = random_qparams(gen, dtype)
-    x = floats_with_ties(gen, qp, (300_000,))
+    x = floats_with_ties(gen, qp, (2_300_000,))  # split over 2 threads
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e10, -1e30, 3e9])
     spots = torch.randint(0, x.numel(), (50,), generator=gen)
     before = torch.get_num_threads()
@@ -385,3 +385,28 @@ def test_fx_tracing_a_fused_model_records_aten_ops_with_the_same_outputs():
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(3, 12, 5, 6).contiguous(memory_format=layout)
         assert torch.equal(traced(x), q(x))
+
+
+def test_eight_threads_running_one_fused_model_get_the_same_outputs():
+    import threading
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.BatchNorm2d(16))).eval()
+    observed = fxqbn.prepare(model, (torch.randn(1, 3, 8, 8),))
+    with torch.no_grad():
+        observed(torch.randn(8, 3, 8, 8))
+    q = fxqbn.convert(observed, backend="fused")
+    inputs = [torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        expected = [q(x) for x in inputs]
+    results = [None] * 8
+
+    def work(i):
+        with torch.no_grad():
+            results[i] = [q(inputs[i]) for _ in range(10)]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(torch.equal(out, expected[i]) for i, outs in enumerate(results) for out in outs)
