@@ -37,6 +37,7 @@ from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .report import Report
 from .serialize import describe_load_error, load_report, save
+from .whole_model import ROUTES as INT8_ROUTES, quantize_whole_model
 
 __all__ = ["main"]
 
@@ -131,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
     c.add_argument("--observer", choices=sorted(OBSERVERS), default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
-    c.add_argument("--backend", choices=["native", "fused"], default="native",
-                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors")
+    c.add_argument("--backend", choices=["native", "fused"], default=None,
+                   help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors "
+                   "(default: native; with --int8 pt2e: fused)")
+    c.add_argument("--int8", choices=list(INT8_ROUTES), metavar="{ao,pt2e}",
+                   help="quantize the whole model to int8 (ao: torch.ao FX with the x86 mapping; pt2e: torchao PT2E "
+                   "with X86InductorQuantizer, needs fxqbn[pt2e]), then lower its float BNs into int8 (fxqbn.lower)")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable")
     c.add_argument("--out", metavar="PATH", help="save the converted model with fxqbn.save (load with fxqbn.load)")
@@ -411,6 +416,9 @@ def run_convert(args: argparse.Namespace) -> int:
         raise _usage(prog, f"argument --calib: {args.calib} {'is not a file' if os.path.exists(args.calib) else 'does not exist'}")
     for option in ("out", "torchscript", "report"):
         _check_output_path(prog, f"--{option}", getattr(args, option))
+    if args.int8 and (args.out or args.skip):
+        raise _usage(prog, f"argument --int8: {'--out' if args.out else '--skip'} is not supported with --int8 "
+                     "(fxqbn.save stores BN-only conversions; --skip names BNs for fxqbn.prepare)")
     # 2. the model and its inputs
     model, example = _build_model(spec, _load_factory(prog, spec))
     if args.input_shape:
@@ -422,17 +430,21 @@ def run_convert(args: argparse.Namespace) -> int:
     qconfig = _qconfig(prog, model, args.observer, args.dtype, args.skip)
     verify_it = args.verify or (args.model is None and args.calib is None)  # `fxqbn convert` alone verifies
     calibration = _calibration(args, example, verify_it)
-    # 3. prepare, calibrate, convert
-    observed = prepare(model, example, qconfig, skip=args.skip)
-    for i, batch in enumerate(tqdm(calibration.batches, desc="calibrating", unit="batch", file=sys.stderr,
-                                   disable=args.quiet or not sys.stderr.isatty())):
-        _run(observed, batch, f"calibration batch {i}")
-    quantized = convert(observed, backend=args.backend)
+    # 3. prepare, calibrate, convert (--int8: the whole model through torch.ao or PT2E, then fxqbn.lower)
+    if args.int8:
+        quantized = quantize_whole_model(model, example, calibration.batches, args.int8, backend=args.backend)
+    else:
+        observed = prepare(model, example, qconfig, skip=args.skip)
+        for i, batch in enumerate(tqdm(calibration.batches, desc="calibrating", unit="batch", file=sys.stderr,
+                                       disable=args.quiet or not sys.stderr.isatty())):
+            _run(observed, batch, f"calibration batch {i}")
+        quantized = convert(observed, backend=args.backend or "native")
     # 4. check, write, tell
     checked = None
     if calibration.held_out is not None:
         checked = verify(model, quantized, calibration.held_out)
-        compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
+        if not args.int8:  # lowered graphs have no BN-only pipeline to compare per BN
+            compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
     if args.out:
         save(quantized, args.out)
     if args.torchscript:

@@ -23,7 +23,7 @@ from .api import get_report
 from .backends import BACKENDS
 from .errors import FxqbnError
 from .report import Report
-from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
+from .state import LOWERED_KEY, PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 from .tracing import owned_copy, trace
 
 __all__ = ["compare", "sqnr_db", "tensors_in"]
@@ -100,6 +100,8 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
         recorded on ``quantized`` so that ``get_report`` returns it from now on.
     """
     report = get_report(quantized)
+    if attached(quantized, LOWERED_KEY) is not None:
+        raise FxqbnError("fxqbn.compare takes models from fxqbn.convert; a lowered model's report has no BN-only pipelines to compare")
     rewrites: tuple[Rewrite, ...] = attached(quantized, REWRITES_KEY)
     float_gm = _float_graph(reference)
     prepared: Prepared | None = attached(float_gm, PREPARED_KEY)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxqbn.passes.lower import LowerMatch, find_lowerable, graph_route
+from fxqbn.passes.lower import LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
 from fxqbn.passes.records import Skip
@@ -29,7 +29,7 @@ from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .qparams import DTYPE_RANGES
 from .report import Report, ReportRow, ReportSummary
-from .state import REPORT_KEY, attach, attached
+from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["lower", "DEFAULT_BACKENDS"]
 
@@ -46,12 +46,7 @@ def _check(gm: object, backend: object) -> tuple[str, Backend]:
     if attached(gm, REPORT_KEY) is not None:
         raise FxqbnError("this model was already converted or lowered by fxqbn: lower the torch.ao / PT2E result itself")
     chosen = None if backend is None else backend_named(backend)
-    route = graph_route(gm.graph)
-    if route is None:
-        raise FxqbnError(
-            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
-            "this graph has no quantize/dequantize nodes: quantize the whole model first"
-        )
+    route = require_route(gm.graph)
     return route, chosen or DEFAULT_BACKENDS[route]
 
 
@@ -92,7 +87,10 @@ def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clam
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
     kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
     kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)
-    return LoweredBatchNorm(kernel, backend is FUSED, m.route == "pt2e", clamp, m.input_qparams, m.output_qparams)
+    codes = m.route == "pt2e"
+    if clamp is None and backend is FUSED and codes:
+        return kernel  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
+    return LoweredBatchNorm(kernel, backend is FUSED, codes, clamp, m.input_qparams, m.output_qparams)
 
 
 def _op(m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> str:
@@ -154,4 +152,5 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     out.delete_all_unused_submodules()
     out.recompile()
     attach(out, REPORT_KEY, _report(rows, len(matches), len(skips) + len(refused), start))
+    attach(out, LOWERED_KEY, tuple(matches))
     return out

@@ -41,7 +41,7 @@ from .passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
 from .qparams import DTYPE_RANGES, QParams
 from .report import Report
 from .tracing import owned_copy
-from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
+from .state import LOWERED_KEY, PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]
 
@@ -93,6 +93,11 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
     if attached(quantized, REPORT_KEY) is None:
         raise FxqbnError(
             f"fxqbn.save expects the GraphModule returned by fxqbn.convert, got {type(quantized).__name__}"
+        )
+    if attached(quantized, LOWERED_KEY) is not None:
+        raise FxqbnError(
+            "fxqbn.save stores models converted by fxqbn.convert; a model fxqbn.lower returned is a torch.ao / PT2E "
+            "graph it cannot rebuild: export a PT2E one with torch.export.save(torch.export.export(model, inputs), path)"
         )
     report = get_report(quantized)
     payload = {

@@ -25,6 +25,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn import qops
@@ -36,7 +38,7 @@ from .patterns import RANK_TO_DIM
 from .records import Skip
 from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
 
-__all__ = ["LowerMatch", "ROUTES", "graph_route", "find_lowerable"]
+__all__ = ["LowerMatch", "ROUTES", "graph_route", "require_route", "find_lowerable"]
 
 def _pt2e_ops() -> tuple[tuple[object, ...], tuple[object, ...]]:
     """(quantize ops, dequantize ops) of PT2E graphs (per tensor, scalar or tensor qparams)."""
@@ -63,6 +65,7 @@ class LowerMatch:
     dequantize: str  # the dequantize node the BN reads; its input is the int8 value the new BN takes
     quantize: str  # the quantize node whose codes the new BN produces
     chain: tuple[str, ...]  # nodes between the BN's output and the quantize (pass-throughs, activation)
+    after: tuple[str, ...]  # torch.ao: pass-throughs and an activation run on the quantize's quint8 output
     activation: str  # "", "ReLU", "ReLU6" or "clamp(lo, hi)"
     codes: tuple[int, int]  # the output code range: the activation's clamp and the quantize's range
     input_qparams: QParams | None  # None: a torch.ao tensor whose qparams the graph does not show
@@ -78,10 +81,15 @@ class LowerMatch:
             raise ValueError(f"code range {self.codes} outside {self.output_qparams.dtype}'s")
 
     @property
+    def output(self) -> str:
+        """The node whose value the int8 BN produces: the quantize, or the last node absorbed after it."""
+        return self.after[-1] if self.after else self.quantize
+
+    @property
     def nodes(self) -> tuple[str, ...]:
-        """The float nodes the rewrite removes (the dequantize only when nothing else reads it)."""
+        """The nodes the rewrite removes, last to first (the dequantize too when nothing else reads it)."""
         getitem = (self.bn.output,) if self.bn.output != self.bn.node else ()
-        return (self.quantize, *reversed(self.chain), *getitem, self.bn.node)
+        return (*reversed(self.after), self.quantize, *reversed(self.chain), *getitem, self.bn.node)
 
 
 # -- boundaries ----------------------------------------------------------------------------------
@@ -124,6 +132,8 @@ def _value(root: nn.Module, value: object) -> object:
 def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tuple[int, int]] | str:
     """(qparams, code range) of a quantize or dequantize node, or why they cannot be read."""
     args = [_value(root, a) for a in node.args[1:]]
+    if node.kwargs or len(args) < (5 if route == "pt2e" else 3):
+        return f"{node.name} passes its qparams as keywords: unsupported spelling"
     if route == "pt2e":
         scale, zero_point, qmin, qmax, dtype = args[:5]
         dtype = _PLAIN_TO_QUANTIZED.get(dtype)
@@ -140,9 +150,27 @@ def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tupl
     return qparams, (lo if qmin is None else max(lo, qmin), hi if qmax is None else min(hi, qmax))
 
 
+# torch.ao ops whose quantized output keeps its input's qparams: (node.op, target); modules by type.
+_KEEPS_QPARAMS = frozenset({
+    *(("call_module", t) for t in (
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU, nn.ReLU6, nnq.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Flatten,
+    )),
+    *(("call_function", f) for f in (
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.relu, torch.relu, F.relu6, F.hardtanh, torch.flatten,
+    )),
+    *(("call_method", m) for m in ("relu", "flatten", "view", "reshape", "contiguous", "permute")),
+})
+
+
 def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParams | None:
     """The qparams of a torch.ao quantized value, when the graph shows them: the output of a quantize
-    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's)."""
+    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's), through
+    ops that keep their input's qparams (max-pool, ReLU, Identity, flatten, ...)."""
+    while node.args and isinstance(node.args[0], fx.Node):
+        target = type(root.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+        if (node.op, target) not in _KEEPS_QPARAMS:
+            break
+        node = node.args[0]
     if _is_quantize(node, "ao"):
         found = _boundary(node, root, "ao")
         return None if isinstance(found, str) else found[0]
@@ -150,7 +178,10 @@ def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParam
         module = root.get_submodule(str(node.target))
         scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
         if isinstance(scale, float) and isinstance(zero_point, int):
-            return QParams(scale, zero_point, output.dtype)
+            try:
+                return QParams(scale, zero_point, output.dtype)
+            except FxqbnError:
+                return None
     return None
 
 
@@ -181,10 +212,11 @@ class _Matcher:
         self.nodes = {node.name: node for node in gm.graph.nodes}
 
     def skip(self, position: int, node: fx.Node, call: BnCall | None, reason: str) -> Skip:
-        module = call.owner if call is not None else str(node.target) if node.op == "call_module" else node.name
-        spelling = call.spelling if call is not None else getattr(node.target, "__name__", str(node.target))
         if node.op == "call_module":
-            spelling = type(self.modules[str(node.target)]).__name__
+            module, spelling = str(node.target), type(self.modules[str(node.target)]).__name__
+        else:
+            module = call.owner if call is not None else node.name
+            spelling = call.spelling if call is not None else getattr(node.target, "__name__", str(node.target))
         return Skip(position=position, node=node.name, module=module, pattern=spelling, reason=reason, source=source_of(node))
 
     def match(self, position: int, node: fx.Node) -> LowerMatch | Skip | None:
@@ -221,6 +253,21 @@ class _Matcher:
                 return f"its output reaches {_describe(user)} in float, not a per-tensor quantize: nothing to lower into"
             value = user
 
+    def _after(self, quantize: fx.Node, clamp: tuple[float, float] | None) -> tuple[list[str], tuple[float, float] | None]:
+        """torch.ao graphs run activations on quint8 tensors after the quantize: the pass-throughs and one
+        activation that alone read its output, which the int8 BN absorbs (nodes, the clamp then)."""
+        value, nodes = quantize, []
+        while self.route == "ao" and len(value.users) == 1:
+            user = next(iter(value.users))
+            activation = read_activation(user, self.modules)
+            if activation is not None and activation.input == value.name and clamp is None:
+                clamp = (activation.lo, activation.hi)
+            elif passthrough_input(user, self.modules) is not value:
+                break
+            nodes.append(user.name)
+            value = user
+        return nodes, clamp
+
     def _sandwich(self, call: BnCall, position: int) -> LowerMatch | str:
         x = self.nodes[call.input]
         if not _is_dequantize(x, self.route):
@@ -229,6 +276,7 @@ class _Matcher:
         if isinstance(chain, str):
             return chain
         nodes, clamp, quantize = chain
+        after, clamp = self._after(quantize, clamp)
         problem = self._statistics_problem(call)
         out = _boundary(quantize, self.gm, self.route)
         if problem or isinstance(out, str):
@@ -246,7 +294,7 @@ class _Matcher:
             codes = (max(codes[0], lo), min(codes[1], hi))
         return LowerMatch(
             bn=call, position=position, dim=dim, dequantize=x.name, quantize=quantize.name,
-            chain=tuple(nodes), activation=activation_name(*clamp) if clamp else "", codes=codes,
+            chain=tuple(nodes), after=tuple(after), activation=activation_name(*clamp) if clamp else "", codes=codes,
             input_qparams=qin, output_qparams=qout, route=self.route, source=source_of(self.nodes[call.node]),
         )
 
@@ -270,18 +318,23 @@ class _Matcher:
         return dim
 
 
+def require_route(graph: fx.Graph) -> str:
+    """``graph_route``, or FxqbnError when the graph is neither a torch.ao nor a PT2E int8 graph."""
+    route = graph_route(graph)
+    if route is None:
+        raise FxqbnError(
+            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
+            "this graph has no quantize/dequantize nodes: quantize the whole model first"
+        )
+    return route
+
+
 def find_lowerable(gm: fx.GraphModule) -> tuple[list[LowerMatch], list[Skip]]:
     """Every BN of a converted int8 graph, in graph order: lowerable, or skipped with the reason.
 
     Raises FxqbnError when ``gm`` is neither a torch.ao ``convert_fx`` nor a PT2E ``convert_pt2e`` graph.
     """
-    route = graph_route(gm.graph)
-    if route is None:
-        raise FxqbnError(
-            "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
-            "this graph has no quantize/dequantize nodes (quantize the whole model first)"
-        )
-    matcher = _Matcher(gm, route)
+    matcher = _Matcher(gm, require_route(gm.graph))
     matches: list[LowerMatch] = []
     skips: list[Skip] = []
     for position, node in enumerate(gm.graph.nodes):

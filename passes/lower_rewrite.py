@@ -41,26 +41,30 @@ def _free_name(root: nn.Module, taken: set[str], name: str) -> str:
 
 
 def _erase_unused_attrs(graph: fx.Graph, root: nn.Module, candidates: list[fx.Node]) -> None:
-    """Erase get_attr nodes nothing reads; drop their attribute when no other node names it."""
-    for node in candidates:
-        if node.op != "get_attr" or node.users:
-            continue
+    """Erase get_attr nodes nothing reads; drop their attribute when no other node names it
+    (another get_attr of it, or a call of a module that owns it)."""
+    unused = [node for node in candidates if node.op == "get_attr" and not node.users]
+    for node in unused:
         graph.erase_node(node)
-        target = str(node.target)
-        if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
-            parent, _, leaf = target.rpartition(".")
-            owner = root.get_submodule(parent)
-            if hasattr(owner, leaf):
-                delattr(owner, leaf)
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for target in dict.fromkeys(str(node.target) for node in unused):
+        parent, _, leaf = target.rpartition(".")
+        owners = {".".join(target.split(".")[:k]) for k in range(1, target.count(".") + 1)}
+        if target in read or owners & called:
+            continue
+        owner = root.get_submodule(parent)
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
 
 
 def _rewrite_one(graph: fx.Graph, nodes: dict[str, fx.Node], match: LowerMatch, target: str) -> list[fx.Node]:
     """Install ``target`` in place of one pattern; returns the attribute nodes it may have orphaned."""
-    dequantize, quantize = nodes[match.dequantize], nodes[match.quantize]
+    dequantize, quantize, output = nodes[match.dequantize], nodes[match.quantize], nodes[match.output]
     with graph.inserting_before(quantize):
         lowered = graph.create_node("call_module", target, (dequantize.args[0],))  # the module is added later
-    lowered.meta.update({k: v for k, v in quantize.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
-    quantize.replace_all_uses_with(lowered)
+    lowered.meta.update({k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    output.replace_all_uses_with(lowered)
     orphans = [arg for name in match.nodes for arg in nodes[name].all_input_nodes if arg.op == "get_attr"]
     for name in match.nodes:
         graph.erase_node(nodes[name])

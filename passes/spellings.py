@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -91,12 +93,7 @@ def _number(value: object) -> float | None:
 # -- BatchNorm spellings ---------------------------------------------------------------------------
 
 _MODULE_DIMS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))
-_QUANTIZED_BN_TYPES = tuple(
-    t for t in (
-        getattr(torch.ao.nn.quantized, "BatchNorm2d", None), getattr(torch.ao.nn.quantized, "BatchNorm3d", None),
-        getattr(torch.ao.nn.intrinsic.quantized, "BNReLU2d", None), getattr(torch.ao.nn.intrinsic.quantized, "BNReLU3d", None),
-    ) if t is not None
-)
+_QUANTIZED_BN_TYPES = (nnq.BatchNorm2d, nnq.BatchNorm3d, nniq.BNReLU2d, nniq.BNReLU3d)  # torch.ao's int8 BNs
 
 
 def _module_bn(node: fx.Node, bn: nn.Module, name: str, activation: str = "") -> BnCall | str:
@@ -234,6 +231,7 @@ ACTIVATION_SPELLINGS: tuple[tuple[str, object, Callable[[fx.Node, Modules], tupl
     ("call_function", aten.relu.default, _RELU),  # torch.export
     ("call_function", aten.relu_.default, _RELU),
     ("call_module", nn.ReLU6, _RELU6),
+    ("call_module", nnq.ReLU6, _RELU6),  # what torch.ao's convert_fx makes of nn.ReLU6 (on quint8)
     ("call_function", F.relu6, _RELU6),
     ("call_function", aten.relu6.default, _RELU6),
     ("call_module", nn.Hardtanh, _hardtanh_module),  # nn.Hardtanh(0, 6)

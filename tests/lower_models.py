@@ -120,7 +120,8 @@ PASSTHROUGHS = {
 class Sandwich(nn.Module):
     """One float BN between a dequantize and a quantize, as torch.ao ("ao") or PT2E ("pt2e") spell them.
 
-    spelling: "module" (self.bn(x)), "functional" (F.batch_norm).
+    spelling: "module" (self.bn(x)), "functional" (F.batch_norm), "aten" (aten.batch_norm),
+        "aten_legit" (aten._native_batch_norm_legit_no_training, then getitem 0).
     """
 
     def __init__(self, route: str, dim: int, spelling: str, activation: str, passthrough: str, channels: int = 5,
@@ -141,9 +142,13 @@ class Sandwich(nn.Module):
         self.register_buffer("out_zero_point", torch.tensor(qout[1]))
 
     def _bn(self, x: torch.Tensor) -> torch.Tensor:
+        bn, aten = self.bn, torch.ops.aten
         if self.spelling == "module":
-            return self.bn(x)
-        bn = self.bn
+            return bn(x)
+        if self.spelling == "aten":  # what torch.export records
+            return aten.batch_norm.default(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, bn.eps, False)
+        if self.spelling == "aten_legit":  # what run_decompositions leaves
+            return aten._native_batch_norm_legit_no_training.default(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps)[0]
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,3 +168,9 @@ class Sandwich(nn.Module):
         x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
         x.view(shape[0], shape[1], -1)[0, :, :256] = torch.arange(256, dtype=torch.uint8)
         return x if self.route == "pt2e" else torch._make_per_tensor_quantized_tensor(x, *self.qin)
+
+
+def timm_style_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A factory for the command: ``fxqbn convert tests/lower_models.py:timm_style_net --int8 pt2e``."""
+    model = trained(TimmStyleNet())
+    return model, model.example()

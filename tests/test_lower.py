@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import copy
+import io
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from lower_models import ACTIVATIONS, PASSTHROUGHS, MLP, Sandwich, TimmStyleNet,
 from torch import fx, nn
 
 import fxqbn
+from fxqbn import cli
 from fxqbn.compare import sqnr_db
 from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
 from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
@@ -64,7 +70,7 @@ def reference_codes(gm: fx.GraphModule, match, x: torch.Tensor) -> torch.Tensor:
     order = [dequantize.name, *reversed(match.nodes)]
     for name in order:
         interpreter.env[nodes[name]] = interpreter.run_node(nodes[name])
-    return codes_of(interpreter.env[nodes[match.quantize]])
+    return codes_of(interpreter.env[nodes[match.output]])
 
 
 # -- one pattern, every spelling -------------------------------------------------------------------
@@ -73,7 +79,7 @@ def reference_codes(gm: fx.GraphModule, match, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("spelling", ["module", "functional"])
+@pytest.mark.parametrize("spelling", ["module", "functional", "aten", "aten_legit"])
 def test_one_pattern_becomes_one_int8_bn_within_one_step(route, dim, activation, spelling):
     passthrough = list(PASSTHROUGHS)[(dim + len(activation)) % len(PASSTHROUGHS)]  # every pass-through somewhere
     model = Sandwich(route, dim, spelling, activation, passthrough, affine=dim != 3)
@@ -183,6 +189,11 @@ def test_bad_input_is_refused():
         fxqbn.lower(gm, backend="int4")
     with pytest.raises(fxqbn.FxqbnError, match="already converted or lowered by fxqbn"):
         fxqbn.lower(fxqbn.lower(gm))
+    lowered = fxqbn.lower(gm)
+    with pytest.raises(fxqbn.FxqbnError, match="fxqbn.save stores models converted by fxqbn.convert"):
+        fxqbn.save(lowered, io.BytesIO())
+    with pytest.raises(fxqbn.FxqbnError, match="fxqbn.compare takes models from fxqbn.convert"):
+        fxqbn.compare(gm, lowered, torch.randn(1, 5, 4, 4))
     x = torch.randint(0, 255, (1, 5, 4, 4), dtype=torch.uint8)
     with pytest.raises(fxqbn.FxqbnError, match="expects a torch.quint8 quantized tensor"):
         fxqbn.lower(gm)(x)
@@ -269,7 +280,7 @@ def check_each_bn_within_one_step(int8, lowered, matches, inputs):
     for match in matches:
         x = recorded[nodes[match.dequantize].args[0].name]
         module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
-        assert (codes_of(module(x)) - codes_of(recorded[match.quantize])).abs().max() <= 1, match.bn.node
+        assert (codes_of(module(x)) - codes_of(recorded[match.output])).abs().max() <= 1, match.bn.node
 
 
 @pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
@@ -294,6 +305,18 @@ def test_timm_style_nets_of_every_dim_through_torch_ao(dim, act):
     assert model_sqnr(model, lowered, [x]) >= model_sqnr(model, int8, [x]) - 0.5
 
 
+def test_fused_backend_on_a_torch_ao_graph_reads_the_qparams_of_the_quantized_modules():
+    model = trained(TimmStyleNet(2, nn.ReLU6))
+    int8 = int8_model(model, model.example(), batches(model, n=2), "ao")
+    lowered = fxqbn.lower(int8, backend="fused")
+    report = fxqbn.get_report(lowered)
+    assert [r.status for r in report.rows] == ["rewritten"] * 3 and all(r.op.startswith("fxqbn.fused.") for r in report.rows)
+    assert all(r.input_scale is not None for r in report.rows)  # from the QuantizedConv2d / max-pool input
+    matches, _ = find_lowerable(int8)
+    check_each_bn_within_one_step(int8, lowered, matches, model.example(3))
+    assert sandwiched_float_bns(lowered) == []
+
+
 @pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
 def test_mlp_skips_say_why_under_pt2e(int8s):
     report = fxqbn.get_report(fxqbn.lower(int8s("mlp", "pt2e")))
@@ -304,3 +327,41 @@ def test_mlp_skips_say_why_under_pt2e(int8s):
 def test_densenet_under_torch_ao_lists_the_bns_torch_ao_quantized(int8s):
     report = fxqbn.get_report(fxqbn.lower(int8s("densenet_bc", "ao")))
     assert len(report.rows) == 12 and all("already int8 (torch.ao QuantizedBNReLU2d)" in r.reason for r in report.rows)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+MODELS_FILE = str(Path(__file__).resolve().parent / "lower_models.py")
+
+
+def test_command_int8_ao_route_reports_and_verifies(capsys):
+    assert cli.main(["convert", f"{MODELS_FILE}:timm_style_net", "--int8", "ao", "--calib-batches", "2",
+                     "--verify", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = document["report"]["rows"]
+    # torch.ao ran Identity and ReLU on the quantized output: the int8 BN absorbs them (its ReLU variant)
+    assert [(r["module"], r["pattern"], r["status"], r["op"]) for r in rows] == [
+        (f"bn{k}", "F.batch_norm+ReLU", "rewritten", "quantized::batch_normNd_relu") for k in (1, 2, 3)
+    ]
+    assert document["verification"]["sqnr_db"] > 10
+
+
+def test_command_int8_refuses_what_it_cannot_do(capsys, tmp_path):
+    assert cli.main(["convert", "--int8", "ao", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--out is not supported with --int8" in capsys.readouterr().err
+    assert cli.main(["convert", "--int8", "int4"]) == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")
+def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fxqbn", "convert", f"{MODELS_FILE}:timm_style_net", "--int8", "pt2e",
+         "--calib-batches", "2", "--verify"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no torchao log lines, no deprecation warnings
+    lowered = [line for line in result.stdout.splitlines() if "rewritten" in line and "fxqbn.fused" in line]
+    assert len(lowered) == 1 and "bn2" in lowered[0]  # the BN after the max-pool; PT2E folded the others
+    assert "verification on a held-out batch" in result.stdout
