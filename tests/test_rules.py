@@ -297,3 +297,30 @@ def test_a_clamp_no_rule_names_is_left_float_with_the_reason():
     observed, x = calibrate(randomize_bn(Odd()).eval(), SHAPES[2])
     (row,) = fxqbn.get_report(fxqbn.convert(observed)).rows
     assert (row.pattern, row.status, row.reason) == ("BatchNorm2d", "rewritten", "clamp(-1, 1) not fused: no rule has that activation")
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu6(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["aten.batch_norm", "_native_batch_norm_legit_no_training"])
+def test_the_aten_forms_of_torch_export_graphs_are_matched_like_f_batch_norm(decomposed):
+    model = randomize_bn(ConvBnAct()).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    program = torch.export.export(model, (x,))
+    exported = (program.run_decompositions() if decomposed else program).module()
+    observed = fxqbn.prepare(exported, (x,), MinMaxObserver)
+    with torch.no_grad():
+        observed(x)
+    q = fxqbn.convert(observed)
+    (row,) = fxqbn.get_report(q).rows
+    assert (row.pattern, row.status, row.module) == ("F.batch_norm2d+ReLU6", "rewritten", "bn")
+    targets = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in t or "relu6" in t for t in targets), targets
+    with torch.no_grad():
+        assert (q(x) - model(x)).abs().max() <= 2 * row.output_scale
