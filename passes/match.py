@@ -196,7 +196,7 @@ class _Matcher:
         chain = _Chain(activation=patterns.RELU) if kind == "BNReLU" else _activation_chain(self._node(call.output, node), self.modules)
         rule = patterns.find_rule(kind, dim, chain.activation)
         note = chain.note
-        if rule is None and chain.activation is not NO_ACTIVATION and kind != "BNReLU":
+        if rule is None and chain.activation != NO_ACTIVATION and kind != "BNReLU":
             note = f"{chain.activation.name} not fused: no rule for {kind} {dim}d + {chain.activation.name}"
             chain, rule = _Chain(), patterns.find_rule(kind, dim, NO_ACTIVATION)
         if rule is None:
