@@ -324,3 +324,16 @@ def test_the_aten_forms_of_torch_export_graphs_are_matched_like_f_batch_norm(dec
     assert not any("batch_norm" in t or "relu6" in t for t in targets), targets
     with torch.no_grad():
         assert (q(x) - model(x)).abs().max() <= 2 * row.output_scale
+
+
+def test_without_a_rule_for_the_activation_the_bn_is_quantized_alone_and_the_report_says_why(monkeypatch):
+    relu6_2d = patterns.find_rule("BatchNorm", 2, patterns.RELU6)
+    monkeypatch.setattr(patterns, "RULES", tuple(r for r in RULES if r is not relu6_2d))
+    model = randomize_bn(Spelled("F.relu6", "nn.Identity")).eval()
+    observed, x = calibrate(model, SHAPES[2])
+    q = fxqbn.convert(observed)
+    (row,) = fxqbn.get_report(q).rows
+    assert (row.pattern, row.status, row.reason) == ("BatchNorm2d", "rewritten", "ReLU6 not fused: no rule for BatchNorm 2d + ReLU6")
+    assert any(n.target is F.relu6 for n in q.graph.nodes)
+    with torch.no_grad():
+        assert (q(x) - model(x)).abs().max() <= 2 * row.output_scale
