@@ -337,3 +337,12 @@ def test_without_a_rule_for_the_activation_the_bn_is_quantized_alone_and_the_rep
     assert any(n.target is F.relu6 for n in q.graph.nodes)
     with torch.no_grad():
         assert (q(x) - model(x)).abs().max() <= 2 * row.output_scale
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_relu6_model_scripts_and_the_script_equals_eager(backend):
+    model = randomize_bn(Spelled("nn.ReLU6", "eval nn.Dropout")).eval()
+    observed, x = calibrate(model, SHAPES[2])
+    q = fxqbn.convert(observed, backend=backend)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(q)(x), q(x))
