@@ -87,8 +87,8 @@ typedef struct {
     int64_t rows, row_len, channels;
     int per_element;         /* 0: row r is channel r % C; 1: element j of the flat array is channel j % C */
     const float *a, *b;      /* per channel; with per_element, `period` entries repeating the channels
-                              * (then 32 more, read by the last partial block) */
-    int64_t period;          /* per_element: a multiple of C (and of 32 when C allows), the length of a, b */
+                              * (then at least 64 more, read by a last partial block) */
+    int64_t period;          /* per_element: a multiple of C and of 64, where the constants repeat */
     const uint8_t *table;    /* (C, 256) output codes, indexed by the input code's byte ^ flip */
     const uint8_t *use_table;/* (C,) 1 where the channel runs the table */
     const int32_t *table_channels; /* the channels where use_table is 1 */
@@ -177,7 +177,7 @@ AVX2 static inline __attribute__((always_inline)) void bn_block(const uint8_t *s
 }
 
 /* n codes src -> dst (not in place); a last partial block is redone as the last 32 codes, or, when
- * n < 32, goes through a 32-byte buffer (a, b are padded by 32 floats for it).
+ * n < 32, goes through a 32-byte buffer (a, b are padded for it).
  * Inlined into four callers with constant per_element / is_signed, so each gets its own loop, with
  * every invariant in registers (dst is a byte pointer: stores through it could alias anything). */
 AVX2 static inline __attribute__((always_inline)) void bn_span(const uint8_t *restrict src, uint8_t *restrict dst, int64_t n,

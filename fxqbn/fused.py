@@ -239,7 +239,7 @@ class FusedBatchNorm(nn.Module):
         self._table_offsets = torch.arange(self.num_features) * 256 - self._code_lo
         self._c = None  # the C kernel, when built
         self.table_channels = list(range(self.num_features)) if self._torch_table else []
-        if EXT is not None:
+        if EXT is not None and self.num_features > 0:
             args = (self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
             use_table = torch.full((self.num_features,), self.kernel == "table")
             if self.kernel != "table":

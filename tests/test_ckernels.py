@@ -56,6 +56,6 @@ def test_a_missing_build_warns_once_and_gives_the_same_results():
     assert "same results, slower" in lines[1] and "C compiler" in lines[1]
 
 
-@pytest.mark.skipif(ckernels.EXT is None, reason="the C extension is not built here (no compiler at install time)")
+@pytest.mark.skipif(ckernels.EXT is None, reason=f"no C kernels in this process: {ckernels.WHY_NOT}")
 def test_the_built_extension_runs_and_agrees():
     assert run("", {"FXQBN_NO_EXT": "0"}) == ["EXT True", "WARNINGS []"]

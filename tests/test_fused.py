@@ -410,3 +410,14 @@ def test_eight_threads_running_one_fused_model_get_the_same_outputs():
     for w in workers:
         w.join()
     assert all(torch.equal(out, expected[i]) for i, outs in enumerate(results) for out in outs)
+
+
+def test_empty_inputs_and_a_bn_without_channels_give_empty_codes():
+    qp = QParams(0.1, 3, torch.quint8)
+    empty = FusedBatchNorm.from_bn(nn.BatchNorm2d(0).eval(), 2, False, qp, qp)
+    assert empty(torch.zeros(2, 0, 3, 3, dtype=torch.uint8)).shape == (2, 0, 3, 3)
+    module = FusedBatchNorm.from_bn(randomize_bn(nn.BatchNorm2d(4)).eval(), 2, True, qp, qp)
+    out = module(torch.zeros(0, 4, 3, 3, dtype=torch.uint8))
+    assert out.shape == (0, 4, 3, 3) and out.dtype == torch.uint8
+    assert fused.quantize(torch.zeros(0, 4), 0.1, 3, torch.quint8).shape == (0, 4)
+    assert fused.dequantize(torch.zeros(0, 4, dtype=torch.uint8), 0.1, 3).shape == (0, 4)
