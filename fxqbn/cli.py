@@ -401,7 +401,8 @@ def _render(
         if checked is not None:
             document["verification"] = checked.to_dict()
         return json.dumps(document, indent=2), written
-    header = [f"model: {spec}, input {_shapes(example)}, {args.observer} observer, {args.dtype}", calibration.note]
+    how = f"whole-model int8 via {args.int8}, BNs lowered" if args.int8 else f"{args.observer} observer, {args.dtype}"
+    header = [f"model: {spec}, input {_shapes(example)}, {how}", calibration.note]
     footer = checked.lines() if checked is not None else []
     if args.format == "csv":  # the table stays a table: the other lines go to stderr
         return report.format("csv").rstrip("\n"), [*header, *footer, *written]

@@ -6,8 +6,9 @@
 
 ``quantize_whole_model`` returns the int8 model with its BNs lowered (``fxqbn.lower``); ``int8_model``
 the int8 model before lowering. The user's model is never changed. The deprecation notices torch.ao
-prints on every call, and the log lines torchao's import writes about its CUDA-only extensions,
-are silenced here (message by message, around those calls only).
+prints on every call, the log lines torchao's import writes about its CUDA-only extensions, and the
+"No CUDA runtime" line of torch's CUDA builds without a GPU are silenced here (message by message,
+around those calls and imports only).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _AO_WARNINGS = (
 _TORCHAO_IMPORT_LOGS = (
     ("torchao", "Failed to load "),
     ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass"),
+    # torch's CUDA builds on a machine without a GPU (torch 2.14.1 here), when the PT2E result's fused
+    # kernels compile with inductor, which imports torch.utils.cpp_extension: imported here, quietly
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 
@@ -77,6 +81,7 @@ def import_pt2e() -> tuple[Any, Any, Any, Any]:
     FxqbnError naming the extra when torchao is not installed."""
     try:
         with _quiet_logs(_TORCHAO_IMPORT_LOGS):
+            import torch.utils.cpp_extension  # noqa: F401
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
                 X86InductorQuantizer,
