@@ -346,3 +346,18 @@ def test_a_relu6_model_scripts_and_the_script_equals_eager(backend):
     q = fxqbn.convert(observed, backend=backend)
     with torch.no_grad():
         assert torch.equal(torch.jit.script(q)(x), q(x))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("name", MODELS)
+def test_the_real_model_likes_save_and_load_to_the_same_numbers(name, backend, tmp_path):
+    factory, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_bn(factory()).eval()
+    observed, x = calibrate(model, (2, 3, 6, 6) if name != "mobilenetv2-block" else (2, 8, 6, 6))
+    q = fxqbn.convert(observed, backend=backend)
+    fxqbn.save(q, tmp_path / "q.pt")
+    loaded = fxqbn.load(tmp_path / "q.pt", model, (x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    assert fxqbn.get_report(loaded).rows == fxqbn.get_report(q).rows
