@@ -36,6 +36,8 @@
 
 typedef void (*range_fn)(const void *job, int64_t begin, int64_t end, int *flag);
 
+static int use_avx512 = 0, use_vbmi = 0; /* set at import, from the CPU's features */
+
 typedef struct {
     range_fn fn;
     const void *job;
@@ -237,8 +239,6 @@ AVX512 static inline __attribute__((always_inline)) void bn_span64(const uint8_t
         bn_block64(src + i, dst + i, a + (per_element ? i : 0), b + (per_element ? i : 0), per_element, is_signed, vzin, a0, b0, vzout, vlo, vhi);
     }
 }
-
-static int use_avx512 = 0, use_vbmi = 0;
 
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")))
 
