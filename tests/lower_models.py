@@ -125,9 +125,12 @@ class Sandwich(nn.Module):
     """
 
     def __init__(self, route: str, dim: int, spelling: str, activation: str, passthrough: str, channels: int = 5,
-                 qin: tuple[float, int] = (0.05, 120), qout: tuple[float, int] = (0.04, 90), affine: bool = True) -> None:
+                 qin: tuple[float, int] = (0.05, 120), qout: tuple[float, int] = (0.04, 90), affine: bool = True,
+                 signed: bool = False) -> None:
         super().__init__()
         self.route, self.spelling, self.qin, self.qout = route, spelling, qin, qout
+        # PT2E codes: uint8 in [0, 255], or int8 in [-128, 127] (signed; zero points are then given in that range)
+        self.codes_dtype, self.range = (torch.int8, (-128, 127)) if signed else (torch.uint8, (0, 255))
         self.bn = BN[dim](channels, affine=affine).eval()
         gen = torch.Generator().manual_seed(dim * 7 + channels)
         with torch.no_grad():
@@ -153,20 +156,21 @@ class Sandwich(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.quantized_decomposed
+        lo, hi = self.range
         if self.route == "pt2e":
-            y = ops.dequantize_per_tensor.default(x, self.qin[0], self.qin[1], 0, 255, torch.uint8)
+            y = ops.dequantize_per_tensor.default(x, self.qin[0], self.qin[1], lo, hi, self.codes_dtype)
         else:
             y = x.dequantize()
         y = self.act(self.through(self._bn(y)))
         if self.route == "pt2e":
-            return ops.quantize_per_tensor.default(y, self.qout[0], self.qout[1], 0, 255, torch.uint8)
+            return ops.quantize_per_tensor.default(y, self.qout[0], self.qout[1], lo, hi, self.codes_dtype)
         return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
     def codes(self, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
         """Every input code (0..255) in every channel, as the graph's input (codes or a quint8 tensor)."""
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-        x.view(shape[0], shape[1], -1)[0, :, :256] = torch.arange(256, dtype=torch.uint8)
+        gen, (lo, hi) = torch.Generator().manual_seed(seed), self.range
+        x = torch.randint(lo, hi + 1, shape, generator=gen, dtype=self.codes_dtype)
+        x.view(shape[0], shape[1], -1)[0, :, :256] = torch.arange(lo, hi + 1, dtype=torch.int32).to(self.codes_dtype)
         return x if self.route == "pt2e" else torch._make_per_tensor_quantized_tensor(x, *self.qin)
 
 

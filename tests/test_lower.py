@@ -140,6 +140,37 @@ def test_any_clamp_is_exact_in_code_space(lo, width, scale, zp, backend):
     assert int(actual.min()) >= match.codes[0] and int(actual.max()) <= match.codes[1]
 
 
+@settings(max_examples=30, deadline=None)
+@given(signed=st.booleans(), s_in=st.floats(0.002, 0.5), s_out=st.floats(0.002, 0.5), z_in=st.integers(0, 255),
+       z_out=st.integers(0, 255), activation=st.sampled_from(["none", "ReLU", "ReLU6", "clamp(-1,2)"]),
+       backend=st.sampled_from(["native", "fused"]), dim=st.sampled_from([1, 2, 3]))
+def test_pt2e_uint8_and_int8_codes_with_any_qparams(signed, s_in, s_out, z_in, z_out, activation, backend, dim):
+    shift = 128 if signed else 0  # int8 zero points lie in [-128, 127]
+    model = Sandwich("pt2e", dim, "aten", activation, "none", qin=(s_in, z_in - shift), qout=(s_out, z_out - shift), signed=signed)
+    gm = fx.symbolic_trace(model)
+    lowered = fxqbn.lower(gm, backend=backend)
+    (row,) = fxqbn.get_report(lowered).rows
+    assert row.status == "rewritten" and row.dtype == ("qint8" if signed else "quint8")
+    x = model.codes(SHAPES[dim])
+    actual = lowered(x)
+    assert actual.dtype == x.dtype
+    assert (codes_of(actual) - codes_of(gm(x))).abs().max() <= 1
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
+    model = Sandwich(route, 2, "module", "ReLU", "none")
+    sync = nn.SyncBatchNorm(5).eval()
+    sync.load_state_dict(model.bn.state_dict())
+    model.bn = sync
+    gm = fx.symbolic_trace(model)
+    lowered = fxqbn.lower(gm)
+    (row,) = fxqbn.get_report(lowered).rows
+    assert (row.pattern, row.status) == ("SyncBatchNorm+ReLU", "rewritten") and "batch_normNd" in row.op
+    x = model.codes(SHAPES[2])
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+
+
 def test_native_relu6_equals_torch_ao_bn_then_relu6():
     """Native: the BN kernel then a quantized clamp equals torch.ao's quantized BN then its quantized ReLU6."""
     model = Sandwich("ao", 2, "module", "ReLU6", "none", qout=(0.02, 30))
