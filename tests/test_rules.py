@@ -339,6 +339,8 @@ def test_without_a_rule_for_the_activation_the_bn_is_quantized_alone_and_the_rep
         assert (q(x) - model(x)).abs().max() <= 2 * row.output_scale
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")  # as in test_torchscript.py
+@pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level annotations:UserWarning")
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_a_relu6_model_scripts_and_the_script_equals_eager(backend):
     model = randomize_bn(Spelled("nn.ReLU6", "eval nn.Dropout")).eval()
