@@ -4,6 +4,8 @@
 takes and returns what the graph holds at that point: quantized tensors in torch.ao graphs, plain
 uint8/int8 codes in PT2E graphs, converting at its edges when the kernel works on the other kind.
 Its output is clamped to the codes the float graph's activation (ReLU6, clamp) and quantize allowed.
+(Where nothing needs converting or clamping, in PT2E graphs with the fused kernel, ``fxqbn.lower``
+installs the kernel itself.)
 ``ByRank`` picks a kernel by the input's rank, for BNs whose rank the graph does not say.
 """
 
