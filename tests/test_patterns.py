@@ -9,7 +9,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
-from fxqbn.backends import BACKENDS, KERNELS, Kernel
+from fxqbn.backends import BACKENDS
 from fxqbn.passes import ACTIVATION_SPELLINGS, RULES, Activation, Rule, rule_for
 from fxqbn.passes import patterns
 
