@@ -4,13 +4,14 @@
 
 One table: for BN chains of N BatchNorms (mixing BN, BN+ReLU and adds), each tool's median time
 to prepare and to convert (MinMaxObserver, one calibration batch), the graph's node count, and
-the ratios. torch.ao gets a BN-only QConfigMapping (BatchNorm2d, nn.ReLU). Runs on one thread.
+the ratios. Each run starts after a full garbage collection; convert and convert_fx runs alternate. torch.ao gets a BN-only QConfigMapping (BatchNorm2d, nn.ReLU). Runs on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -48,11 +49,15 @@ class BNChain(nn.Module):
         return x
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, setup=lambda: None):
+    """Median wall time of ``fn(setup())`` over ``repeats`` runs; the setup and a full garbage
+    collection happen before each run, outside the timing."""
     times, result = [], None
     for _ in range(repeats):
+        arg = setup()
+        gc.collect()
         start = time.perf_counter()
-        result = fn()
+        result = fn(arg)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -63,16 +68,17 @@ def measure(n: int, repeats: int) -> list:
     qconfig = QConfig(activation=MinMaxObserver, weight=default_weight_observer)
     mapping = QConfigMapping().set_object_type(nn.BatchNorm2d, qconfig).set_object_type(nn.ReLU, qconfig)
 
-    ours_prepare, observed = timed(lambda: fxqbn.prepare(model, (x,), MinMaxObserver), repeats)
-    ao_prepare, ao_observed = timed(lambda: prepare_fx(copy.deepcopy(model), mapping, (x,)), repeats)
+    ours_prepare, observed = timed(lambda _: fxqbn.prepare(model, (x,), MinMaxObserver), repeats)
+    ao_prepare, ao_observed = timed(lambda m: prepare_fx(m, mapping, (x,)), repeats, lambda: copy.deepcopy(model))
     with torch.no_grad():
         observed(x)
         ao_observed(x)
-    ours_convert, _ = timed(lambda: fxqbn.convert(observed), repeats)
-    ao_convert, _ = timed(lambda: convert_fx(copy.deepcopy(ao_observed)), repeats)
-    copy_cost, _ = timed(lambda: copy.deepcopy(ao_observed), repeats)
-    ao_convert -= copy_cost  # convert_fx works in place: time it on a copy, minus the copy
-    nodes = len(fxqbn.prepare(model, (x,), MinMaxObserver).graph.nodes)
+    ours, theirs = [], []
+    for _ in range(repeats):  # interleaved: the machine's load hits both alike
+        ours.append(timed(lambda _: fxqbn.convert(observed), 1)[0])
+        theirs.append(timed(convert_fx, 1, lambda: copy.deepcopy(ao_observed))[0])  # convert_fx works in place: on a copy
+    ours_convert, ao_convert = statistics.median(ours), statistics.median(theirs)
+    nodes = len(observed.graph.nodes)
     return [
         n, nodes,
         f"{ours_prepare * 1000:.0f}", f"{ao_prepare * 1000:.0f}", f"{ao_prepare / ours_prepare:.1f}x",

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import Rewrite
-from fxqbn.passes.observe import OBSERVER_PREFIX
+from fxqbn.passes import Prepared, Rewrite
 
 from .api import get_report
 from .backends import BACKENDS
@@ -42,13 +41,13 @@ def sqnr_db(signal: float, noise: float) -> float:
 class _Capture(fx.Interpreter):
     """Runs a float or observed graph, keeping copies of chosen values; observers pass values through."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, wanted: set[str], bypass: set[str]) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.wanted = wanted
+        self.wanted, self.bypass = wanted, bypass
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and str(n.target).startswith(OBSERVER_PREFIX):
+        if n.name in self.bypass:
             result = self.env[n.args[0]]  # type: ignore[index]
         else:
             result = super().run_node(n)
@@ -105,39 +104,59 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
         raise FxqbnError("fxqbn.compare takes models from fxqbn.convert; a lowered model's report has no BN-only pipelines to compare")
     rewrites: tuple[Rewrite, ...] = attached(quantized, REWRITES_KEY)
     float_gm = _float_graph(reference)
-    nodes = {node.name: node for node in float_gm.graph.nodes}
-    missing = [rw.observed.match.bn_node for rw in rewrites if rw.observed.match.bn_node not in nodes]
-    if missing:
-        raise FxqbnError(f"the reference model has no BatchNorm node {missing[0]!r}: pass the model given to fxqbn.prepare")
-    ends = {rw.observed.match.bn_node: (nodes[rw.observed.match.bn_node].args[0].name, rw.observed.match.output_node) for rw in rewrites}
-    wanted = {name for pair in ends.values() for name in pair}
-    sums = {name: [0.0, 0.0, 0.0] for name in ends}  # signal, noise, max |error| in steps
-    # Each pattern on its own: the backend's boundaries around the installed module, built once.
-    pipelines = {
-        rw.observed.match.bn_node: torch.nn.Sequential(
-            BACKENDS[rw.backend].quantize(rw.input.qparams),
-            quantized.get_submodule(rw.qmodule),
-            BACKENDS[rw.backend].dequantize(rw.output.qparams),
-        )
-        for rw in rewrites
-    }
-    model_signal = model_noise = 0.0
+    prepared: Prepared | None = attached(float_gm, PREPARED_KEY)
+    bypass = {name for p in (prepared.patterns if prepared else ()) for name in (p.input_observer, p.output_observer)}
+    ends = _pattern_ends(float_gm, rewrites)
+    errors = {rw.observed.match.bn_node: _PatternError(rw, quantized) for rw in rewrites}
+    model = _PatternError(None, quantized)
     with torch.no_grad():
         for batch in _batches(inputs):
-            capture = _Capture(float_gm, wanted)
+            capture = _Capture(float_gm, {name for pair in ends.values() for name in pair}, bypass)
             float_out = capture.run(*batch)
-            for rw in rewrites:
-                name = rw.observed.match.bn_node
-                x, y = (capture.values[n] for n in ends[name])
-                error = (pipelines[name](x) - y).double()
-                acc = sums[name]
-                acc[0] += float(y.double().pow(2).sum())
-                acc[1] += float(error.pow(2).sum())
-                acc[2] = max(acc[2], float(error.abs().max()) / rw.output.qparams.scale if error.numel() else 0.0)
+            for name, error in errors.items():
+                error.add(*(capture.values[n] for n in ends[name]))
             for f, q in zip(tensors_in(float_out), tensors_in(quantized(*batch))):
-                model_signal += float(f.double().pow(2).sum())
-                model_noise += float((q.double() - f.double()).pow(2).sum())
-    numbers = {name: (sqnr_db(s, n), m) for name, (s, n, m) in sums.items()}
-    result = report.with_numbers(numbers, sqnr_db(model_signal, model_noise))
+                model.add_error(f, q)
+    numbers = {name: (error.sqnr_db(), error.max_steps) for name, error in errors.items()}
+    result = report.with_numbers(numbers, model.sqnr_db())
     attach(quantized, REPORT_KEY, result)
     return result
+
+
+def _pattern_ends(float_gm: fx.GraphModule, rewrites: tuple[Rewrite, ...]) -> dict[str, tuple[str, str]]:
+    """BN node -> (its input node, the pattern's output node) in the reference graph, from the records."""
+    nodes = {node.name for node in float_gm.graph.nodes}
+    ends = {rw.observed.match.bn_node: (rw.observed.match.input_node, rw.observed.match.output_node) for rw in rewrites}
+    missing = [bn for bn, pair in ends.items() if not {bn, *pair} <= nodes]
+    if missing:
+        raise FxqbnError(f"the reference model has no BatchNorm node {missing[0]!r}: pass the model given to fxqbn.prepare")
+    return ends
+
+
+class _PatternError:
+    """Sums of squares of signal and error (and max |error| in output steps) of one pattern, or of the model."""
+
+    def __init__(self, rewrite: Rewrite | None, quantized: fx.GraphModule) -> None:
+        self.signal = self.noise = self.max_steps = 0.0
+        self.rewrite, self.pipeline = rewrite, None
+        if rewrite is not None:  # the backend's boundaries around the installed module, built once
+            backend = BACKENDS[rewrite.backend]
+            self.pipeline = torch.nn.Sequential(
+                backend.quantize(rewrite.input.qparams), quantized.get_submodule(rewrite.qmodule),
+                backend.dequantize(rewrite.output.qparams),
+            )
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The pattern run on its float input ``x`` against its float output ``y``."""
+        error = self.add_error(y, self.pipeline(x))
+        if error.numel():
+            self.max_steps = max(self.max_steps, float(error.abs().max()) / self.rewrite.output.qparams.scale)
+
+    def add_error(self, reference: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+        error = got.double() - reference.double()
+        self.signal += float(reference.double().pow(2).sum())
+        self.noise += float(error.pow(2).sum())
+        return error
+
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.signal, self.noise)

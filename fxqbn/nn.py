@@ -15,6 +15,7 @@ mirrored as Python numbers so ``forward`` does no tensor-to-number conversion.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .qparams import QParams, observer_has_data, qparams_from_observer
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d",
-    "Quantize", "DeQuantize", "check_statistics", "check_shape",
+    "Quantize", "DeQuantize", "check_statistics", "check_many", "check_shape",
 ]
 
 SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}  # input shape, by BN dim
@@ -92,6 +93,23 @@ def check_statistics(
         )
 
 
+def check_many(items: list[tuple[str, Any]]) -> None:
+    """``check_statistics`` for many BNs ((name, tensors with running_mean, running_var, weight, bias,
+    eps) pairs) in a few vectorised reductions; the first offender is named as ``check_statistics`` names it."""
+    shapes_ok = all(
+        t.dim() == 1 and t.numel() == b.running_mean.numel()
+        for _, b in items for t in (b.running_mean, b.running_var, b.weight, b.bias) if t is not None
+    )
+    if shapes_ok and items and all(isinstance(b.eps, (int, float)) and b.eps >= 0 for _, b in items):
+        var = torch.cat([b.running_var.detach().float() for _, b in items])
+        eps = torch.cat([torch.full((b.running_var.numel(),), float(b.eps)) for _, b in items])
+        rest = torch.cat([t.detach().float() for _, b in items for t in (b.running_mean, b.weight, b.bias) if t is not None])
+        if bool(torch.isfinite(rest).all()) and bool(torch.isfinite(var).all()) and bool((var >= 0).all()) and bool(((var + eps) > 0).all()):
+            return
+    for name, b in items:
+        check_statistics(name, b.running_mean, b.running_var, b.weight, b.bias, b.eps)
+
+
 class _QuantizedBatchNorm(nn.Module):
     __constants__ = ["_DIM", "_RELU"]  # what torch.jit.script compiles in as constants
     _DIM: int = 0
@@ -124,29 +142,37 @@ class _QuantizedBatchNorm(nn.Module):
         scale: float,
         zero_point: int,
     ) -> None:
-        """Register the given tensors (taken as they are, not copied)."""
-        n = running_mean.numel()
-        self.num_features = n
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = weight is not None
-        if self.affine:
-            self.weight = nn.Parameter(weight, requires_grad=False)
-            self.bias = nn.Parameter(bias if bias is not None else torch.zeros_like(weight), requires_grad=False)
+        """Register the given tensors (taken as they are, not copied). Called on a fresh module only:
+        it fills the module's tables directly (``nn.Module.__setattr__`` costs more than the rest of
+        ``convert`` per BN on large models)."""
+        affine = weight is not None
+        device = running_mean.device
+        if affine:
+            bias = bias if bias is not None else torch.zeros_like(weight)
+            params = {"weight": nn.Parameter(weight, requires_grad=False), "bias": nn.Parameter(bias, requires_grad=False)}
             unit_weight = zero_bias = None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        else:  # what the kernel gets for an affine=False BN: not saved, rebuilt on construction
+            params = {"weight": None, "bias": None}
             unit_weight, zero_bias = torch.ones_like(running_mean), torch.zeros_like(running_mean)
-        # What the kernel gets for an affine=False BN: not saved, rebuilt on construction.
-        self.register_buffer("_unit_weight", unit_weight, persistent=False)
-        self.register_buffer("_zero_bias", zero_bias, persistent=False)
-        self.register_buffer("running_mean", running_mean)
-        self.register_buffer("running_var", running_var)
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64, device=running_mean.device))
-        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64, device=running_mean.device))
-        self._scale = float(scale)
-        self._zero_point = int(zero_point)
+        self._parameters.update(params)
+        self._buffers.update(
+            _unit_weight=unit_weight, _zero_bias=zero_bias, running_mean=running_mean, running_var=running_var,
+            scale=torch.tensor(float(scale), dtype=torch.float64, device=device),
+            zero_point=torch.tensor(int(zero_point), dtype=torch.int64, device=device),
+        )
+        self._non_persistent_buffers_set.update(("_unit_weight", "_zero_bias"))
+        self.__dict__.update(
+            num_features=running_mean.numel(), eps=float(eps), momentum=momentum, affine=affine,
+            _scale=float(scale), _zero_point=int(zero_point), _has_clamp=False, _clamp_lo=0.0, _clamp_hi=0.0,
+        )
+
+    def _set_clamp(self, clamp: tuple[float, float] | None) -> None:
+        """A quantized clamp of the output to the float bounds (lo, hi) after the kernel (e.g. ReLU6)."""
+        if clamp is not None:
+            lo, hi = float(clamp[0]), float(clamp[1])
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise FxqbnError(f"{type(self).__name__} clamp must be finite bounds lo <= hi, got {clamp!r}")
+            self.__dict__.update(_has_clamp=True, _clamp_lo=lo, _clamp_hi=hi)
 
     # -- qparams ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -183,10 +209,11 @@ class _QuantizedBatchNorm(nn.Module):
             return qops.empty_quantized(x, self._scale, self._zero_point)
         weight = self.weight if self.weight is not None else self._unit_weight
         bias = self.bias if self.bias is not None else self._zero_bias
-        return qops.batch_norm(
+        y = qops.batch_norm(
             x, weight, bias, self.running_mean, self.running_var,
             self.eps, self._scale, self._zero_point, self._DIM, self._RELU,
         )
+        return qops.clamp(y, self._clamp_lo, self._clamp_hi) if self._has_clamp else y
 
     # -- construction from float modules -----------------------------------------------------
     @classmethod
@@ -225,13 +252,18 @@ class _QuantizedBatchNorm(nn.Module):
         momentum: float | None,
         qparams: QParams,
         name: str = "BatchNorm",
+        clamp: tuple[float, float] | None = None,
+        checked: bool = False,
     ) -> "_QuantizedBatchNorm":
-        """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them.
+        """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them;
+        ``clamp``: float bounds of a quantized clamp after the kernel (ReLU6: (0, 6)); ``checked``:
+        the caller ran ``check_statistics`` (or ``check_many``) on these tensors already.
 
         Raises FxqbnError, naming ``name`` and the channel, for statistics the kernel would turn
         into silently saturated channels.
         """
-        check_statistics(name, running_mean, running_var, weight, bias, eps)
+        if not checked:
+            check_statistics(name, running_mean, running_var, weight, bias, eps)
         # The kernel computes in float32: statistics are stored as float32 whatever the BN's dtype.
         if weight is None and bias is not None:
             weight = torch.ones_like(running_mean)
@@ -242,6 +274,7 @@ class _QuantizedBatchNorm(nn.Module):
             None if weight is None else _float32_copy(weight), None if bias is None else _float32_copy(bias),
             eps, momentum, qparams.scale, qparams.zero_point,
         )
+        qbn._set_clamp(clamp)
         return qbn
 
     @classmethod
@@ -280,6 +313,7 @@ class _QuantizedBatchNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"scale={self._scale:.6g}, zero_point={self._zero_point}"
+            + (f", clamp=({self._clamp_lo:g}, {self._clamp_hi:g})" if self._has_clamp else "")
         )
 
 

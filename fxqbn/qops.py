@@ -18,7 +18,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES",
-    "codes", "from_codes", "clamp_codes", "quantize_decomposed",
+    "codes", "from_codes", "clamp_codes", "quantize_decomposed", "clamp", "clamp_bounds",
 ]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
@@ -120,3 +120,18 @@ def batch_norm(
     if dim == 3:
         return torch.ops.quantized.batch_norm3d_relu(x, *args) if relu else torch.ops.quantized.batch_norm3d(x, *args)
     raise ValueError(f"no quantized batch_norm kernel for dim={dim}")
+
+
+def clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The quantized clamp of a per-tensor quantized tensor to the float bounds [lo, hi] (what torch.ao
+    runs for ReLU6 / hardtanh / clamp on quantized tensors: the bounds quantized with ``x``'s qparams)."""
+    return torch.clamp(x, lo, hi)
+
+
+def clamp_bounds(lo: float, hi: float, scale: float, zero_point: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The code range ``clamp`` leaves of every code of ``dtype`` with these qparams: the same clamp
+    on plain codes. Found by running the installed torch's quantized clamp on all 256 codes."""
+    every = torch.arange(256, dtype=torch.int32) + (0 if dtype == torch.quint8 else -128)
+    q = from_codes(every.to(torch.uint8 if dtype == torch.quint8 else torch.int8), scale, zero_point)
+    out = codes(torch.clamp(q, lo, hi)).to(torch.int32)
+    return int(out.min()), int(out.max())

@@ -1,13 +1,13 @@
 """Matching: find every BatchNorm in a traced graph and decide, with a reason, what becomes of it.
 
-A BatchNorm is a call of a BatchNorm module or of ``F.batch_norm``. Matching reads the graph
-(and, for ranks and dtypes, the ``tensor_meta`` that shape propagation left on its nodes) and
-never edits it.
+A BatchNorm is any spelling ``passes.spellings`` reads (a BatchNorm module, SyncBatchNorm,
+torch.ao's fused BNReLU, ``F.batch_norm``, the ATen forms), normalised into one ``BnCall``; the
+activation after it (through Identity / eval Dropout) is read as its float clamp. Matching reads the
+graph (and, for ranks, the ``tensor_meta`` that shape propagation left on its nodes) and never edits it.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
 import os
 import re
@@ -20,14 +20,15 @@ from torch import fx, nn
 from fxqbn.errors import FxqbnError
 from fxqbn.qconfig import ActivationConfig
 
-from .patterns import MODULE_TARGETS, RANK_TO_DIM, relu_input, rule_for
-from .records import FunctionalBn, Match, Skip
+from . import patterns
+from .patterns import MODULE_KINDS, NO_ACTIVATION, RANK_TO_DIM, Activation, activation_for
+from .records import Match, Skip
+from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
 
-__all__ = ["find_patterns", "source_of"]
+__all__ = ["find_patterns", "source_of", "needs_shapes"]
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,)  # torch/
-_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 SkipPredicate = Callable[[str, object], bool]  # (module name, module type or function) -> skip?
 
@@ -42,15 +43,10 @@ def source_of(node: fx.Node) -> str:
     return f"{os.path.basename(path)}:{line}"
 
 
-def _fused_relu(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
-    """The ReLU to fuse after ``bn`` (or None), and a note when a ReLU user is left unfused."""
-    users = list(bn.users)
-    relus = [u for u in users if relu_input(u, modules) is bn]
-    if len(users) == 1 and relus:
-        return relus[0], ""
-    if relus:
-        return None, f"ReLU not fused: the BN output has {len(users)} users"
-    return None, ""
+def _rank(value: fx.Node) -> int | None:
+    meta = value.meta.get("tensor_meta", value.meta.get("val"))
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
 
 
 def _tensor_problem(statistic: torch.Tensor) -> str:
@@ -63,42 +59,54 @@ def _tensor_problem(statistic: torch.Tensor) -> str:
     return ""
 
 
-def _rank(value: fx.Node) -> int | None:
-    meta = value.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return len(shape) if shape is not None else None
+def _bn_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The BatchNorm-like module ``node`` calls (any _BatchNorm, torch.ao's fused BNReLU); None otherwise."""
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    return module if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in MODULE_KINDS else None
 
 
-def _functional_parts(node: fx.Node) -> tuple[FunctionalBn | None, str, str]:
-    """(tensors, owner module name, reason it cannot be quantized or "") of an ``F.batch_norm`` node."""
-    try:
-        bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
-    except TypeError as exc:
-        return None, "", f"unsupported F.batch_norm call: {exc}"
-    bound.apply_defaults()
-    a = bound.arguments
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None, "", "unsupported F.batch_norm call: the input must be the first positional argument"
+def needs_shapes(graph: fx.Graph, root: nn.Module) -> bool:
+    """Whether some BN's kernel dim depends on its input's rank (F.batch_norm, SyncBatchNorm, ATen forms)."""
+    modules = dict(root.named_modules(remove_duplicate=False))
+    for node in graph.nodes:
+        module = _bn_module(node, modules)
+        if module is not None and MODULE_KINDS.get(type(module), ("", 0))[1] is None:
+            return True
+        if module is None and node.op == "call_function" and isinstance(read_bn(node, modules), BnCall):
+            return True
+    return False
 
-    def attr(value: object) -> str | None:
-        return str(value.target) if isinstance(value, fx.Node) and value.op == "get_attr" else None
 
-    mean, var = attr(a["running_mean"]), attr(a["running_var"])
-    owner = (mean or "").rpartition(".")[0]
-    if a["training"] is not False:
-        return None, owner, "F.batch_norm with training=True (or not a constant) normalises with batch statistics"
-    if mean is None or var is None:
-        return None, owner, "F.batch_norm whose running statistics are not module buffers or parameters (get_attr)"
-    for key in ("weight", "bias"):
-        if a[key] is not None and attr(a[key]) is None:
-            return None, owner, f"F.batch_norm whose {key} is not a module buffer or parameter (get_attr)"
-    if not isinstance(a["eps"], (int, float)) or not (a["momentum"] is None or isinstance(a["momentum"], (int, float))):
-        return None, owner, "F.batch_norm whose eps or momentum is not a constant"
-    parts = FunctionalBn(
-        running_mean=mean, running_var=var, weight=attr(a["weight"]), bias=attr(a["bias"]),
-        eps=float(a["eps"]), momentum=a["momentum"],
-    )
-    return parts, owner, ""
+class _Chain:
+    """What follows a BN output: the nodes to fuse (pass-throughs, then the activation) and its Activation."""
+
+    def __init__(self, nodes: tuple[str, ...] = (), activation: Activation = NO_ACTIVATION, note: str = "") -> None:
+        self.nodes, self.activation, self.note = nodes, activation, note
+
+
+def _activation_chain(output: fx.Node, modules: dict[str, nn.Module]) -> _Chain:
+    """The activation to fuse after ``output`` (through pass-throughs, each the only user of the
+    value before it), or none, with a note when an activation is left unfused."""
+    value, passed = output, []
+    while True:
+        users = list(value.users)
+        calls = [read_activation(u, modules) for u in users]
+        found = [c for c in calls if c is not None and c.input == value.name]
+        if len(users) != 1:
+            if not found:
+                return _Chain()
+            what = activation_name(found[0].lo, found[0].hi)
+            return _Chain(note=f"{what} not fused: the BN output has {len(users)} users")
+        if passthrough_input(users[0], modules) is value:
+            passed.append(users[0].name)
+            value = users[0]
+            continue
+        if not found:
+            return _Chain()
+        activation = activation_for(found[0].lo, found[0].hi)
+        if activation is None:
+            return _Chain(note=f"{activation_name(found[0].lo, found[0].hi)} not fused: no rule has that activation")
+        return _Chain((*passed, users[0].name), activation)
 
 
 class _Matcher:
@@ -110,23 +118,34 @@ class _Matcher:
         self.modules = dict(root.named_modules(remove_duplicate=False))
 
     def match(self, position: int, node: fx.Node) -> Match | Skip | None:
-        module = self.modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in MODULE_TARGETS:
+        module = _bn_module(node, self.modules)
+        if module is not None:
             return self._match_module(position, node, module)
-        if node.op == "call_function" and node.target is F.batch_norm:
-            return self._match_functional(position, node)
+        if node.op == "call_function":
+            call = read_bn(node, self.modules)
+            if call is not None:
+                return self._match_functional(position, node, call)
         return None
 
     def _skip(self, position: int, node: fx.Node, name: str, pattern: str, reason: str) -> Skip:
         return Skip(position=position, node=node.name, module=name, pattern=pattern, reason=reason, source=source_of(node))
 
+    def _refuse_training_mode(self, name: str, bn: nn.Module) -> None:
+        if not bn.training:
+            return
+        if self.refuse_training:
+            raise FxqbnError(
+                f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
+                "statistics. Call model.eval() before fxqbn.prepare"
+            )
+        raise FxqbnError(f"BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert")
+
     def _match_module(self, position: int, node: fx.Node, module: nn.Module) -> Match | Skip:
         name, kind = str(node.target), type(module)
-        rule = rule_for(kind, relu=False) or rule_for(kind, relu=True)
-        if rule is None:
+        if kind not in MODULE_KINDS:
             return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
-        bn = module[0] if rule.prefused else module
-        component = type(bn) if rule.prefused else None  # torch.ao's fused BNReLU: its BatchNorm's type
+        bn = module[0] if MODULE_KINDS[kind][0] == "BNReLU" else module
+        component = type(bn) if bn is not module else None  # torch.ao's fused BNReLU: its BatchNorm's type
         if self.skip_requested(name, kind) or (component is not None and self.skip_requested(name, component)):
             return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
         activation = self.config.spec_for(name, kind, first_component=component)
@@ -134,49 +153,73 @@ class _Matcher:
             return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
         if bn.running_mean is None or bn.running_var is None:
             return self._skip(position, node, name, kind.__name__, "track_running_stats=False: normalises with batch statistics")
-        if bn.training and self.refuse_training:
-            raise FxqbnError(
-                f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
-                "statistics. Call model.eval() before fxqbn.prepare"
-            )
-        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-            return self._skip(position, node, name, kind.__name__, "unsupported call: expected one positional tensor argument")
-        problem = _tensor_problem(bn.running_mean)
-        if problem:
-            raise FxqbnError(f"BatchNorm '{name}' {problem}")
-        return self._match(position, node, name, kind, activation)
+        self._refuse_training_mode(name, bn)
+        call = read_bn(node, self.modules)
+        if not isinstance(call, BnCall):
+            return self._skip(position, node, name, kind.__name__, str(call))
+        self._check_tensors(f"BatchNorm '{name}'", call, name)
+        return self._match(position, node, call, MODULE_KINDS[kind], kind.__name__, activation, bn.momentum)
 
-    def _match_functional(self, position: int, node: fx.Node) -> Match | Skip:
-        parts, owner, reason = _functional_parts(node)
-        name = owner or node.name
+    def _match_functional(self, position: int, node: fx.Node, call: BnCall | str) -> Match | Skip:
         value = node.args[0] if node.args else node.kwargs.get("input")
         rank = _rank(value) if isinstance(value, fx.Node) else None
         dim = RANK_TO_DIM.get(rank) if rank is not None else None
         pattern = f"F.batch_norm{dim}d" if dim else "F.batch_norm"
-        if parts is None:
-            return self._skip(position, node, name, pattern, reason)
-        if dim is None:
-            return self._skip(position, node, name, pattern, f"input rank {rank} unknown or unsupported (2 to 5 dims)")
+        if isinstance(call, str):
+            owner = _statistics_owner(node)
+            return self._skip(position, node, owner or node.name, pattern, call)
+        name = call.owner or node.name
         if self.skip_requested(name, F.batch_norm):
             return self._skip(position, node, name, pattern, "skipped on request (prepare's skip argument)")
         activation = self.config.spec_for(name, F.batch_norm)
         if activation is None:
             return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
-        problem = _tensor_problem(operator.attrgetter(parts.running_mean)(self.root))
-        if problem:
-            raise FxqbnError(f"F.batch_norm node '{node.name}' ({name}) {problem}")
-        return self._match(position, node, name, F.batch_norm, activation, dim=dim, functional=parts, value=value)
+        self._check_tensors(f"F.batch_norm node '{node.name}' ({name})", call, name)
+        momentum = node.args[6] if len(node.args) > 6 else node.kwargs.get("momentum", 0.1)
+        momentum = float(momentum) if isinstance(momentum, (int, float)) else None
+        return self._match(position, node, call, ("F.batch_norm", None), pattern, activation, momentum)
 
-    def _match(self, position, node, name, target, activation, dim=None, functional=None, value=None) -> Match:
-        prefused = rule_for(target, relu=False, dim=dim) is None  # the ReLU is inside the module
-        relu, note = (None, "") if prefused else _fused_relu(node, self.modules)
-        rule = rule_for(target, relu=prefused or relu is not None, dim=dim)
-        assert rule is not None  # every target has both forms in RULES
+    def _check_tensors(self, who: str, call: BnCall, name: str) -> None:
+        """Refuse statistics the kernel cannot take (dtype, device), naming ``who``; their values are
+        checked by ``prepare`` for the matches (a BN torch.ao left unobserved is not refused)."""
+        problem = _tensor_problem(operator.attrgetter(call.running_mean)(self.root))
+        if problem:
+            raise FxqbnError(f"{who} {problem}")
+
+    def _match(self, position, node, call, kind_dim, pattern, activation, momentum) -> Match | Skip:
+        kind, dim = kind_dim
+        rank = _rank(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if dim is None:
+            dim = RANK_TO_DIM.get(rank) if rank is not None else None
+            if dim is None:
+                return self._skip(position, node, call.owner or node.name, pattern, f"input rank {rank} unknown or unsupported (2 to 5 dims)")
+        chain = _Chain(activation=patterns.RELU) if kind == "BNReLU" else _activation_chain(self._node(call.output, node), self.modules)
+        rule = patterns.find_rule(kind, dim, chain.activation)
+        note = chain.note
+        if rule is None and chain.activation != NO_ACTIVATION and kind != "BNReLU":
+            note = f"{chain.activation.name} not fused: no rule for {kind} {dim}d + {chain.activation.name}"
+            chain, rule = _Chain(), patterns.find_rule(kind, dim, NO_ACTIVATION)
+        if rule is None:
+            return self._skip(position, node, call.owner or node.name, pattern, f"no quantized rule for {pattern} ({dim}d)")
         return Match(
-            rule=rule, position=position, bn_node=node.name, input_node=(value or node.args[0]).name,
-            relu_node=relu.name if relu is not None else None, module=name, activation=activation,
-            source=source_of(node), note=note, functional=functional,
+            rule=rule, position=position, bn=call, chain=chain.nodes, module=call.owner or node.name,
+            activation=activation, momentum=momentum, source=source_of(node), note=note,
         )
+
+    @staticmethod
+    def _node(name: str, near: fx.Node) -> fx.Node:
+        """The node called ``name`` in ``near``'s graph (the BN itself, or its getitem 0)."""
+        if near.name == name:
+            return near
+        return next(user for user in near.users if user.name == name)
+
+
+def _statistics_owner(node: fx.Node) -> str:
+    """The module owning a functional BN's running mean (its get_attr's parent), or ""."""
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr" and str(arg.target).endswith("running_mean"):
+            return str(arg.target).rpartition(".")[0]
+    return ""
 
 
 def find_patterns(
@@ -187,12 +230,13 @@ def find_patterns(
     refuse_training: bool = True,
 ) -> tuple[list[Match], list[Skip]]:
     """Every BatchNorm call in ``graph`` (whose targets resolve in ``root``), in graph order:
-    matched, or skipped with a reason. ``F.batch_norm`` nodes need ``tensor_meta`` on their input
-    (``fxqbn.tracing.propagate_shapes``) for their rank.
+    matched, or skipped with a reason. A BN whose dim the input's rank decides (``F.batch_norm``,
+    SyncBatchNorm) needs ``tensor_meta`` on its input (``fxqbn.tracing.propagate_shapes``).
 
-    Raises FxqbnError for a matched BN that must not be calibrated (training mode, unless
-    ``refuse_training`` is False: a graph someone else calibrated), whose statistics are not
-    float32 on the CPU, or whose qconfig cannot drive a quantized BN.
+    Raises FxqbnError for a matched BN that must not be calibrated (training mode; with
+    ``refuse_training`` False, for a graph someone else calibrated, the message says to call
+    .eval() before convert), whose statistics are not float32 on the CPU, or whose qconfig cannot
+    drive a quantized BN.
     """
     matcher = _Matcher(root, config, skip, refuse_training)
     matches: list[Match] = []

@@ -1,114 +1,153 @@
 """The BatchNorm patterns fxqbn quantizes, declared once, as data.
 
-Adding a pattern (BatchNorm1d, BN+ReLU6, ...) is one entry in ``RULES``; tests are
-parametrised over the table and pick it up.
+A rule is (BN kind, dim, activation). ``passes.spellings`` normalises every way a graph spells a
+BatchNorm, an activation or a pass-through op; this module says which combinations are quantized:
+
+* ``BN_KINDS``: the BN spellings a rule can name ("BatchNorm": the BatchNorm modules and
+  SyncBatchNorm in eval, by its input's rank; "F.batch_norm": the functional and ATen forms;
+  "BNReLU": torch.ao's fused float module, its ReLU inside);
+* ``ACTIVATIONS``: what may follow the BN, as its float clamp (the spellings' ``(lo, hi)``);
+* ``RULES``: the table, one entry per (kind, dim, activation): BatchNorm2d+ReLU6 is one entry. A new
+  activation is an ``Activation`` (its float clamp), its entries here, and its kernel in
+  ``fxqbn.backends.KERNELS``.
+
+Tests are parametrised over ``RULES`` x ``fxqbn.backends.BACKENDS`` and pick new entries up.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
 import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from fxqbn import nn as qnn
-from fxqbn.qops import BN_OP_NAMES
 
-__all__ = ["Rule", "RULES", "RANK_TO_DIM", "RELU_SPELLINGS", "MODULE_TARGETS", "rule_for", "relu_input"]
+__all__ = [
+    "Activation", "Rule", "RULES", "ACTIVATIONS", "NO_ACTIVATION", "RELU", "RELU6", "BN_KINDS", "MODULE_KINDS",
+    "MODULE_TARGETS", "RANK_TO_DIM", "rule_for", "find_rule", "activation_for",
+]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation fused after a BN: the float clamp it computes, ``lo <= y <= hi``."""
+
+    name: str  # what the report appends to the pattern ("" for none), e.g. "ReLU6"
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.lo <= self.hi or (self.name == "") != (self.lo == -math.inf and self.hi == math.inf):
+            raise ValueError(f"activation {self.name!r}: clamp ({self.lo}, {self.hi}) is empty or misnamed")
+
+
+NO_ACTIVATION = Activation("")  # bn(x)
+RELU = Activation("ReLU", 0.0)  # nn.ReLU, F.relu(inplace=...), torch.relu(_), x.relu(_)(), aten.relu
+RELU6 = Activation("ReLU6", 0.0, 6.0)  # nn.ReLU6, F.relu6, hardtanh(0, 6), clamp(0, 6) in any spelling
+ACTIVATIONS: tuple[Activation, ...] = (NO_ACTIVATION, RELU, RELU6)
+
+BN_KINDS = ("BatchNorm", "F.batch_norm", "BNReLU")
+
+# Module types a "BatchNorm"/"BNReLU" rule stands for -> (kind, dim; None: the input's rank decides).
+# Matched exactly: a subclass may compute something else.
+MODULE_KINDS: dict[type, tuple[str, int | None]] = {
+    nn.BatchNorm1d: ("BatchNorm", 1),
+    nn.BatchNorm2d: ("BatchNorm", 2),
+    nn.BatchNorm3d: ("BatchNorm", 3),
+    nn.SyncBatchNorm: ("BatchNorm", None),  # what DDP training leaves; in eval it is a plain BN
+    nni.BNReLU2d: ("BNReLU", 2),
+    nni.BNReLU3d: ("BNReLU", 3),
+}
+MODULE_TARGETS = frozenset(MODULE_KINDS)  # modules the tracer keeps as one call_module node
+
+# The input ranks each kernel dim takes, and back.
+RANK_TO_DIM = {rank: dim for dim, ranks in qnn.RANKS.items() for rank in ranks}
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One quantizable pattern.
+    """One quantizable pattern: a BN of ``kind`` and ``dim``, then ``activation`` (BNReLU: inside)."""
 
-    name: what the report calls it, e.g. ``BatchNorm2d+ReLU``.
-    target: what the BN node calls: a BatchNorm module type (matched exactly, not subclasses)
-        or ``F.batch_norm`` (whose statistics must be module attributes).
-    relu: True when a ReLU that is the BN output's only user is fused into the kernel.
-    qmodule: the ``fxqbn.nn`` module that replaces the pattern; its dim picks the kernel.
-    """
-
-    name: str
-    target: object
-    relu: bool
-    qmodule: type
+    kind: str  # one of BN_KINDS
+    dim: int  # the kernel's spatial rank: 1, 2 or 3
+    activation: Activation = NO_ACTIVATION
 
     def __post_init__(self) -> None:
-        module_rule = isinstance(self.target, type)
-        replaces = (self.qmodule._FLOAT_MODULE, self.qmodule._FUSED_MODULE)
-        if self.qmodule._RELU != self.relu or (module_rule and self.target not in replaces):
-            raise TypeError(f"rule {self.name}: {self.qmodule.__name__} does not compute {self.name}")
+        if self.kind not in BN_KINDS or self.dim not in qnn.RANKS:
+            raise ValueError(f"rule ({self.kind!r}, {self.dim!r}): kind must be one of {BN_KINDS}, dim 1, 2 or 3")
+        if self.prefused and self.activation != RELU:
+            raise ValueError(f"rule {self.name}: torch.ao's BNReLU module holds a ReLU")
+
+    @property
+    def name(self) -> str:
+        """What the report calls it, e.g. ``BatchNorm2d+ReLU6``, ``F.batch_norm1d``, ``BNReLU2d``."""
+        if self.prefused:
+            return f"BNReLU{self.dim}d"
+        stem = f"F.batch_norm{self.dim}d" if self.kind == "F.batch_norm" else f"BatchNorm{self.dim}d"
+        return stem + (f"+{self.activation.name}" if self.activation.name else "")
 
     @property
     def prefused(self) -> bool:
         """True for torch.ao's fused BN+ReLU modules: the ReLU is inside the module, not after it."""
-        return self.target is self.qmodule._FUSED_MODULE
+        return self.kind == "BNReLU"
 
     @property
-    def dim(self) -> int:
-        return self.qmodule._DIM
-
-    @property
-    def op(self) -> str:
-        """The quantized kernel the replacement calls, e.g. ``quantized::batch_norm2d_relu``."""
-        return BN_OP_NAMES[(self.dim, self.relu)]
+    def relu(self) -> bool:
+        """True when the activation is exactly ReLU (what the ``_relu`` kernels compute)."""
+        return self.activation == RELU
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(name="BatchNorm1d", target=nn.BatchNorm1d, relu=False, qmodule=qnn.BatchNorm1d),  # bn(x), x (N, C[, L])
-    Rule(name="BatchNorm1d+ReLU", target=nn.BatchNorm1d, relu=True, qmodule=qnn.BNReLU1d),  # relu(bn(x))
-    Rule(name="BatchNorm2d", target=nn.BatchNorm2d, relu=False, qmodule=qnn.BatchNorm2d),  # bn(x)
-    Rule(name="BatchNorm2d+ReLU", target=nn.BatchNorm2d, relu=True, qmodule=qnn.BNReLU2d),  # relu(bn(x))
-    Rule(name="BatchNorm3d", target=nn.BatchNorm3d, relu=False, qmodule=qnn.BatchNorm3d),  # bn(x)
-    Rule(name="BatchNorm3d+ReLU", target=nn.BatchNorm3d, relu=True, qmodule=qnn.BNReLU3d),  # relu(bn(x))
-    Rule(name="BNReLU2d", target=nni.BNReLU2d, relu=True, qmodule=qnn.BNReLU2d),  # torch.ao's fused BN+ReLU module
-    Rule(name="BNReLU3d", target=nni.BNReLU3d, relu=True, qmodule=qnn.BNReLU3d),  # torch.ao's fused BN+ReLU module
-    Rule(name="F.batch_norm1d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm1d),  # F.batch_norm(x, m, v, ...), x (N, C[, L])
-    Rule(name="F.batch_norm1d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU1d),  # relu(F.batch_norm(x, ...))
-    Rule(name="F.batch_norm2d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm2d),  # x (N, C, H, W)
-    Rule(name="F.batch_norm2d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU2d),
-    Rule(name="F.batch_norm3d", target=F.batch_norm, relu=False, qmodule=qnn.BatchNorm3d),  # x (N, C, D, H, W)
-    Rule(name="F.batch_norm3d+ReLU", target=F.batch_norm, relu=True, qmodule=qnn.BNReLU3d),
+    Rule(kind="BatchNorm", dim=1, activation=NO_ACTIVATION),  # bn(x), x (N, C[, L])
+    Rule(kind="BatchNorm", dim=1, activation=RELU),  # relu(bn(x)), through Identity / eval Dropout
+    Rule(kind="BatchNorm", dim=1, activation=RELU6),  # relu6(bn(x)), hardtanh(bn(x), 0, 6), bn(x).clamp(0, 6)
+    Rule(kind="BatchNorm", dim=2, activation=NO_ACTIVATION),  # x (N, C, H, W)
+    Rule(kind="BatchNorm", dim=2, activation=RELU),
+    Rule(kind="BatchNorm", dim=2, activation=RELU6),  # MobileNetV2's conv -> BN -> ReLU6
+    Rule(kind="BatchNorm", dim=3, activation=NO_ACTIVATION),  # x (N, C, D, H, W)
+    Rule(kind="BatchNorm", dim=3, activation=RELU),
+    Rule(kind="BatchNorm", dim=3, activation=RELU6),
+    Rule(kind="BNReLU", dim=2, activation=RELU),  # torch.ao's fused BN+ReLU module
+    Rule(kind="BNReLU", dim=3, activation=RELU),
+    Rule(kind="F.batch_norm", dim=1, activation=NO_ACTIVATION),  # F.batch_norm(x, m, v, ...), x (N, C[, L])
+    Rule(kind="F.batch_norm", dim=1, activation=RELU),  # timm's BatchNormAct: F.batch_norm -> Identity -> act
+    Rule(kind="F.batch_norm", dim=1, activation=RELU6),
+    Rule(kind="F.batch_norm", dim=2, activation=NO_ACTIVATION),
+    Rule(kind="F.batch_norm", dim=2, activation=RELU),
+    Rule(kind="F.batch_norm", dim=2, activation=RELU6),
+    Rule(kind="F.batch_norm", dim=3, activation=NO_ACTIVATION),
+    Rule(kind="F.batch_norm", dim=3, activation=RELU),
+    Rule(kind="F.batch_norm", dim=3, activation=RELU6),
 )
 
-# Module types some rule replaces.
-MODULE_TARGETS = frozenset(rule.target for rule in RULES if isinstance(rule.target, type))
 
-# The input ranks each kernel dim takes.
-RANK_TO_DIM = {rank: dim for dim, ranks in qnn.RANKS.items() for rank in ranks}
-
-
-def rule_for(target: object, relu: bool, dim: int | None = None) -> Rule | None:
-    """The rule for a BN target with or without a fused ReLU (functional BN: also its dim); None when none."""
-    for rule in RULES:
-        if rule.target is target and rule.relu == relu and (dim is None or rule.dim == dim):
+def find_rule(kind: str, dim: int, activation: Activation, rules: tuple[Rule, ...] | None = None) -> Rule | None:
+    """The rule for (kind, dim, activation) in ``rules`` (default ``RULES``); None when none."""
+    for rule in RULES if rules is None else rules:
+        if (rule.kind, rule.dim, rule.activation) == (kind, dim, activation):
             return rule
     return None
 
 
-# Every way a traced graph spells ReLU, as (node.op, target); call_module targets match by type.
-RELU_SPELLINGS: tuple[tuple[str, object], ...] = (
-    ("call_module", nn.ReLU),  # self.relu = nn.ReLU(inplace=...); self.relu(x)
-    ("call_function", F.relu),  # F.relu(x), F.relu(x, inplace=True)
-    ("call_function", torch.relu),  # torch.relu(x)
-    ("call_function", torch.relu_),  # torch.relu_(x)
-    ("call_method", "relu"),  # x.relu()
-    ("call_method", "relu_"),  # x.relu_()
-)
+def activation_for(lo: float, hi: float, rules: tuple[Rule, ...] | None = None) -> Activation | None:
+    """The activation some rule names for the float clamp (lo, hi); None when none does."""
+    for rule in RULES if rules is None else rules:
+        if (rule.activation.lo, rule.activation.hi) == (lo, hi) and rule.activation.name:
+            return rule.activation
+    return None
 
 
-def relu_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The tensor ``node`` applies ReLU to, whatever the spelling; None when ``node`` is no ReLU."""
-    if node.op == "call_module":
-        target: object = type(modules.get(node.target))  # type: ignore[arg-type]
-    else:
-        target = node.target
-    if (node.op, target) not in RELU_SPELLINGS:
+_TARGET_KINDS = {F.batch_norm: ("F.batch_norm", None), **MODULE_KINDS}
+
+
+def rule_for(target: object, relu: bool, dim: int | None = None) -> Rule | None:
+    """The rule for a BN target (module type or ``F.batch_norm``) with or without ReLU; ``dim``
+    for targets whose type does not fix it. None when none."""
+    kind, fixed = _TARGET_KINDS.get(target, (None, None))  # type: ignore[call-overload]
+    dim = fixed if fixed is not None else dim
+    if kind is None or dim is None:
         return None
-    extra = set(node.kwargs) - {"inplace", "input"}
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    if extra or len(node.args) > 2 or not isinstance(arg, fx.Node):
-        return None
-    return arg
+    return find_rule(kind, dim, RELU if relu or kind == "BNReLU" else NO_ACTIVATION)

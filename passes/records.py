@@ -8,25 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxqbn.backends import BACKENDS
 from fxqbn.qconfig import ActivationSpec
 from fxqbn.qparams import Observation
 
 from .patterns import Rule
+from .spellings import BnCall
 
-__all__ = ["FunctionalBn", "Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite"]
-
-
-@dataclass(frozen=True)
-class FunctionalBn:
-    """The tensors of an ``F.batch_norm`` call, as attribute targets of the GraphModule."""
-
-    running_mean: str
-    running_var: str
-    weight: str | None  # None: no affine weight (ones)
-    bias: str | None  # None: no affine bias (zeros)
-    eps: float
-    momentum: float | None
+__all__ = ["Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted"]
 
 
 @dataclass(frozen=True)
@@ -35,19 +23,33 @@ class Match:
 
     rule: Rule  # which pattern matched
     position: int  # the BN node's index in graph order, for the report
-    bn_node: str  # name of the BatchNorm node (call_module, or call_function F.batch_norm)
-    input_node: str  # name of the node the BN normalises
-    relu_node: str | None  # name of the fused ReLU node; None when not fused
+    bn: BnCall  # the BN, normalised: node, input, statistics (attribute targets), eps
+    chain: tuple[str, ...]  # nodes fused after the BN output, in order: pass-throughs, then the activation
     module: str  # qualified name of the BatchNorm module (functional: of the statistics' owner)
     activation: ActivationSpec  # observer for the pattern's input and output
+    momentum: float | None = None  # the BN's, kept on the quantized module
     source: str = ""  # "file.py:123" of the BN call in the user's code ("" when unknown)
-    note: str = ""  # why a ReLU after the BN was left unfused, when one was
-    functional: FunctionalBn | None = None  # set for F.batch_norm; None for a BatchNorm module
+    note: str = ""  # why an activation after the BN was left unfused, when one was
+
+    @property
+    def bn_node(self) -> str:
+        """Name of the BatchNorm node (call_module, or the functional / ATen call)."""
+        return self.bn.node
+
+    @property
+    def input_node(self) -> str:
+        """Name of the node the BN normalises."""
+        return self.bn.input
 
     @property
     def output_node(self) -> str:
-        """The node whose value the pattern produces: the ReLU when fused, else the BN."""
-        return self.relu_node or self.bn_node
+        """The node whose value the pattern produces: the last fused node, else the BN's output."""
+        return self.chain[-1] if self.chain else self.bn.output
+
+    @property
+    def bn_module(self) -> str | None:
+        """Qualified name of the BatchNorm module itself (inside torch.ao's BNReLU too); None for a functional BN."""
+        return None if self.rule.kind == "F.batch_norm" else self.bn.running_mean.rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,13 @@ class Rewrite:
     input: Observation  # of the pattern's input observer
     output: Observation  # of the pattern's output observer
     backend: str = "native"  # the fxqbn.backends record that built it
+    op: str = ""  # the kernel the installed module runs, as the report names it
 
-    @property
-    def op(self) -> str:
-        """The kernel the installed module runs, as the report names it."""
-        return BACKENDS[self.backend].op_for(self.observed.match.rule)
+
+@dataclass(frozen=True)
+class Converted:
+    """What ``rewrite_patterns`` did to a graph: the rewrites and the boundary nodes it added."""
+
+    rewrites: tuple[Rewrite, ...]
+    quantize_nodes: tuple[str, ...]  # float -> quantized boundary nodes
+    dequantize_nodes: tuple[str, ...]  # quantized -> float boundary nodes

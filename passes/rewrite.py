@@ -4,7 +4,8 @@ Before (one pattern, input x from float code, output read by float code)::
 
     x_obs = fxqbn_observer_0(x)
     bn = bn(x_obs)
-    relu = relu(bn)
+    drop = drop(bn)                 # Identity / eval Dropout, fused
+    relu = relu(drop)               # the activation (ReLU, ReLU6, ...), fused
     out_obs = fxqbn_observer_1(relu)
     y = add(out_obs, 1)
 
@@ -16,12 +17,14 @@ After::
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them. The ``Backend`` record (``fxqbn.backends``) supplies the
+dequantize/quantize pair between them. The new graph is built in one pass over the observed one,
+which is not changed (``_Roles`` plans from the records, ``_Rewriter`` emits). The ``Backend`` record (``fxqbn.backends``) supplies the
 replacement and boundary modules; the default is the native one above.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -30,11 +33,12 @@ from torch import fx, nn
 
 from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
+from fxqbn.nn import check_many
 from fxqbn.qparams import Observation, observer_has_data, read_many
 
-from .records import Dropped, Match, Observed, Rewrite
+from .records import Converted, Dropped, Match, Observed, Rewrite
 
-__all__ = ["read_observers", "rewrite_patterns", "bn_tensors", "remove_observers", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
+__all__ = ["read_observers", "bn_tensors", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
 QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one per distinct input
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
@@ -70,19 +74,16 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
 
 
 def bn_tensors(root: nn.Module, match: Match) -> BnTensors:
-    """The BN's tensors: from its module (inside torch.ao's fused BNReLU too) or its F.batch_norm call."""
-    f = match.functional
-    if f is None:
-        bn = match.rule.qmodule._unwrap(root.get_submodule(match.module))
-        if bn.running_mean is None or bn.running_var is None:
-            raise FxqbnError(f"BatchNorm '{match.module}' has track_running_stats=False: it cannot be quantized; keep it float")
-        affine = bn.affine
-        return BnTensors(bn.running_mean, bn.running_var, bn.weight if affine else None, bn.bias if affine else None, bn.eps, bn.momentum)
+    """The BN's tensors, from the attribute targets its normalised record names (module or functional)."""
 
     def tensor(target: str | None) -> torch.Tensor | None:
         return None if target is None else operator.attrgetter(target)(root)
 
-    return BnTensors(tensor(f.running_mean), tensor(f.running_var), tensor(f.weight), tensor(f.bias), f.eps, f.momentum)
+    b, eps, momentum = match.bn, match.bn.eps, match.momentum
+    if match.bn_module is not None:  # a module's constants as they are now, not as at prepare
+        module = root.get_submodule(match.bn_module)
+        eps, momentum = module.eps, module.momentum
+    return BnTensors(tensor(b.running_mean), tensor(b.running_var), tensor(b.weight), tensor(b.bias), eps, momentum)
 
 
 class _NewModules:
@@ -114,7 +115,7 @@ class _NewModules:
     def replace(self, match: Match, module: nn.Module) -> str:
         """Where the float BN module was (a BN called twice: a fresh name beside it); an
         F.batch_norm's replacement at the root, named after its node."""
-        name = match.module if match.functional is None else f"fxqbn_{match.bn_node}"
+        name = match.module if match.bn_module is not None else f"fxqbn_{match.bn_node}"
         target, k = name, 0
         while target in self.modules or (k and not self._free(target)):
             k += 1
@@ -123,93 +124,118 @@ class _NewModules:
         return target
 
 
+class _Roles:
+    """What each node of the observed graph is to the rewrite, by name (planning, no graph edits)."""
+
+    def __init__(self, patterns: Sequence[Observed], dropped: Sequence[Dropped]) -> None:
+        self.pattern_of = {p.match.bn_node: p for p in patterns}  # BN node -> its pattern
+        self.outputs = {p.output_observer for p in patterns}  # read as the pattern's quantized value
+        self.passed = {p.input_observer for p in patterns} | {d.observer for d in dropped}  # -> their input
+        self.passed -= self.outputs
+        self.gone = {n for p in patterns for n in (*p.match.chain, p.match.bn.output)}  # fused into the BN
+        self.bn_inputs = set(self.pattern_of)
+
+    def statistics_only(self, node: fx.Node) -> bool:
+        """A get_attr read by replaced BNs alone (F.batch_norm's statistics)."""
+        return node.op == "get_attr" and bool(node.users) and all(u.name in self.bn_inputs for u in node.users)
+
+
+class _Rewriter:
+    """Builds the rewritten graph in one pass over the observed one: float nodes are copied, each
+    pattern becomes one call of its quantized module, boundaries are added where values cross."""
+
+    def __init__(self, source: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend) -> None:
+        self.graph = fx.Graph(tracer_cls=source._tracer_cls)
+        self.graph._codegen = copy.deepcopy(source._codegen)  # as Graph.__deepcopy__ does
+        self.backend, self.readings = backend, readings
+        self.new = _NewModules(root)
+        self.env: dict[str, fx.Node] = {}  # observed node name -> its float value in the new graph
+        self.quantized: dict[str, fx.Node] = {}  # observer name -> new node holding the quantized value
+        self.dequantized: dict[str, fx.Node] = {}  # output observer name -> its dequantize node
+        self.dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
+        self.quantize_nodes: list[str] = []
+
+    def value(self, node: fx.Node) -> fx.Node:
+        """``node``'s value for float code: a pattern's output is dequantized once, after it."""
+        if node.name not in self.quantized or node.name in self.env:
+            return self.env[node.name]
+        qparams = self.readings[node.name].qparams
+        key = None if self.backend.dequantize_shared else qparams
+        if key not in self.dequantizers:
+            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
+        with self.graph.inserting_after(self.quantized[node.name]):
+            self.env[node.name] = self.graph.create_node("call_module", self.dequantizers[key], (self.quantized[node.name],))
+        self.dequantized[node.name] = self.env[node.name]
+        return self.env[node.name]
+
+    def quantized_input(self, observer: fx.Node) -> fx.Node:
+        """The quantized value of an input observer: another pattern's output, or a new quantize."""
+        if observer.name not in self.quantized:
+            boundary = self.new.add(QUANTIZE_PREFIX, self.backend.quantize(self.readings[observer.name].qparams))
+            node = self.graph.create_node("call_module", boundary, (self.env[observer.name],))  # module added later
+            self.quantized[observer.name] = node
+            self.quantize_nodes.append(node.name)
+        return self.quantized[observer.name]
+
+    def install(self, bn: fx.Node, pattern: Observed, qmodule: nn.Module) -> Rewrite:
+        """One pattern: its quantized module's call, reading the quantized input, named as the BN was."""
+        match = pattern.match
+        in_obs = bn.args[0]
+        if not isinstance(in_obs, fx.Node) or in_obs.name != pattern.input_observer:
+            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
+        q_in = self.quantized_input(in_obs)
+        target = self.new.replace(match, qmodule)
+        self.quantized[pattern.output_observer] = self.graph.create_node("call_module", target, (q_in,), name=bn.name)
+        op = self.backend.op_for(match.rule)
+        return Rewrite(pattern, target, self.readings[in_obs.name], self.readings[pattern.output_observer], self.backend.name, op)
+
+    def copy(self, node: fx.Node, roles: _Roles) -> None:
+        """A node that is no part of a pattern: copied, or passed through (observers), or left out."""
+        if node.name in roles.passed:
+            self.env[node.name] = self.value(node.args[0])  # type: ignore[arg-type]
+        elif node.name not in roles.gone and node.name not in roles.outputs and not roles.statistics_only(node):
+            self.env[node.name] = self.graph.node_copy(node, self.value)
+
+
+def build_replacements(
+    root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend
+) -> list[nn.Module]:
+    """Step 0: every replacement module, its statistics checked (all at once), before the graph changes."""
+    tensors = [bn_tensors(root, p.match) for p in patterns]
+    check_many([(p.match.module, t) for p, t in zip(patterns, tensors)])
+    return [
+        backend.module_for(
+            p.match.rule, t, readings[p.input_observer].qparams, readings[p.output_observer].qparams,
+            p.match.module, checked=True,
+        )
+        for p, t in zip(patterns, tensors)
+    ]
+
+
 def rewrite_patterns(
     graph: fx.Graph,
     root: nn.Module,
     patterns: Sequence[Observed],
     readings: Mapping[str, Observation],
     backend: Backend = NATIVE,
-) -> tuple[tuple[Rewrite, ...], dict[str, nn.Module]]:
-    """Replace every observed pattern (in graph order) in ``graph`` with ``backend``'s modules and
-    remove their observers.
+    dropped: Sequence[Dropped] = (),
+) -> tuple[fx.Graph, Converted, dict[str, nn.Module]]:
+    """A new graph: ``graph`` with every observed pattern replaced by ``backend``'s module and the
+    observers (the patterns' and ``dropped``) removed. ``graph`` and ``root`` are not changed.
 
-    ``graph``'s targets resolve in ``root``, which is not changed. Returns the records and the
-    modules the rewritten graph needs beyond ``root``'s, by target (a replaced BN's target maps
-    to its quantized module). The caller builds or updates the GraphModule.
+    Returns the new graph (its targets resolve in the returned modules first, then in ``root``), the
+    record (rewrites, boundary nodes added) and the modules it needs beyond ``root``'s, by target (a
+    replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
     """
-    nodes = {node.name: node for node in graph.nodes}
-    quantized: dict[fx.Node, fx.Node] = {}  # observer node -> node holding the quantized value
-    new = _NewModules(root)
+    qmodules = dict(zip((p.match.bn_node for p in patterns), build_replacements(root, patterns, readings, backend)))
+    roles, rewriter = _Roles(patterns, dropped), _Rewriter(graph, root, readings, backend)
     rewrites = []
-
-    # 0. Every replacement is built (and its statistics checked) before the graph changes.
-    qmodules = [
-        backend.module_for(
-            p.match.rule, bn_tensors(root, p.match), readings[p.input_observer].qparams,
-            readings[p.output_observer].qparams, p.match.module,
-        )
-        for p in patterns
-    ]
-
-    # 1. A quantized twin for every pattern, reading quantized inputs.
-    for pattern, qmodule in zip(patterns, qmodules):
-        match = pattern.match
-        bn = nodes[match.bn_node]
-        in_obs, out_obs = nodes[pattern.input_observer], nodes[pattern.output_observer]
-        if bn.args[0] is not in_obs:
-            raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
-        q_in = quantized.get(in_obs)
-        if q_in is None:
-            boundary = new.add(QUANTIZE_PREFIX, backend.quantize(readings[in_obs.name].qparams))
-            with graph.inserting_before(bn):
-                q_in = graph.create_node("call_module", boundary, (in_obs,))  # the module is added later
-            quantized[in_obs] = q_in
-        target = new.replace(match, qmodule)
-        with graph.inserting_before(out_obs):
-            quantized[out_obs] = graph.create_node("call_module", target, (q_in,))
-        rewrites.append(
-            Rewrite(pattern, target, readings[in_obs.name], readings[out_obs.name], backend.name)
-        )
-
-    # 2. Last to first, so later patterns' BN nodes are gone: whatever still reads a pattern's
-    #    output observer is float code and gets one dequantize. Then the float nodes go.
-    dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
-    for pattern in reversed(patterns):
-        out_obs = nodes[pattern.output_observer]
-        readers = list(out_obs.users)
-        if readers:
-            qparams = readings[out_obs.name].qparams
-            key = None if backend.dequantize_shared else qparams
-            if key not in dequantizers:
-                dequantizers[key] = new.add(DEQUANTIZE_PREFIX, backend.dequantize(qparams))
-            dequantize = dequantizers[key]
-            q_out = quantized[out_obs]
-            with graph.inserting_after(q_out):
-                dq = graph.create_node("call_module", dequantize, (q_out,))
-            for reader in readers:
-                reader.replace_input_with(out_obs, dq)
-        statistics = [arg for arg in nodes[pattern.match.bn_node].all_input_nodes if arg.op == "get_attr"]
-        for name in (pattern.output_observer, pattern.match.relu_node, pattern.match.bn_node):
-            if name is not None:
-                graph.erase_node(nodes[name])
-        for node in statistics:  # F.batch_norm's get_attr nodes, unless something else reads them
-            if not node.users:
-                graph.erase_node(node)
-
-    # 3. Input observers that no pattern produced: their readers get the float value back.
-    outputs = {pattern.output_observer for pattern in patterns}
-    for name in dict.fromkeys(pattern.input_observer for pattern in patterns):
-        if name not in outputs:
-            observer = nodes[name]
-            observer.replace_all_uses_with(observer.args[0])
-            graph.erase_node(observer)
-    return tuple(rewrites), new.modules
-
-
-def remove_observers(graph: fx.Graph, dropped: Sequence[Dropped]) -> None:
-    """Remove observer nodes that belong to no pattern; their readers get the observed value."""
-    nodes = {node.name: node for node in graph.nodes}
-    for item in dropped:
-        node = nodes[item.observer]
-        node.replace_all_uses_with(node.args[0])
-        graph.erase_node(node)
+    for node in graph.nodes:
+        pattern = roles.pattern_of.get(node.name)
+        if pattern is None:
+            rewriter.copy(node, roles)
+        else:
+            rewrites.append(rewriter.install(node, pattern, qmodules[node.name]))
+    dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
+    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes)
+    return rewriter.graph, converted, rewriter.new.modules

@@ -121,7 +121,7 @@ def test_functional_batch_norm_forms_that_stay_float_are_reported():
     reasons = [row.reason for row in fxqbn.get_report(q).rows]
     assert [row.status for row in fxqbn.get_report(q).rows] == ["skipped", "skipped"]
     assert "training=True" in reasons[0]
-    assert "running statistics are not module buffers" in reasons[1]
+    assert "statistics or affine tensors are not module attributes" in reasons[1]
 
 
 # -- affine=False -------------------------------------------------------------------------------

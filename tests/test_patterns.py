@@ -9,7 +9,9 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
-from fxqbn.passes import RELU_SPELLINGS, RULES, rule_for
+from fxqbn.backends import BACKENDS
+from fxqbn.passes import ACTIVATION_SPELLINGS, RULES, Activation, Rule, rule_for
+from fxqbn.passes import patterns
 
 SPELLINGS = {  # name -> function applying ReLU to the BN output in forward
     "nn.ReLU": lambda self, y: self.relu(y),
@@ -63,20 +65,27 @@ def test_every_rule_is_consistent_and_reachable():
     names = [rule.name for rule in RULES]
     assert len(names) == len(set(names))
     for rule in RULES:
-        functional = rule.target is F.batch_norm
-        assert rule_for(rule.target, rule.relu, rule.dim if functional else None) is rule
-        assert rule.op == f"quantized::batch_norm{rule.dim}d" + ("_relu" if rule.relu else "")
-        stem = f"F.batch_norm{rule.dim}d" if functional else rule.target.__name__
-        assert rule.name == stem + ("+ReLU" if rule.relu and not rule.prefused else "")
-    assert {(r.target, r.dim, r.relu) for r in RULES if not r.prefused} == {
-        (t, d, relu) for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm) for d in (1, 2, 3)
-        for relu in (False, True) if t is F.batch_norm or t.__name__.endswith(f"{d}d")
-    }
-    assert {(r.target, r.dim) for r in RULES if r.prefused} == {(nni.BNReLU2d, 2), (nni.BNReLU3d, 3)}
+        assert patterns.find_rule(rule.kind, rule.dim, rule.activation) is rule
+        stem = f"F.batch_norm{rule.dim}d" if rule.kind == "F.batch_norm" else f"BNReLU{rule.dim}d" if rule.prefused else f"BatchNorm{rule.dim}d"
+        assert rule.name == stem + (f"+{rule.activation.name}" if rule.activation.name and not rule.prefused else "")
+    for target, dim in ((nn.BatchNorm2d, None), (F.batch_norm, 3), (nni.BNReLU2d, None)):  # the lookup fxqbn.lower uses
+        assert rule_for(target, True, dim).activation == patterns.RELU
+
+
+def test_every_rule_has_a_module_and_an_op_on_every_backend():
+    """The registry is complete: a rule whose activation some backend cannot compute fails here."""
+    for rule in RULES:
+        for backend in BACKENDS.values():
+            assert rule.activation.name in backend.kernels, (rule.name, backend.name)
+            assert backend.op_for(rule)
+    missing = Rule(kind="BatchNorm", dim=2, activation=Activation("ReLU1", 0.0, 1.0))
+    with pytest.raises(fxqbn.FxqbnError, match=r"backend 'native' has no kernel for BatchNorm2d\+ReLU1 .*KERNELS"):
+        BACKENDS["native"].op_for(missing)
 
 
 def test_every_spelling_is_tested():
-    assert len(SPELLINGS) == len(RELU_SPELLINGS) + 2  # + the inplace variants of nn.ReLU and F.relu
+    relu_spellings = [s for s in ACTIVATION_SPELLINGS if s[2] is ACTIVATION_SPELLINGS[0][2] and "aten" not in str(s[1])]
+    assert len(SPELLINGS) == len(relu_spellings) + 2  # + the inplace variants of nn.ReLU and F.relu
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
@@ -150,17 +159,3 @@ def test_relu_not_applied_to_the_bn_output_is_not_fused():
     q = calibrated(randomize_bn(ReluFirst()).eval(), (2, 4, 5, 5))
     (row,) = fxqbn.get_report(q).rows
     assert (row.pattern, row.reason) == ("BatchNorm2d", "")
-
-
-def test_unsupported_batchnorm_types_are_reported():
-    class Sync(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.SyncBatchNorm(4)
-
-        def forward(self, x):
-            return self.bn(x)
-
-    q = calibrated(Sync().eval(), (2, 4, 5, 5))
-    (row,) = fxqbn.get_report(q).rows
-    assert (row.status, row.reason) == ("skipped", "no quantized rule for SyncBatchNorm")
