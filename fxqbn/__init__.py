@@ -38,6 +38,7 @@ _EXPORTS = {
     "DEFAULT_OBSERVER": "qconfig.DEFAULT_OBSERVER",
     "nn": "nn",
     "sync_observers": "distributed.sync_observers",
+    "distributed": "distributed",  # fxqbn.distributed.shard(batches) under torchrun
 }
 __all__ = list(_EXPORTS)
 

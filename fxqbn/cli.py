@@ -127,6 +127,21 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(prog="fxqbn", description="Quantize the BatchNorm layers of PyTorch models with a torch.fx pass.",
+                     epilog=EXIT_STATUS)
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,report}")
+    _add_convert(commands, common)
+    r = commands.add_parser("report", parents=[common], help="print the report of a saved model",
+                            description="Print the report stored in a file written by `fxqbn convert --out` or fxqbn.save.")
+    r.add_argument("path", metavar="PATH", help="a file written by fxqbn.save")
+    r.set_defaults(run=run_report)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The options both commands take (a parent parser)."""
     common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bar and nothing on stdout/stderr but errors")
     common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -136,12 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {','.join(DEFAULT_COLUMNS)}); JSON and CSV keep every field")
     common.add_argument("--wide", action="store_true",
                         help="every column (unless --columns), nothing cut; the default table fits 100 columns")
+    return common
 
-    parser = _Parser(prog="fxqbn", description="Quantize the BatchNorm layers of PyTorch models with a torch.fx pass.",
-                     epilog=EXIT_STATUS)
-    parser.add_argument("--version", action=_Version)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{convert,report}")
 
+def _add_convert(commands: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:
+    """``fxqbn convert``: the model and its inputs, calibration, quantization choices, outputs."""
     c = commands.add_parser(
         "convert", parents=[common], help="quantize a model's BatchNorms",
         description="Quantize MODEL's BatchNorm layers, print the report, and optionally save the result.", epilog=EXIT_STATUS,
@@ -154,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", type=_shape, metavar="N,C,...",
                    help="shape of a model input, e.g. 1,3,224,224 (repeat for several inputs); "
                    "default: the factory's example inputs")
+    _add_calibration(c)
+    _add_quantization(c)
+    outputs = [  # files the command writes: each checked before any work
+        c.add_argument("--out", metavar="PATH", type=_output_path, help="save the converted model with fxqbn.save (load with fxqbn.load)"),
+        c.add_argument("--torchscript", metavar="PATH", type=_output_path, help="save the converted model compiled with torch.jit.script"),
+        c.add_argument("--report", metavar="PATH", type=_output_path, help="write the report, in --format, to PATH"),
+    ]
+    c.add_argument("--verify", action="store_true",
+                   help="run float and quantized models on a held-out batch: output SQNR, max error, latency "
+                   "(implied with no MODEL and no --calib)")
+    c.set_defaults(run=run_convert, outputs=tuple(action.dest for action in outputs))
+
+
+def _add_calibration(c: argparse.ArgumentParser) -> None:
+    """convert's calibration options: real batches, or random ones for a demo."""
     calib = c.add_mutually_exclusive_group()
     calib.add_argument("--calib", metavar="FILE_OR_FOLDER", type=_calib_path,
                        help="calibration data saved with torch.save: a tensor (one batch) or a list of batches "
@@ -162,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-batches", type=_positive, default=8, metavar="K",
                        help="without --calib: K random batches of the input shape (demo only; default 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random batches (default 0)")
+
+
+def _add_quantization(c: argparse.ArgumentParser) -> None:
+    """convert's quantization choices: observer, dtype, backend, whole-model route, skips."""
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
     c.add_argument("--backend", choices=BACKENDS, default=None,
@@ -173,21 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")
-    outputs = [  # files the command writes: each checked before any work
-        c.add_argument("--out", metavar="PATH", type=_output_path, help="save the converted model with fxqbn.save (load with fxqbn.load)"),
-        c.add_argument("--torchscript", metavar="PATH", type=_output_path, help="save the converted model compiled with torch.jit.script"),
-        c.add_argument("--report", metavar="PATH", type=_output_path, help="write the report, in --format, to PATH"),
-    ]
-    c.add_argument("--verify", action="store_true",
-                   help="run float and quantized models on a held-out batch: output SQNR, max error, latency "
-                   "(implied with no MODEL and no --calib)")
-    c.set_defaults(run=run_convert, outputs=tuple(action.dest for action in outputs))
-
-    r = commands.add_parser("report", parents=[common], help="print the report of a saved model",
-                            description="Print the report stored in a file written by `fxqbn convert --out` or fxqbn.save.")
-    r.add_argument("path", metavar="PATH", help="a file written by fxqbn.save")
-    r.set_defaults(run=run_report)
-    return parser
 
 
 # -- running ---------------------------------------------------------------------------------------

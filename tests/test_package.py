@@ -29,9 +29,10 @@ def test_exports_are_the_documented_api():
     assert set(fxqbn.__all__) == {
         "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
         "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
-        "sync_observers", "lower",
+        "sync_observers", "distributed", "lower",
     }
     assert set(fxqbn.__all__) <= set(dir(fxqbn))
+    assert callable(fxqbn.distributed.shard)  # as fxqbn/distributed.py's docstring uses it, after `import fxqbn`
     importlib.import_module("fxqbn.lower")  # the submodule of the same name: fxqbn.lower stays the function
 
     assert callable(fxqbn.lower) and fxqbn.lower.__name__ == "lower" and fxqbn.lower.__module__ == "fxqbn.lower"
