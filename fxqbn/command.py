@@ -326,13 +326,17 @@ def _model_and_inputs(prog: str, args: argparse.Namespace, spec: str) -> tuple[n
     return model, example
 
 
+def _no_batch_norm(spec: str) -> FxqbnError:
+    return FxqbnError(f"{spec} holds no BatchNorm: nothing to quantize (fxqbn quantizes BatchNorm1d/2d/3d and F.batch_norm "
+                      "on module statistics)")
+
+
 def _check_found(prog: str, spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
     """Refuse a model without BatchNorm, and a --skip module holding none of the model's BatchNorms."""
     found = attached(observed, PREPARED_KEY)
     modules = [p.match.module for p in found.patterns] + [s.module for s in found.skips]
     if not modules:
-        raise FxqbnError(f"{spec} holds no BatchNorm: nothing to quantize (fxqbn quantizes BatchNorm1d/2d/3d and F.batch_norm "
-                         "on module statistics)")
+        raise _no_batch_norm(spec)
     for name in skip:
         if not any(m == name or m.startswith(name + ".") for m in modules):
             held = sorted({m.split(".")[0] for m in modules})
@@ -356,7 +360,7 @@ def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ..
               progress: Progress, spec: str) -> tuple[nn.Module | None, Calibration]:
     """The converted model (None on a torchrun rank other than 0: rank 0 converts) and the calibration done."""
     if args.int8:
-        return _whole_model_int8(args, model, example, calibration, progress), calibration
+        return _whole_model_int8(args, model, example, calibration, progress, spec), calibration
     prog = "fxqbn convert"
     qconfig = _qconfig(prog, model, args.observer, args.dtype, args.skip)
     with progress.step("tracing"):
@@ -370,14 +374,17 @@ def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ..
 
 
 def _whole_model_int8(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
-                      progress: Progress) -> nn.Module:
+                      progress: Progress, spec: str) -> nn.Module:
     """--int8 ao|pt2e: the whole model to int8 (torch.ao FX or torchao PT2E), then its BNs lowered (fxqbn.lower)."""
     if distributed.is_launched():
         raise FxqbnError("fxqbn convert --int8 calibrates in one process: run it without torchrun")
     with progress.step(f"quantizing the whole model to int8 ({args.int8}), calibrating on {len(calibration.batches)} batches"):
         int8 = int8_model(model, example, calibration.batches, args.int8)
     with progress.step("lowering the BatchNorms"):
-        return lower(int8, backend=args.backend)
+        lowered = lower(int8, backend=args.backend)
+    if not get_report(lowered).rows:  # the report lists every BN, lowered, already int8 or left float
+        raise _no_batch_norm(spec)
+    return lowered
 
 
 def convert_command(args: argparse.Namespace, progress: Progress) -> int:

@@ -498,6 +498,7 @@ def test_debug_adds_the_traceback(work):
         (["m.py:net_with_inputs", "--skip", "conv"], 2,
          "fxqbn convert: error: argument --skip: module 'conv' holds no BatchNorm; the BatchNorms are in block, bn"),
         (["m.py:no_bn"], 1, "fxqbn: error: m.py:no_bn holds no BatchNorm: nothing to quantize"),
+        (["m.py:no_bn", "--int8", "ao"], 1, "fxqbn: error: m.py:no_bn holds no BatchNorm: nothing to quantize"),
         (["m.py:net_with_inputs", "--out", "m.py/q.pt"], 2,
          "fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)"),
         (["m.py:net_with_inputs", "--torchscript", "calib.pt/deeper/q.ts"], 2,
