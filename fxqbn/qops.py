@@ -9,6 +9,7 @@ an input to torch's own op.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -33,6 +34,25 @@ warnings.filterwarnings(
 BN_OP_NAMES = {(dim, relu): f"quantized::batch_norm{dim}d" + ("_relu" if relu else "") for dim in (1, 2, 3) for relu in (False, True)}
 
 
+def _saturates(dtype: torch.dtype) -> bool:
+    """Whether this torch's ``quantize_per_tensor`` already gives what ``quantize`` promises: +inf, huge
+    values (past 2**31 steps too) and NaN the highest code, -inf and huge negatives the lowest. Probed
+    on a tensor long enough for its vector path and a tail, at three sets of qparams."""
+    qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    special = torch.tensor([math.inf, -math.inf, math.nan, 1e30, -1e30, 1e10, -1e10, 3e9, -3e9])
+    x = special.repeat(512)[:-3]
+    expected = torch.where(torch.isnan(x) | (x > 0), qmax, qmin)
+    for scale, zero_point in ((1.0, qmin), (0.0117, (qmin + qmax) // 2), (1e-6, qmax)):
+        codes = torch.quantize_per_tensor(x, scale, zero_point, dtype).int_repr().long()
+        if not torch.equal(codes, expected):
+            return False
+    return True
+
+
+# True on torch 2.13.0, False on 2.14.1: there ``quantize`` clamps first (one more pass over the input).
+_TORCH_SATURATES = _saturates(torch.quint8) and _saturates(torch.qint8)
+
+
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
     """Float -> quantized boundary: ``torch.quantize_per_tensor``, defined alike on every supported
     torch: values beyond the codes' float range saturate, and NaN takes the highest code (as on
@@ -46,7 +66,11 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
             f"fxqbn's quantized BatchNorm takes float32 CPU tensors, got {x.dtype} on {x.device}: "
             "pass x.float().cpu()"
         )
-    if x.numel() > 0:
+    if torch.jit.is_scripting():
+        guard = True  # a scripted model may run on another torch than the one that scripted it
+    else:
+        guard = not _TORCH_SATURATES
+    if guard and x.numel() > 0:
         qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
         low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
         lo, hi = torch.aminmax(x.detach())  # one pass; NaN propagates into both
