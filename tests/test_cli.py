@@ -442,7 +442,7 @@ def unwritable_folder(work):
                 pass
         except OSError:
             return candidate
-    pytest.skip("no unwritable folder here: running as root, with /sys writable")
+    pytest.skip(reason="no unwritable folder here: running as root, with /sys writable")
 
 
 # -- refusals and usage errors, as the user sees them ---------------------------------------------------
