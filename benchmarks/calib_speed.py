@@ -11,22 +11,18 @@ slower rank's, median of the repeats; process start-up and model building are no
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tabulate import tabulate
 from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 import fxqbn
+from gloo_ranks import run_on_ranks  # benchmarks/gloo_ranks.py, beside this script
 from fxqbn import distributed
 from fxqbn.models import densenet_bc
 
@@ -62,11 +58,8 @@ def _one_process(observer: str, batches, threads: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _rank_main(rank: int, port: int, n: int, size: int, repeats: int, out: str) -> None:
+def _rank_main(rank: int, n: int, size: int, repeats: int) -> dict:
     """Per observer and repeat: (calibration seconds, sync seconds) of the slower rank."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=600))
     mine = distributed.shard(_batches(n, size))
     results = {}
     for observer in OBSERVERS:
@@ -83,22 +76,11 @@ def _rank_main(rank: int, port: int, n: int, size: int, repeats: int, out: str) 
             dist.all_gather_object(everyone, (calibrated - start, done - start))
             runs.append(max(everyone, key=lambda t: t[1]))
         results[observer] = runs
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 def _two_ranks(n: int, size: int, repeats: int) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "times.pt")
-        mp.start_processes(_rank_main, args=(_free_port(), n, size, repeats, out), nprocs=WORLD, start_method="spawn")
-        return torch.load(out)
+    return run_on_ranks(_rank_main, WORLD, (n, size, repeats))
 
 
 def main() -> None:

@@ -12,22 +12,18 @@ and how many observers got exactly the same qparams. Accuracy only: no timings.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import os
-import socket
 import sys
-import tempfile
 import warnings
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from tabulate import tabulate
 
 from torch.ao.quantization import HistogramObserver, MovingAverageMinMaxObserver
 
 import fxqbn
+from gloo_ranks import run_on_ranks  # benchmarks/gloo_ranks.py, beside this script
 from fxqbn.models import densenet_bc
 from fxqbn.qparams import qparams_from_observer
 
@@ -82,27 +78,12 @@ def _qparams(model_name: str, data: str, n: int, observer: str, rank: int | None
     return {name: qparams_from_observer(m) for name, m in observed.named_children() if name.startswith("fxqbn_observer_")}
 
 
-def _rank_main(rank: int, world: int, port: int, jobs: list, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    results = {job: _qparams(*job, rank, world) for job in jobs}
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int, jobs: list) -> dict:
+    return {job: _qparams(*job, rank, world) for job in jobs}
 
 
 def _distributed(world: int, jobs: list) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "qparams.pt")
-        mp.start_processes(_rank_main, args=(world, _free_port(), jobs, out), nprocs=world, start_method="spawn")
-        return torch.load(out, weights_only=False)
+    return run_on_ranks(_rank_main, world, (world, jobs), timeout_s=300)
 
 
 def main() -> None:
