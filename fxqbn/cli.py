@@ -26,12 +26,11 @@ from importlib import metadata
 from . import __version__
 from .paths import calibration_files, clash, output_problem
 from .progress import Progress
-from .report import COLUMNS, DEFAULT_COLUMNS, column_names
+from .report import COLUMNS, DEFAULT_COLUMNS, FORMATS, column_names
 
 __all__ = ["main", "build_parser", "UsageError"]
 
 BUILTIN_MODEL = "fxqbn.models:densenet_bc"
-FORMATS = ("plain", "github", "json", "csv")
 # The choices, named here without torch; tests check them against the tables they name.
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
 DTYPES = ("quint8", "qint8")  # fxqbn.command.DTYPES: name -> torch dtype
@@ -221,6 +220,7 @@ def run_convert(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def run_report(args: argparse.Namespace, progress: Progress) -> int:
+    _check_file("fxqbn report", args.path, "")
     with progress.step("loading PyTorch"):
         from .command import report_command
     return report_command(args, progress)
@@ -232,10 +232,16 @@ def model_file(spec: str | None) -> str | None:
     return target if target.endswith(".py") or "/" in target or os.sep in target else None
 
 
+def _check_file(prog: str, path: str, what: str) -> None:
+    """A usage error when ``path`` is no file (``what`` names it in the message, e.g. "model file ")."""
+    if not os.path.isfile(path):
+        raise usage(prog, f"{what}{path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+
+
 def _check_model_file(spec: str | None) -> None:
     path = model_file(spec)
-    if path is not None and not os.path.isfile(path):
-        raise usage("fxqbn convert", f"model file {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+    if path is not None:
+        _check_file("fxqbn convert", path, "model file ")
 
 
 def _check_clashes(args: argparse.Namespace) -> None:

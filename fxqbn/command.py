@@ -296,7 +296,7 @@ def _render(
     header = [f"model: {spec}, input {_shapes(example)}, {how}", calibration.note]
     footer = checked.lines() if checked is not None else []
     if args.format == "csv":  # the table stays a table: the other lines go to stderr
-        return report.format("csv").rstrip("\n"), [*header, *footer, *written]
+        return _table(args, report), [*header, *footer, *written]
     return "\n".join([*_wrap(header, width), _table(args, report), *_wrap(footer, width)]), written
 
 
@@ -421,9 +421,7 @@ def convert_command(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def report_command(args: argparse.Namespace, progress: Progress) -> int:
-    """``fxqbn report PATH``."""
-    if not os.path.isfile(args.path):
-        raise usage("fxqbn report", f"{args.path} {'is not a file' if os.path.exists(args.path) else 'does not exist'}")
+    """``fxqbn report PATH`` (``fxqbn.cli`` checked that PATH is a file)."""
     report = load_report(args.path)
     if not args.quiet:
         print(_table(args, report))

@@ -182,9 +182,6 @@ class Report:
         numbers.append(f"converted in {s.convert_seconds * 1000:.0f} ms")
         return ["; ".join(counts + numbers)] if width is None else ["; ".join(counts), "; ".join(numbers)]
 
-    def summary_line(self) -> str:
-        return self.summary_lines(width=None)[0]
-
     def format(self, fmt: str = "plain", columns: Sequence[str] | str = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
         """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
 
