@@ -23,7 +23,7 @@ from fxqbn.qconfig import ActivationConfig
 from . import patterns
 from .patterns import MODULE_KINDS, NO_ACTIVATION, RANK_TO_DIM, Activation, activation_for
 from .records import Match, Skip
-from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
+from .spellings import MOMENTUM_ARG, BnCall, activation_name, passthrough_input, read_activation, read_bn
 
 __all__ = ["find_patterns", "source_of", "needs_shapes"]
 
@@ -175,7 +175,8 @@ class _Matcher:
         if activation is None:
             return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
         self._check_tensors(f"F.batch_norm node '{node.name}' ({name})", call, name)
-        momentum = node.args[6] if len(node.args) > 6 else node.kwargs.get("momentum", 0.1)
+        at = MOMENTUM_ARG[call.spelling]
+        momentum = node.args[at] if len(node.args) > at else node.kwargs.get("momentum", 0.1)
         momentum = float(momentum) if isinstance(momentum, (int, float)) else None
         return self._match(position, node, call, ("F.batch_norm", None), pattern, activation, momentum)
 

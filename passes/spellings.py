@@ -169,6 +169,10 @@ def _read_aten_legit(node: fx.Node, modules: Modules) -> BnCall | str:
     return replace(call, output=items[0].name)
 
 
+# Functional spelling -> the position of its momentum argument (the keyword is "momentum" in each).
+MOMENTUM_ARG = {"F.batch_norm": 6, "aten.batch_norm": 6, "aten._native_batch_norm_legit_no_training": 5}
+
+
 # (node.op, target, reader): reader(node, modules) -> BnCall, a reason it cannot be lowered, or None (no BN).
 BN_SPELLINGS: tuple[tuple[str, object, Callable[[fx.Node, Modules], BnCall | str | None]], ...] = (
     ("call_module", None, _read_bn_module),  # self.bn(x): any _BatchNorm, torch.ao's float BNReLU, quantized BNs

@@ -16,6 +16,7 @@ from torch.ao.quantization import MinMaxObserver
 import fxqbn
 from fxqbn.backends import BACKENDS, KERNELS, Kernel
 from fxqbn.passes import RULES, Activation, Rule, patterns
+from fxqbn.state import PREPARED_KEY, attached
 
 SHAPES = {1: (6, 4), 2: (2, 4, 5, 5), 3: (2, 4, 3, 4, 4)}
 BN_TYPES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -311,10 +312,13 @@ class ConvBnAct(nn.Module):
 @pytest.mark.parametrize("decomposed", [False, True], ids=["aten.batch_norm", "_native_batch_norm_legit_no_training"])
 def test_the_aten_forms_of_torch_export_graphs_are_matched_like_f_batch_norm(decomposed):
     model = randomize_bn(ConvBnAct()).eval()
+    model.bn.momentum = 0.3  # not the default, and not eps, which sits next to it in both aten forms
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     program = torch.export.export(model, (x,))
     exported = (program.run_decompositions() if decomposed else program).module()
     observed = fxqbn.prepare(exported, (x,), MinMaxObserver)
+    (pattern,) = attached(observed, PREPARED_KEY).patterns
+    assert pattern.match.momentum == pytest.approx(0.3)  # each spelling's momentum from its own position
     with torch.no_grad():
         observed(x)
     q = fxqbn.convert(observed)
