@@ -6,7 +6,7 @@ torch versions round differently (2.13: ``rne(fma(x, 1/scale, zp))``; 2.14.1: ``
 so the rounding is probed once per process (``rounding()``) against ``torch.quantize_per_tensor``
 itself, and ``dequantize`` is checked on all 256 codes for each (scale, zero point) before the fast
 kernel serves it. Values that leave the range where torch's vector and scalar code paths agree
-(|x / scale| > 2^30, inf, NaN) are sent to torch's own op, so they too get torch's codes.
+(|x / scale| > 2^30, inf, NaN) are sent to ``fxqbn.qops.quantize``, which saturates them on every torch.
 
 The fast kernels are the C ones (``fxqbn.ckernels``); without them, and under tracing
 (torch.export, torch.compile, fx) or TorchScript, the formulas below run as ordinary aten ops.
@@ -74,17 +74,16 @@ ROUNDINGS = (Rounding(False, False), Rounding(True, False), Rounding(False, True
 
 
 def quantize_formula(x: torch.Tensor, inv: float, zp: int, lo: int, hi: int, mul_first: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The codes as aten ops (traced / scripted / probing path); inf and NaN as torch's vector path gives them."""
+    """The codes as aten ops (traced / scripted / probing path); +inf, NaN and values past the int32
+    range saturate to ``hi``, -inf to ``lo``, as ``fxqbn.qops.quantize`` defines them on every torch."""
     x = x.to(torch.float32)
     if mul_first:
         t = x * inv
         q = torch.round(t) + float(zp)
-        top = lo if zp > 127 else hi  # x/scale is clipped to 2147483520, then + zp wraps around in int32
     else:
         t = (x.to(torch.float64) * inv + float(zp)).to(torch.float32)  # fma: the product is exact in f64
         q = torch.round(t)
-        top = hi
-    q = q.masked_fill(torch.isnan(t) | (t >= 2147483520.0), float(top))  # torch's vector path clips there (INT32_MAX - 127)
+    q = q.masked_fill(torch.isnan(t) | (t >= 2147483520.0), float(hi))  # saturate where torch 2.14.1's vector path would wrap
     return q.clamp(float(lo), float(hi)).to(dtype)
 
 

@@ -1,6 +1,8 @@
 """fxqbn.fused: bit-exact with the installed torch's quantized ops (quantize, dequantize, every BN
 pattern), with the C kernels and with the pure-torch kernels (the ``kernels`` fixture runs each test both ways)."""
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from torch import nn
 from fxqbn import ckernels
 
 import fxqbn
-from fxqbn import fused, qops
+from fxqbn import fused, fused_io, qops
 from fxqbn.fused import FusedBatchNorm
 from fxqbn.qparams import DTYPE_RANGES, QParams
 
@@ -421,3 +423,12 @@ def test_empty_inputs_and_a_bn_without_channels_give_empty_codes():
     assert out.shape == (0, 4, 3, 3) and out.dtype == torch.uint8
     assert fused.quantize(torch.zeros(0, 4), 0.1, 3, torch.quint8).shape == (0, 4)
     assert fused.dequantize(torch.zeros(0, 4, dtype=torch.uint8), 0.1, 3).shape == (0, 4)
+
+
+@pytest.mark.parametrize("mul_first", [False, True], ids=["fma", "mul_first"])
+@pytest.mark.parametrize("zero_point", [0, 128, 200])
+def test_the_traced_quantize_formula_saturates_as_the_native_boundary(mul_first, zero_point):
+    x = torch.tensor([math.inf, math.nan, 1e30, 3e9, -math.inf, -1e30])
+    codes = fused_io.quantize_formula(x, 1.0, zero_point, 0, 255, mul_first, torch.uint8)
+    assert codes.tolist() == [255, 255, 255, 255, 0, 0]
+    assert codes.tolist() == qops.quantize(x, 1.0, zero_point, torch.quint8).int_repr().tolist()
