@@ -137,7 +137,7 @@ def _native_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QP
 
 def _fused(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, clamp, name: str, checked: bool = False) -> nn.Module:
     codes = None if clamp is None else qops.clamp_bounds(*clamp, qout.scale, qout.zero_point, qout.dtype)
-    return fused.FusedBatchNorm.from_tensors(t, dim, kernel.relu, qin, qout, name=name, clamp=codes)
+    return fused.FusedBatchNorm.from_tensors(t, dim, kernel.relu, qin, qout, name=name, clamp=codes, checked=checked)
 
 
 def _fused_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:

@@ -164,7 +164,7 @@ class _CKernel:
         period = c * _VECTOR // math.gcd(c, _VECTOR)
         period *= -(-_PERIOD // period)  # long enough that the loop runs many blocks per pass
         self.channels, self.period = c, period
-        self.a, self.b = (t.repeat(period // c + _VECTOR).contiguous() for t in (alpha, beta))  # padded: see the C
+        self.a, self.b = (t.repeat(-(-(period + _VECTOR) // c)).contiguous() for t in (alpha, beta))  # >= period + _VECTOR: see the C
         self.table = table.contiguous().view(torch.uint8)
         self.use_table = use_table.to(torch.uint8).contiguous()
         self.table_channels = use_table.nonzero().flatten().to(_I32)
@@ -288,14 +288,17 @@ class FusedBatchNorm(nn.Module):
 
     @classmethod
     def from_tensors(cls, bn: Any, dim: int, relu: bool, input_qparams: QParams, output_qparams: QParams,
-                     name: str = "BatchNorm", kernel: str = "auto", clamp: tuple[int, int] | None = None) -> "FusedBatchNorm":
+                     name: str = "BatchNorm", kernel: str = "auto", clamp: tuple[int, int] | None = None,
+                     checked: bool = False) -> "FusedBatchNorm":
         """Build from BN tensors (``fxqbn.backends.BnTensors``), refusing statistics that would
-        silently saturate a channel (``fxqbn.nn.check_statistics``), naming ``name``.
+        silently saturate a channel (``fxqbn.nn.check_statistics``), naming ``name``; ``checked``:
+        ``fxqbn.nn.check_many`` already passed these tensors.
 
         ``clamp``: output codes (lo, hi) to clamp to after the BN (e.g. ReLU6 / hardtanh as codes);
         ``relu`` raises lo to the output zero point, as the native ``_relu`` ops do.
         """
-        check_statistics(name, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        if not checked:
+            check_statistics(name, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         if input_qparams.dtype != output_qparams.dtype:
             raise FxqbnError(f"BatchNorm '{name}': input dtype {input_qparams.dtype} and output dtype {output_qparams.dtype} differ")
         bounds = code_bounds(output_qparams, relu, clamp)
