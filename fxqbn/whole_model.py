@@ -14,7 +14,6 @@ around those calls and imports only).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from torch import fx, nn
 
 from .errors import FxqbnError
 from .lower import lower
+from .tracing import owned_copy
 
 __all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
 
@@ -103,7 +103,7 @@ def _ao(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.Gra
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     with _quiet_ao():
-        observed = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example_inputs)
+        observed = prepare_fx(owned_copy(model), get_default_qconfig_mapping("x86"), example_inputs)
         _calibrate(observed, batches)
         return convert_fx(observed)
 
@@ -113,7 +113,7 @@ def _pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.G
     # Exported with a dynamic batch dimension, from the inputs with the largest batch (export fixes a batch of 1).
     sample = max([example_inputs, *batches], key=lambda b: b[0].shape[0] if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 0)
     batch = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None for x in sample)
-    exported = torch.export.export(copy.deepcopy(model), sample, dynamic_shapes=batch).module()
+    exported = torch.export.export(owned_copy(model), sample, dynamic_shapes=batch).module()
     quantizer = quantizer_class().set_global(default_config())
     observed = prepare_pt2e(exported, quantizer)
     _calibrate(observed, batches)
