@@ -93,7 +93,7 @@ MODELS = [
     ModelCase("dense block C=16..32 28x28", DenseBlock, (16, 28, 28)),
 ]
 KERNELS = [(1, 8, 4, 4), (1, 8, 56, 56), (16, 8, 56, 56), (32, 16, 28, 28), (32, 64, 28, 28), (32, 256, 14, 14),
-           (8, 16, 8, 28, 28)]  # KERNEL_FACTS.md's shapes, and a tiny one that shows the per-call cost
+           (8, 16, 8, 28, 28)]  # the shapes of ../shared/KERNEL_FACTS.md, and a tiny one that shows the per-call cost
 QUICK_KERNELS = [(1, 8, 4, 4), (16, 8, 56, 56), (32, 64, 28, 28), (32, 256, 14, 14)]
 BOUNDARY_SHAPES = [(16, 8, 56, 56), (32, 64, 28, 28)]
 BATCHES = (1, 32)

@@ -49,7 +49,7 @@ def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float],
     median over rounds of last / second variant (a ratio within each round: drift cancels)."""
     times: list[list[float]] = [[] for _ in variants]
     with torch.no_grad():
-        for model in variants:  # warm-up (the fused kernels compile on first use)
+        for model in variants:  # warm-up
             for _ in range(5):
                 model(*x)
         for _ in range(repeats):
