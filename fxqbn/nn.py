@@ -45,7 +45,29 @@ def check_shape(who: str, x: torch.Tensor, dim: int, num_features: int) -> None:
 
 def _float32_copy(t: torch.Tensor) -> torch.Tensor:
     """A fresh contiguous float32 tensor (expanded or strided statistics are materialised)."""
-    return t.detach().to(dtype=torch.float32, copy=True).contiguous()
+    return t.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _module_state() -> dict[str, Any] | None:
+    """What ``nn.Module.__init__`` puts in a module's ``__dict__``, when it is only flags and empty
+    containers (copied afresh for each new module); None otherwise (then ``__init__`` runs)."""
+    state = vars(nn.Module())
+    plain = all(v is None or isinstance(v, (bool, dict, set, list)) for v in state.values())
+    return state if plain and not any(state.get(k) for k in ("_parameters", "_buffers", "_modules")) else None
+
+
+_MODULE_STATE = _module_state()
+
+
+def _bare(cls: type) -> Any:
+    """A ``cls`` instance in the state ``nn.Module.__init__`` leaves, without running ``cls.__init__``:
+    convert makes thousands, and ``__init__``'s ``super().__setattr__`` calls cost more than the rest."""
+    module = cls.__new__(cls)
+    if _MODULE_STATE is None:
+        nn.Module.__init__(module)
+    else:
+        module.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in _MODULE_STATE.items()})
+    return module
 
 
 def _first_bad(values: torch.Tensor, bad: torch.Tensor) -> str:
@@ -93,22 +115,15 @@ def check_statistics(
         )
 
 
-def check_many(items: list[tuple[str, Any]]) -> None:
-    """``check_statistics`` for many BNs ((name, tensors with running_mean, running_var, weight, bias,
-    eps) pairs) in a few vectorised reductions; the first offender is named as ``check_statistics`` names it."""
-    _checked_flat(items)
-
-
 def own_many(items: list[tuple[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """``check_many``, then every BN's (running_mean, running_var, weight, bias) as fresh contiguous
-    float32 copies nobody else holds (what a quantized BN stores), made together: a few tensor
-    operations for all BNs instead of several per BN."""
-    found = _checked_flat(items)
-    if found is None:  # the uncommon layouts: one BN at a time
-        return [tuple(None if t is None else _float32_copy(t) for t in _affine_tensors(b)) for _, b in items]  # type: ignore[misc]
-    flat, sizes, layout = found
-    pieces = iter([piece.clone() for piece in flat.split(sizes)])
-    return [tuple(next(pieces) if present else None for present in bn) for bn in layout]  # type: ignore[misc]
+    float32 copies nobody else holds (what a quantized BN stores), one tensor operation each."""
+    check_many(items)
+    with torch.no_grad():  # a copy of a Parameter would otherwise record autograd history
+        return [
+            tuple(None if t is None else t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True) for t in _affine_tensors(b))
+            for _, b in items
+        ]  # type: ignore[misc]
 
 
 def _affine_tensors(b: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -117,26 +132,13 @@ def _affine_tensors(b: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return b.running_mean, b.running_var, weight, b.bias
 
 
-_Flat = tuple[torch.Tensor, list[int], list[tuple[bool, bool, bool, bool]]]  # tensors, their sizes, which each BN has
-
-
-def _checked_flat(items: list[tuple[str, Any]]) -> _Flat | None:
-    """All BNs' tensors (``_affine_tensors`` order) in one float32 tensor, checked; None when some BN's
-    layout is not the common one (1-d tensors of one length, on one device), after checking BN by BN.
-    Raises FxqbnError naming the first offender, as ``check_statistics``."""
-    tensors, sizes, layout, channels, eps = [], [], [], [], []
-    for _, b in items:
-        four = _affine_tensors(b)
-        n = b.running_mean.numel()
-        if not (isinstance(b.eps, (int, float)) and b.eps >= 0) or any(t is not None and (t.dim() != 1 or t.numel() != n) for t in four):
-            break
-        present = tuple(t is not None for t in four)
-        tensors.extend(t for t in four if t is not None)
-        sizes.extend([n] * sum(present))
-        layout.append(present)
-        channels.append(n)
-        eps.append(float(b.eps))
-    else:
+def check_many(items: list[tuple[str, Any]]) -> None:
+    """``check_statistics`` for many BNs ((name, tensors with running_mean, running_var, weight, bias,
+    eps) pairs): in one float32 concatenation when every BN's layout is the common one (1-d tensors
+    of one length, on one device), else BN by BN; the first offender is named as ``check_statistics`` names it."""
+    layout = _common_layout(items)
+    if layout is not None:
+        tensors, channels, eps = layout
         try:
             with torch.no_grad():
                 flat = torch.cat(tensors).to(torch.float32) if tensors else torch.zeros(0)
@@ -146,10 +148,28 @@ def _checked_flat(items: list[tuple[str, Any]]) -> _Flat | None:
         if flat is not None:
             var_eps = var + torch.repeat_interleave(torch.tensor(eps, dtype=torch.float32), torch.tensor(channels, dtype=torch.long))
             if bool(torch.isfinite(flat).all()) and bool((var >= 0).all()) and bool((var_eps > 0).all()):
-                return flat, sizes, layout
+                return
     for name, b in items:
         check_statistics(name, b.running_mean, b.running_var, b.weight, b.bias, b.eps)
-    return None
+
+
+def _common_layout(items: list[tuple[str, Any]]) -> tuple[list[torch.Tensor], list[int], list[float]] | None:
+    """(every BN's tensors in order, channels, eps) when every tensor is 1-d with its BN's channel
+    count and every eps a number >= 0; None otherwise."""
+    tensors: list[torch.Tensor] = []
+    channels, eps = [], []
+    for _, b in items:
+        if not (isinstance(b.eps, (int, float)) and b.eps >= 0):
+            return None
+        n = b.running_mean.numel()
+        for t in (b.running_mean, b.running_var, b.weight, b.bias):
+            if t is not None:
+                if t.dim() != 1 or t.numel() != n:
+                    return None
+                tensors.append(t)
+        channels.append(n)
+        eps.append(float(b.eps))
+    return tensors, channels, eps
 
 
 class _QuantizedBatchNorm(nn.Module):
@@ -199,8 +219,8 @@ class _QuantizedBatchNorm(nn.Module):
         self._parameters.update(params)
         self._buffers.update(
             _unit_weight=unit_weight, _zero_bias=zero_bias, running_mean=running_mean, running_var=running_var,
-            scale=torch.full((), float(scale), dtype=torch.float64, device=device),
-            zero_point=torch.full((), int(zero_point), dtype=torch.int64, device=device),
+            scale=torch.scalar_tensor(float(scale), dtype=torch.float64, device=device),
+            zero_point=torch.scalar_tensor(int(zero_point), dtype=torch.int64, device=device),
         )
         self._non_persistent_buffers_set.update(("_unit_weight", "_zero_bias"))
         self.__dict__.update(
@@ -312,8 +332,7 @@ class _QuantizedBatchNorm(nn.Module):
             running_mean, running_var = _float32_copy(running_mean), _float32_copy(running_var)
             weight = None if weight is None else _float32_copy(weight)
             bias = None if bias is None else _float32_copy(bias)
-        qbn = cls.__new__(cls)
-        nn.Module.__init__(qbn)
+        qbn = _bare(cls)
         qbn._setup(running_mean, running_var, weight, bias, eps, momentum, qparams.scale, qparams.zero_point)
         qbn._set_clamp(clamp)
         return qbn
@@ -411,7 +430,15 @@ class Quantize(nn.Module):
 
     @classmethod
     def from_qparams(cls, qparams: QParams) -> "Quantize":
-        return cls(qparams.scale, qparams.zero_point, qparams.dtype)
+        """The boundary for ``qparams`` (valid already: a QParams checks itself), built without
+        ``__init__``'s ``nn.Module.__setattr__`` calls: convert builds hundreds."""
+        q = _bare(cls)
+        q._buffers.update(
+            scale=torch.scalar_tensor(float(qparams.scale), dtype=torch.float64),
+            zero_point=torch.scalar_tensor(int(qparams.zero_point), dtype=torch.int64),
+        )
+        q.__dict__.update(dtype=qparams.dtype, _scale=float(qparams.scale), _zero_point=int(qparams.zero_point))
+        return q
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -112,15 +112,15 @@ def _min_max_key(observer: torch.nn.Module) -> tuple | None:
     buffers = observer._buffers  # nn.Module.__getattr__ per buffer costs more than the formula
     if buffers["min_val"].numel() != 1 or buffers["max_val"].numel() != 1 or observer.dtype not in DTYPE_RANGES:
         return None
-    return (observer.qscheme, observer.dtype, observer.quant_min, observer.quant_max,
-            observer.has_customized_qrange, float(buffers["eps"]))
+    if buffers["eps"].numel() != 1:
+        return None
+    return (observer.qscheme, observer.dtype, observer.quant_min, observer.quant_max, observer.has_customized_qrange)
 
 
-def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor, eps_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.ao's ``UniformQuantizationObserverBase._calculate_qparams`` for per-tensor schemes, on
-    stacked ranges: the same float32 operations element by element, so the same bits."""
-    qscheme, dtype, quant_min, quant_max, customized, eps = key
-    eps_t = torch.tensor([eps], dtype=torch.float32)
+    stacked ranges (and each observer's eps): the same float32 operations element by element, so the same bits."""
+    qscheme, dtype, quant_min, quant_max, customized = key
     min_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_pos = torch.max(max_val, torch.zeros_like(max_val))
     if qscheme == torch.per_tensor_symmetric:
@@ -157,11 +157,15 @@ def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | 
     return {name: result[name] for name in observers}
 
 
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as a 0-d one (one tensor operation fewer when it is one already)."""
+    return t if t.dim() == 0 else t.reshape(())
+
+
 def _read_group(key: tuple, observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
     """One configuration's MinMax-style observers (one range element each), read at once."""
-    lows = torch.stack([observer._buffers["min_val"].reshape(()) for observer in observers.values()])
-    highs = torch.stack([observer._buffers["max_val"].reshape(()) for observer in observers.values()])
-    scales, zero_points = _min_max_qparams(key, lows, highs)
+    lows, highs, eps = (torch.stack([_scalar(observer._buffers[b]) for observer in observers.values()]) for b in ("min_val", "max_val", "eps"))
+    scales, zero_points = _min_max_qparams(key, lows, highs, eps.to(torch.float32))
     result: dict[str, Observation | FxqbnError | None] = {}
     rows = zip(observers.items(), lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist())
     for (name, observer), lo, hi, scale, zero_point in rows:

@@ -8,7 +8,7 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -136,12 +136,28 @@ def build_graph_module(
             target = str(node.target)
             attrs[target] = extra[target] if target in extra else index.attr(target)
     gm = fx.GraphModule(attrs, graph, class_name or type(root).__name__)
-    for name, module in gm.named_modules():  # the new containers (and new modules) take root's flags
-        try:
-            module.training = index.module(name).training
-        except AttributeError:
-            module.training = root.training  # a new module at a new name
+    _copy_training_flags(gm, root, index, (t for t, value in attrs.items() if t in extra and isinstance(value, nn.Module)))
     return gm
+
+
+def _copy_training_flags(gm: fx.GraphModule, root: nn.Module, index: ModuleIndex, new: Iterable[str]) -> None:
+    """The modules ``gm`` made (itself, the containers above its targets) and the ``new`` ones take the
+    training flag of ``root``'s module at the same name, or ``root``'s; the leaves it shares with
+    ``root`` have theirs already."""
+    made = {""} | {name.rsplit(".", k)[0] for node in gm.graph.nodes if node.op in ("call_module", "get_attr")
+                   for name in (str(node.target),) for k in range(1, name.count(".") + 1)}
+    ours = ModuleIndex(gm)
+    for name in (*made, *new):
+        try:
+            flag = index.module(name).training
+        except AttributeError:
+            flag = root.training  # a new module at a new name
+        module = ours.module(name)
+        if module.training != flag:
+            if "training" in module.__dict__:  # a plain attribute: nn.Module.__setattr__'s checks are not needed
+                module.__dict__["training"] = flag
+            else:
+                module.training = flag
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -7,6 +7,7 @@ at every dotted step; on graphs with thousands of targets that walk cost more th
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -41,8 +42,7 @@ class ModuleIndex:
             owner = self.module(parent)
         except AttributeError:
             owner = None
-        plain = owner is not None and type(owner).__getattr__ is nn.Module.__getattr__
-        if plain and not hasattr(type(owner), leaf) and leaf not in owner.__dict__:
+        if owner is not None and _tables_answer(type(owner), leaf) and leaf not in owner.__dict__:
             for table in (owner._parameters, owner._buffers, owner._modules):  # nn.Module.__getattr__'s order
                 if leaf in table:
                     return table[leaf]
@@ -64,3 +64,11 @@ class ModuleIndex:
             return hasattr(owner, leaf)
         tables = (owner.__dict__, owner._parameters, owner._buffers, owner._modules)
         return any(leaf in table for table in tables) or hasattr(type(owner), leaf)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tables_answer(cls: type, leaf: str) -> bool:
+    """Whether ``getattr(module, leaf)`` on a ``cls`` instance (``leaf`` not in its ``__dict__``) is
+    answered by ``nn.Module.__getattr__`` from the module's tables: no class attribute or own
+    ``__getattr__`` comes first."""
+    return cls.__getattr__ is nn.Module.__getattr__ and not hasattr(cls, leaf)

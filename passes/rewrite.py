@@ -25,7 +25,6 @@ replacement and boundary modules; the default is the native one above.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -80,15 +79,14 @@ def bn_tensors(root: nn.Module, match: Match, index: ModuleIndex | None = None) 
     """The BN's tensors, from the attribute targets its normalised record names (module or functional);
     ``index``: ``root``'s modules, when the caller has it (one lookup per tensor instead of a walk)."""
     index = index or ModuleIndex(root)
-
-    def tensor(target: str | None) -> torch.Tensor | None:
-        return None if target is None else index.attr(target)
-
-    b, eps, momentum = match.bn, match.bn.eps, match.momentum
-    if match.bn_module is not None:  # a module's constants as they are now, not as at prepare
-        module = index.module(match.bn_module)
-        eps, momentum = module.eps, module.momentum
-    return BnTensors(tensor(b.running_mean), tensor(b.running_var), tensor(b.weight), tensor(b.bias), eps, momentum)
+    b = match.bn
+    mean, var = index.attr(b.running_mean), index.attr(b.running_var)
+    weight = None if b.weight is None else index.attr(b.weight)
+    bias = None if b.bias is None else index.attr(b.bias)
+    if match.bn_module is None:
+        return BnTensors(mean, var, weight, bias, b.eps, match.momentum)
+    module = index.module(match.bn_module)  # a module's constants as they are now, not as at prepare
+    return BnTensors(mean, var, weight, bias, module.eps, module.momentum)
 
 
 class _NewModules:
@@ -208,7 +206,7 @@ def build_replacements(
     owned = own_many([(p.match.module, t) for p, t in zip(patterns, tensors)])  # checked float32 copies
     return [
         backend.module_for(
-            p.match.rule, dataclasses.replace(t, running_mean=mean, running_var=var, weight=weight, bias=bias),
+            p.match.rule, BnTensors(mean, var, weight, bias, t.eps, t.momentum),
             readings[p.input_observer].qparams, readings[p.output_observer].qparams, p.match.module, checked=True,
         )
         for p, t, (mean, var, weight, bias) in zip(patterns, tensors, owned)
