@@ -157,14 +157,19 @@ def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | 
     return {name: result[name] for name in observers}
 
 
-def _scalar(t: torch.Tensor) -> torch.Tensor:
-    """A one-element tensor as a 0-d one (one tensor operation fewer when it is one already)."""
-    return t if t.dim() == 0 else t.reshape(())
+def _one_each(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One-element tensors (0-d or 1-d) as one 1-d tensor, in one tensor operation when their ranks agree."""
+    ranks = {t.dim() for t in tensors}
+    if ranks == {0}:
+        return torch.stack(tensors)
+    if ranks == {1}:
+        return torch.cat(tensors)
+    return torch.stack([t.reshape(()) for t in tensors])
 
 
 def _read_group(key: tuple, observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
     """One configuration's MinMax-style observers (one range element each), read at once."""
-    lows, highs, eps = (torch.stack([_scalar(observer._buffers[b]) for observer in observers.values()]) for b in ("min_val", "max_val", "eps"))
+    lows, highs, eps = (_one_each([observer._buffers[b] for observer in observers.values()]) for b in ("min_val", "max_val", "eps"))
     scales, zero_points = _min_max_qparams(key, lows, highs, eps.to(torch.float32))
     result: dict[str, Observation | FxqbnError | None] = {}
     rows = zip(observers.items(), lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist())
