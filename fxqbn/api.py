@@ -35,7 +35,7 @@ from .errors import FxqbnError
 from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary
-from .state import PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached, detach
+from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .tracing import build_graph_module, owned_copy, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
@@ -164,7 +164,7 @@ def _convert(observed: fx.GraphModule, inplace: bool, chosen: Backend) -> tuple[
     graph, converted, new_modules = rewrite_patterns(observed.graph, observed, state.patterns, readings, chosen, state.dropped, index)
     gm = _install(observed, graph, new_modules, inplace, index)
     detach(gm, PREPARED_KEY)
-    attach(gm, REWRITES_KEY, converted.rewrites)
+    attach(gm, CONVERTED_KEY, converted)
     return gm, state, converted
 
 

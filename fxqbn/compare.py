@@ -23,7 +23,7 @@ from .api import get_report
 from .backends import BACKENDS
 from .errors import FxqbnError
 from .report import Report
-from .state import LOWERED_KEY, PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
+from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 from .tracing import owned_copy, trace
 
 __all__ = ["compare", "sqnr_db", "tensors_in"]
@@ -102,7 +102,7 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
     report = get_report(quantized)
     if attached(quantized, LOWERED_KEY) is not None:
         raise FxqbnError("fxqbn.compare takes models from fxqbn.convert; a lowered model's report has no BN-only pipelines to compare")
-    rewrites: tuple[Rewrite, ...] = attached(quantized, REWRITES_KEY)
+    rewrites: tuple[Rewrite, ...] = attached(quantized, CONVERTED_KEY).rewrites
     float_gm = _float_graph(reference)
     prepared: Prepared | None = attached(float_gm, PREPARED_KEY)
     bypass = {name for p in (prepared.patterns if prepared else ()) for name in (p.input_observer, p.output_observer)}

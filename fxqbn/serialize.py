@@ -37,11 +37,10 @@ from torch.ao.quantization import QConfigMapping
 from .api import convert, get_report, prepare_owned, refuse_fxqbn_output
 from .errors import FxqbnError
 from .backends import BACKENDS
-from .passes.rewrite import DEQUANTIZE_PREFIX, QUANTIZE_PREFIX
 from .qparams import DTYPE_RANGES, QParams
 from .report import Report
 from .tracing import owned_copy
-from .state import LOWERED_KEY, PREPARED_KEY, REPORT_KEY, REWRITES_KEY, attach, attached
+from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]
 
@@ -90,7 +89,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
 
     Load it with ``fxqbn.load(path, float_model)``, or read it with ``torch.load(path, weights_only=True)``.
     """
-    if attached(quantized, REPORT_KEY) is None:
+    if attached(quantized, REPORT_KEY) is None or attached(quantized, CONVERTED_KEY) is None and attached(quantized, LOWERED_KEY) is None:
         raise FxqbnError(
             f"fxqbn.save expects the GraphModule returned by fxqbn.convert, got {type(quantized).__name__}"
         )
@@ -111,7 +110,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
         "graph": graph_structure(quantized),
         "report": report.to_dict(),
         "convert_seconds": report.summary.convert_seconds,  # the one field to_dict leaves out
-        "backend": next((rw.backend for rw in attached(quantized, REWRITES_KEY) or ()), "native"),
+        "backend": next((rw.backend for rw in attached(quantized, CONVERTED_KEY).rewrites), "native"),
     }
     torch.save(payload, path)
 
@@ -353,7 +352,7 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 def _rebuild_from_file(quantized: fx.GraphModule, backend: str, where: str) -> None:
     """Replace each quantized BN (holding the file's tensors) with one built afresh from them and
     the pattern record's qparams: the checks ``convert`` makes, made on what the file holds."""
-    for rewrite in attached(quantized, REWRITES_KEY):
+    for rewrite in attached(quantized, CONVERTED_KEY).rewrites:
         match = rewrite.observed.match
         loaded = quantized.get_submodule(rewrite.qmodule)
         try:
@@ -364,7 +363,7 @@ def _rebuild_from_file(quantized: fx.GraphModule, backend: str, where: str) -> N
         _set_module(quantized, rewrite.qmodule, rebuilt)
 
 
-def _load_state(quantized: fx.GraphModule, observed: fx.GraphModule, state: dict[str, torch.Tensor], where: str, backend: str) -> None:
+def _load_state(quantized: fx.GraphModule, state: dict[str, torch.Tensor], where: str, backend: str) -> None:
     """Load the file's tensors; keep what the pattern records define (boundaries, qparams) and
     refuse, naming the tensor, a file whose tensors disagree with its records."""
     ours = quantized.state_dict()
@@ -378,10 +377,10 @@ def _load_state(quantized: fx.GraphModule, observed: fx.GraphModule, state: dict
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FxqbnError(f"the model's tensors do not match {where}: {'; '.join(problems[:3])}{more}")
+    converted = attached(quantized, CONVERTED_KEY)
+    boundary_nodes = {*converted.quantize_nodes, *converted.dequantize_nodes}
     boundaries = {  # built from the pattern records alone: what the file says of them must agree
-        node.target: copy.deepcopy(quantized.get_submodule(node.target))
-        for node in quantized.graph.nodes
-        if node.op == "call_module" and str(node.target).startswith((QUANTIZE_PREFIX, DEQUANTIZE_PREFIX)) and not hasattr(observed, node.target)
+        node.target: copy.deepcopy(quantized.get_submodule(node.target)) for node in quantized.graph.nodes if node.name in boundary_nodes
     }
     quantized.load_state_dict(state, strict=True)
     _rebuild_from_file(quantized, backend, where)
@@ -431,7 +430,7 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     backend = payload.get("backend", "native")
     quantized = convert(observed, backend=backend)
     _check_structure(quantized, payload, where)
-    _load_state(quantized, observed, payload["state_dict"], where, backend)
+    _load_state(quantized, payload["state_dict"], where, backend)
     training = set(payload["training"])
     for name, module in quantized.named_modules():
         module.training = name in training

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["PREPARED_KEY", "REPORT_KEY", "REWRITES_KEY", "LOWERED_KEY", "attach", "attached", "detach"]
+__all__ = ["PREPARED_KEY", "REPORT_KEY", "CONVERTED_KEY", "LOWERED_KEY", "attach", "attached", "detach"]
 
 PREPARED_KEY = "fxqbn_prepared"  # passes.Prepared: what convert needs from prepare
 REPORT_KEY = "fxqbn_report"  # report.Report of a converted module
-REWRITES_KEY = "fxqbn_rewrites"  # tuple of passes.Rewrite of a converted module
+CONVERTED_KEY = "fxqbn_converted"  # passes.Converted of a converted module: its rewrites and boundary nodes
 LOWERED_KEY = "fxqbn_lowered"  # tuple of passes.lower.LowerMatch of a module fxqbn.lower returned
 
 

@@ -205,3 +205,48 @@ def test_stored_qparams_observer_returns_exactly_what_it_was_given():
     scale, zero_point = observer.calculate_qparams()
     assert scale.item() == 0.1 + 1e-12 and zero_point.item() == -3
     assert torch.equal(observer(torch.ones(2)), torch.ones(2))
+
+
+class _NamedLikeABoundary(nn.Module):
+    """A user module whose name looks like one of fxqbn's boundaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fxqbn_quantize_0 = nn.Conv2d(3, 3, 1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.fxqbn_dequantize_0 = nn.Conv2d(3, 3, 1)
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn2(self.fxqbn_dequantize_0(self.bn1(self.fxqbn_quantize_0(x))))
+
+
+def _saved_named_like_boundaries(tmp_path, backend):
+    torch.manual_seed(0)
+    model = randomize_bn(_NamedLikeABoundary()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    observed = fxqbn.prepare(model, (x,), MinMaxObserver)
+    with torch.no_grad():
+        observed(x)
+    quantized = fxqbn.convert(observed, backend=backend)
+    path = tmp_path / "m.pt"
+    fxqbn.save(quantized, path)
+    return model, x, quantized, path
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_boundaries_are_found_by_the_conversion_record_not_by_name(tmp_path, backend):
+    model, x, quantized, path = _saved_named_like_boundaries(tmp_path, backend)
+    loaded = fxqbn.load(path, model, (x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+    assert isinstance(loaded.fxqbn_quantize_0, nn.Conv2d) and isinstance(loaded.fxqbn_dequantize_0, nn.Conv2d)
+
+
+def test_a_boundary_the_records_disagree_with_is_refused_beside_user_modules_of_such_names(tmp_path):
+    model, x, _, path = _saved_named_like_boundaries(tmp_path, "native")
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["fxqbn_quantize_1.scale"] = payload["state_dict"]["fxqbn_quantize_1.scale"] * 2
+    torch.save(payload, path)
+    with pytest.raises(fxqbn.FxqbnError, match="fxqbn_quantize_1"):
+        fxqbn.load(path, model, (x,))
