@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import Prepared, Rewrite
+from fxqbn.passes import Prepared, Rewrite, observer_users
 
 from .api import get_report
 from .backends import BACKENDS
@@ -105,7 +105,7 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
     rewrites: tuple[Rewrite, ...] = attached(quantized, CONVERTED_KEY).rewrites
     float_gm = _float_graph(reference)
     prepared: Prepared | None = attached(float_gm, PREPARED_KEY)
-    bypass = {name for p in (prepared.patterns if prepared else ()) for name in (p.input_observer, p.output_observer)}
+    bypass = set(observer_users(prepared.patterns if prepared else ()))
     ends = _pattern_ends(float_gm, rewrites)
     errors = {rw.observed.match.bn_node: _PatternError(rw, quantized) for rw in rewrites}
     model = _PatternError(None, quantized)

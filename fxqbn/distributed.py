@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import fx, nn
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import (
     FixedQParamsObserver,
     HistogramObserver,
@@ -38,7 +37,8 @@ from torch.ao.quantization.observer import (
 
 from .errors import FxqbnError
 from .passes.adopt import observer_nodes
-from .qparams import observer_has_data
+from .passes.records import observer_users
+from .qparams import observer_has_data, range_holder
 from .state import PREPARED_KEY, attached
 
 __all__ = ["MERGES", "Ranks", "Synced", "sync_observers", "rebinned_histogram", "is_launched", "join_launched", "shard"]
@@ -95,7 +95,7 @@ def _entries(observed: fx.GraphModule) -> list[_Entry]:
     modules = dict(observed.named_modules(remove_duplicate=False))
     found = observer_nodes(observed)
     state = attached(observed, PREPARED_KEY)
-    ours = {name for p in state.patterns for name in (p.input_observer, p.output_observer)} if state else set()
+    ours = observer_users(state.patterns) if state else {}
     entries, seen = [], set()
     for node in observed.graph.nodes:
         if node.name not in found and node.name not in ours:
@@ -104,20 +104,15 @@ def _entries(observed: fx.GraphModule) -> list[_Entry]:
         if id(module) in seen:
             continue
         seen.add(id(module))
-        inner = getattr(module, "activation_post_process", None) if isinstance(module, FakeQuantizeBase) else None
-        holder = inner if inner is not None else module
-        entries.append(_Entry(node.name, holder, module if inner is not None else None, _merge_of(holder)))
+        holder = range_holder(module)
+        entries.append(_Entry(node.name, holder, module if holder is not module else None, _merge_of(holder)))
     return entries
 
 
 def _bn_users(observed: fx.GraphModule) -> dict[str, list[str]]:
     """Observer node name -> the BatchNorm modules whose pattern uses it (fxqbn-prepared graphs)."""
     state = attached(observed, PREPARED_KEY)
-    users: dict[str, list[str]] = {}
-    for pattern in state.patterns if state else ():
-        for name in (pattern.input_observer, pattern.output_observer):
-            users.setdefault(name, []).append(pattern.match.module)
-    return users
+    return observer_users(state.patterns) if state else {}
 
 
 def _signature(observed: fx.GraphModule, entries: Sequence[_Entry]) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "QParams", "Observation", "DTYPE_RANGES",
-    "observer_has_data", "qparams_from_observer", "read_observer", "read_many",
+    "observer_has_data", "range_holder", "qparams_from_observer", "read_observer", "read_many",
 ]
 
 # The activation dtypes the quantized BatchNorm kernel takes, with their integer range.
@@ -47,6 +47,13 @@ class QParams:
             raise FxqbnError(f"zero point {self.zero_point} is outside [{lo}, {hi}] for {self.dtype}")
 
 
+def range_holder(observer: torch.nn.Module) -> torch.nn.Module:
+    """The module keeping the observed range: a FakeQuantize's (QAT) ``activation_post_process``,
+    else the observer itself."""
+    inner = getattr(observer, "activation_post_process", None)
+    return inner if isinstance(inner, torch.nn.Module) and inner is not observer else observer
+
+
 def observer_has_data(observer: torch.nn.Module) -> bool:
     """False when the observer keeps a running range that was never set.
 
@@ -54,9 +61,9 @@ def observer_has_data(observer: torch.nn.Module) -> bool:
     (Non-finite data leaves a range that is not of that form; its qparams are refused later.)
     A FakeQuantize (QAT) module is judged by the observer inside it.
     """
-    inner = getattr(observer, "activation_post_process", None)
-    if isinstance(inner, torch.nn.Module) and inner is not observer:
-        return observer_has_data(inner)
+    holder = range_holder(observer)
+    if holder is not observer:
+        return observer_has_data(holder)
     min_val = getattr(observer, "min_val", None)
     max_val = getattr(observer, "max_val", None)
     if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor):
@@ -90,7 +97,7 @@ class Observation:
 def read_observer(observer: torch.nn.Module) -> Observation:
     """The Observation of an observer that has seen data (pure: the observer is unchanged)."""
     qparams = qparams_from_observer(observer)
-    ranged = getattr(observer, "activation_post_process", observer)  # a FakeQuantize's observer keeps the range
+    ranged = range_holder(observer)
     lo, hi = getattr(ranged, "min_val", None), getattr(ranged, "max_val", None)
     has_range = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == hi.numel() == 1
     return Observation(

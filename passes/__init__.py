@@ -15,14 +15,14 @@ from .adopt import adopt_observers, is_torch_ao_observed
 from .match import find_patterns, needs_shapes
 from .observe import insert_observers
 from .patterns import ACTIVATIONS, RULES, Activation, Rule, activation_for, find_rule, rule_for
-from .records import Converted, Dropped, Match, Observed, Prepared, Rewrite, Skip
+from .records import Converted, Dropped, Match, Observed, Prepared, Rewrite, Skip, observer_users
 from .rewrite import build_replacements, read_observers, rewrite_patterns
 from .spellings import ACTIVATION_SPELLINGS, BN_SPELLINGS, PASSTHROUGH_SPELLINGS, BnCall
 
 __all__ = [
     "RULES", "Rule", "ACTIVATIONS", "Activation", "rule_for", "find_rule", "activation_for",
     "BN_SPELLINGS", "ACTIVATION_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall",
-    "Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted",
+    "Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted", "observer_users",
     "find_patterns", "needs_shapes", "insert_observers", "read_observers", "build_replacements", "rewrite_patterns",
     "adopt_observers", "is_torch_ao_observed",
 ]

@@ -19,7 +19,7 @@ from fxqbn.qconfig import ActivationSpec
 from fxqbn.qparams import DTYPE_RANGES
 
 from .match import find_patterns
-from .records import Dropped, Observed, Prepared, Skip
+from .records import Dropped, Observed, Prepared, Skip, observer_users
 
 __all__ = ["is_torch_ao_observed", "adopt_observers", "observer_nodes"]
 
@@ -81,7 +81,7 @@ def adopt_observers(gm: fx.GraphModule) -> Prepared:
         observer = observers[out_obs.name]
         match = replace(match, activation=ActivationSpec(factory=type(observer), dtype=observer.dtype))
         patterns.append(Observed(match, in_obs.name, out_obs.name))
-    used = {name for p in patterns for name in (p.input_observer, p.output_observer)}
+    used = observer_users(patterns)
     dropped = tuple(
         Dropped(observer=name, observed=_describe(nodes[name].args[0]))
         for name in observers

@@ -6,6 +6,7 @@ its nodes, and names are what survives.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fxqbn.qconfig import ActivationSpec
@@ -14,7 +15,7 @@ from fxqbn.qparams import Observation
 from .patterns import Rule
 from .spellings import BnCall
 
-__all__ = ["Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted"]
+__all__ = ["Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted", "observer_users"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ class Observed:
     match: Match
     input_observer: str  # name of the observer node (and submodule) on the pattern's input
     output_observer: str  # name of the observer node (and submodule) on the pattern's output
+
+
+def observer_users(patterns: Iterable[Observed]) -> dict[str, list[str]]:
+    """Each observer node the patterns read (input or output) -> the BN modules of the patterns using
+    it, in pattern order (an output observer is the next pattern's input observer too)."""
+    users: dict[str, list[str]] = {}
+    for pattern in patterns:
+        for name in (pattern.input_observer, pattern.output_observer):
+            users.setdefault(name, []).append(pattern.match.module)
+    return users
 
 
 @dataclass(frozen=True)

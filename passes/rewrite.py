@@ -36,7 +36,7 @@ from fxqbn.nn import own_many
 from fxqbn.qparams import Observation, read_many
 
 from .modules import ModuleIndex
-from .records import Converted, Dropped, Match, Observed, Rewrite
+from .records import Converted, Dropped, Match, Observed, Rewrite, observer_users
 
 __all__ = ["read_observers", "bn_tensors", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
 
@@ -53,10 +53,7 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed], index: Modu
     """
     index = index or ModuleIndex(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
-    users: dict[str, list[str]] = {}
-    for pattern in patterns:
-        for name in (pattern.input_observer, pattern.output_observer):
-            users.setdefault(name, []).append(pattern.match.module)
+    users = observer_users(patterns)
     observers = {name: index.module(str(nodes[name].target)) for name in users}
     readings = read_many(observers)
     idle = [name for name, reading in readings.items() if reading is None]
