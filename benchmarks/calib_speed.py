@@ -19,15 +19,14 @@ import warnings
 import torch
 import torch.distributed as dist
 from tabulate import tabulate
-from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 import fxqbn
 from gloo_ranks import run_on_ranks  # benchmarks/gloo_ranks.py, beside this script
 from fxqbn import distributed
+from fxqbn.command import OBSERVERS  # the observers `fxqbn convert --observer` offers
 from fxqbn.models import densenet_bc
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
-OBSERVERS = {"histogram": HistogramObserver, "minmax": MinMaxObserver}
 WORLD = 2
 
 

@@ -23,6 +23,7 @@ from tabulate import tabulate
 from torch.ao.quantization import HistogramObserver, MovingAverageMinMaxObserver
 
 import fxqbn
+from fxqbn.distributed import Ranks, shard
 from gloo_ranks import run_on_ranks  # benchmarks/gloo_ranks.py, beside this script
 from fxqbn.models import densenet_bc
 from fxqbn.qparams import qparams_from_observer
@@ -56,10 +57,11 @@ def _batches(example: torch.Tensor, data: str, n: int) -> list[torch.Tensor]:
 
 
 def _mine(batches: list, data: str, rank: int, world: int) -> list:
+    """Rank's batches: fxqbn.shard's for iid data; for non-iid, one contiguous block per rank (each rank sees other data)."""
     if data == "non-iid":
         per = -(-len(batches) // world)
         return batches[rank * per:(rank + 1) * per]
-    return batches[rank::world]
+    return shard(batches, Ranks(rank, world, "gloo"))
 
 
 def _qparams(model_name: str, data: str, n: int, observer: str, rank: int | None, world: int, reorder: bool = False) -> dict:
