@@ -11,7 +11,6 @@ match (``passes.lower``), plan (which kernel, which clamp), rewrite (``passes.lo
 from __future__ import annotations
 
 import copy
-import operator
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,8 +22,9 @@ from fxqbn.passes.lower import LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
 from fxqbn.passes.records import Skip
+from fxqbn.passes.rewrite import bn_tensors
 
-from .backends import FUSED, NATIVE, Backend, BnTensors, backend_named
+from .backends import FUSED, NATIVE, Backend, backend_named
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .qparams import DTYPE_RANGES
@@ -74,16 +74,8 @@ def _kernel_clamp(m: LowerMatch) -> tuple[bool, tuple[int, int] | None]:
     return relu, (None if m.codes == own else m.codes)
 
 
-def _tensors(gm: fx.GraphModule, m: LowerMatch) -> BnTensors:
-    def get(target: str | None):
-        return None if target is None else operator.attrgetter(target)(gm)
-
-    b = m.bn
-    return BnTensors(get(b.running_mean), get(b.running_var), get(b.weight), get(b.bias), b.eps, None)
-
-
 def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp) -> nn.Module:
-    tensors, qin = _tensors(gm, m), m.input_qparams or m.output_qparams
+    tensors, qin = bn_tensors(gm, m), m.input_qparams or m.output_qparams
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
     kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
     kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)

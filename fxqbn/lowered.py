@@ -14,15 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxqbn.passes.patterns import RANK_TO_DIM
+
 from . import qops
 from .errors import FxqbnError
-from .nn import RANKS
+from .fused_io import integer_dtype
 from .qparams import QParams
 
 __all__ = ["LoweredBatchNorm", "ByRank"]
-
-_RANK_TO_DIM = {rank: dim for dim, ranks in RANKS.items() for rank in ranks}
-_CODES = {torch.quint8: torch.uint8, torch.qint8: torch.int8}  # quantized dtype -> the dtype of its plain codes
 
 
 class ByRank(nn.Module):
@@ -33,7 +32,7 @@ class ByRank(nn.Module):
         self.kernels = nn.ModuleDict({str(dim): kernel for dim, kernel in kernels.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = _RANK_TO_DIM.get(x.dim())
+        dim = RANK_TO_DIM.get(x.dim())
         if dim is None:
             raise FxqbnError(f"int8 BatchNorm expects an input of 2 to 5 dims, got shape {tuple(x.shape)}")
         return self.kernels[str(dim)](x)
@@ -59,8 +58,8 @@ class LoweredBatchNorm(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         q = self.input_qparams or self.output_qparams
-        if self.graph_codes and x.dtype != _CODES[q.dtype]:
-            raise FxqbnError(f"{self._get_name()} expects {_CODES[q.dtype]} codes, got {x.dtype}")
+        if self.graph_codes and x.dtype != integer_dtype(q.dtype):
+            raise FxqbnError(f"{self._get_name()} expects {integer_dtype(q.dtype)} codes, got {x.dtype}")
         if not self.graph_codes and (not x.is_quantized or x.dtype != self.output_qparams.dtype):
             raise FxqbnError(f"{self._get_name()} expects a {self.output_qparams.dtype} quantized tensor, got {x.dtype}")
         if not self.graph_codes and self.kernel_codes and (x.q_scale(), x.q_zero_point()) != (q.scale, q.zero_point):
