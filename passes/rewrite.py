@@ -36,6 +36,7 @@ from fxqbn.errors import FxqbnError
 from fxqbn.nn import check_many
 from fxqbn.qparams import Observation, observer_has_data, read_many
 
+from .new_modules import NewModules as _NewModules
 from .records import Converted, Dropped, Match, Observed, Rewrite
 
 __all__ = ["read_observers", "bn_tensors", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
@@ -84,44 +85,6 @@ def bn_tensors(root: nn.Module, match: Match) -> BnTensors:
         module = root.get_submodule(match.bn_module)
         eps, momentum = module.eps, module.momentum
     return BnTensors(tensor(b.running_mean), tensor(b.running_var), tensor(b.weight), tensor(b.bias), eps, momentum)
-
-
-class _NewModules:
-    """Targets for the modules a rewrite adds, unique against ``root``'s attributes and each other."""
-
-    def __init__(self, root: nn.Module) -> None:
-        self.root = root
-        self.modules: dict[str, nn.Module] = {}
-        self._next: dict[str, int] = {}
-
-    def _free(self, name: str) -> bool:
-        if name in self.modules:
-            return False
-        try:
-            operator.attrgetter(name)(self.root)
-        except AttributeError:
-            return True
-        return False
-
-    def add(self, prefix: str, module: nn.Module) -> str:
-        """Under the first free ``prefix<k>``."""
-        k = self._next.get(prefix, 0)
-        while not self._free(f"{prefix}{k}"):
-            k += 1
-        self._next[prefix] = k + 1
-        self.modules[f"{prefix}{k}"] = module
-        return f"{prefix}{k}"
-
-    def replace(self, match: Match, module: nn.Module) -> str:
-        """Where the float BN module was (a BN called twice: a fresh name beside it); an
-        F.batch_norm's replacement at the root, named after its node."""
-        name = match.module if match.bn_module is not None else f"fxqbn_{match.bn_node}"
-        target, k = name, 0
-        while target in self.modules or (k and not self._free(target)):
-            k += 1
-            target = f"{name}_{k}"
-        self.modules[target] = module
-        return target
 
 
 class _Roles:
