@@ -24,10 +24,10 @@ from fxqbn.passes.patterns import rule_for
 from fxqbn.passes.records import Skip
 from fxqbn.passes.rewrite import bn_tensors
 
-from .backends import FUSED, NATIVE, Backend, backend_named
+from .backends import FUSED, NATIVE, Backend, Kernel, backend_named
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
-from .qparams import DTYPE_RANGES
+from .qparams import DTYPE_RANGES, QParams
 from .report import Report, ReportRow, ReportSummary
 from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
@@ -74,15 +74,25 @@ def _kernel_clamp(m: LowerMatch) -> tuple[bool, tuple[int, int] | None]:
     return relu, (None if m.codes == own else m.codes)
 
 
-def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp) -> nn.Module:
-    tensors, qin = bn_tensors(gm, m), m.input_qparams or m.output_qparams
+def _code_values(codes: tuple[int, int], qout: QParams) -> tuple[float, float]:
+    """The float values of two output codes: each quantizes back to its code, so a clamp to them (the
+    native kernel's quantized clamp, or the fused kernel's bounds, ``qops.clamp_bounds``) keeps exactly
+    the codes between."""
+    return tuple((code - qout.zero_point) * qout.scale for code in codes)  # type: ignore[return-value]
+
+
+def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> nn.Module:
+    """The int8 BN of one match: the backend's kernel (``clamp``, output codes, inside it, as for the
+    backend's own BN+activation modules), wrapped when the graph holds the other kind of tensor."""
+    tensors, qin, qout = bn_tensors(gm, m), m.input_qparams or m.output_qparams, m.output_qparams
+    kernel, bounds = Kernel(relu=relu, clamp=clamp is not None), None if clamp is None else _code_values(clamp, qout)
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
-    kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
-    kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)
+    kernels = {d: backend.build(d, kernel, tensors, qin, qout, bounds, m.bn.owner or m.bn.node) for d in dims}
+    module = kernels[m.dim] if m.dim is not None else ByRank(kernels)
     codes = m.route == "pt2e"
-    if clamp is None and backend is FUSED and codes:
-        return kernel  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
-    return LoweredBatchNorm(kernel, backend is FUSED, codes, clamp, m.input_qparams, m.output_qparams)
+    if backend is FUSED and codes:
+        return module  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
+    return LoweredBatchNorm(module, backend is FUSED, codes, m.input_qparams, qout)
 
 
 def _op(m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> str:

@@ -3,9 +3,9 @@
 ``LoweredBatchNorm`` wraps one BN kernel (``fxqbn.nn``'s native module or ``fxqbn.fused``'s) so that it
 takes and returns what the graph holds at that point: quantized tensors in torch.ao graphs, plain
 uint8/int8 codes in PT2E graphs, converting at its edges when the kernel works on the other kind.
-Its output is clamped to the codes the float graph's activation (ReLU6, clamp) and quantize allowed.
-(Where nothing needs converting or clamping, in PT2E graphs with the fused kernel, ``fxqbn.lower``
-installs the kernel itself.)
+The kernel itself clamps its output to the codes the float graph's activation (ReLU6, clamp) and
+quantize allowed. (Where nothing needs converting, in PT2E graphs with the fused kernel,
+``fxqbn.lower`` installs the kernel itself.)
 ``ByRank`` picks a kernel by the input's rank, for BNs whose rank the graph does not say.
 """
 
@@ -44,17 +44,16 @@ class LoweredBatchNorm(nn.Module):
     kernel: the BN module; ``kernel_codes`` True when it works on plain codes (fused), False on
         quantized tensors (native).
     graph_codes: True when the graph holds plain codes here (PT2E), False quantized tensors (torch.ao).
-    clamp: (lo, hi) output codes beyond the kernel's own range (ReLU6, clamp); None: none.
     input_qparams / output_qparams: the qparams at the edges (input None: read off a quantized input).
     """
 
-    def __init__(self, kernel: nn.Module, kernel_codes: bool, graph_codes: bool, clamp: tuple[int, int] | None,
-                 input_qparams: QParams | None, output_qparams: QParams) -> None:
+    def __init__(self, kernel: nn.Module, kernel_codes: bool, graph_codes: bool, input_qparams: QParams | None,
+                 output_qparams: QParams) -> None:
         super().__init__()
         if kernel_codes != graph_codes and input_qparams is None:
             raise FxqbnError("converting between codes and quantized tensors needs the input qparams")
         self.kernel, self.kernel_codes, self.graph_codes = kernel, kernel_codes, graph_codes
-        self.clamp, self.input_qparams, self.output_qparams = clamp, input_qparams, output_qparams
+        self.input_qparams, self.output_qparams = input_qparams, output_qparams
 
     def _check_input(self, x: torch.Tensor) -> None:
         q = self.input_qparams or self.output_qparams
@@ -75,8 +74,6 @@ class LoweredBatchNorm(nn.Module):
         elif not self.graph_codes and self.kernel_codes:
             x = qops.codes(x)
         y = self.kernel(x)
-        if self.clamp is not None:
-            y = y.clamp(self.clamp[0], self.clamp[1]) if self.kernel_codes else qops.clamp_codes(y, *self.clamp)
         if self.graph_codes and not self.kernel_codes:  # the native kernel returns channels-last: keep x's layout
             return qops.codes(y).contiguous() if x.is_contiguous() else qops.codes(y)
         if not self.graph_codes and self.kernel_codes:
@@ -87,5 +84,4 @@ class LoweredBatchNorm(nn.Module):
         return "LoweredBatchNorm"
 
     def extra_repr(self) -> str:
-        edges = "codes" if self.graph_codes else "quantized tensors"
-        return f"on {edges}" + ("" if self.clamp is None else f", clamp={self.clamp}")
+        return "on codes" if self.graph_codes else "on quantized tensors"

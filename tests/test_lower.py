@@ -20,6 +20,8 @@ from torch import fx, nn
 import fxqbn
 from fxqbn import cli
 from fxqbn.compare import sqnr_db
+from fxqbn.fused import FusedBatchNorm
+from fxqbn.lowered import ByRank
 from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
 from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
 from fxqbn.passes.spellings import passthrough_input, read_activation, read_bn
@@ -155,6 +157,32 @@ def test_pt2e_uint8_and_int8_codes_with_any_qparams(signed, s_in, s_out, z_in, z
     actual = lowered(x)
     assert actual.dtype == x.dtype
     assert (codes_of(actual) - codes_of(gm(x))).abs().max() <= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(route=st.sampled_from(ROUTES), backend=st.sampled_from(["native", "fused"]), dim=st.sampled_from([1, 2, 3]),
+       activation=st.sampled_from(["ReLU6", "hardtanh(0,6)", "clamp(-1,2)", "clamp(0,6)"]), signed=st.booleans(),
+       scale=st.floats(0.005, 0.1), zp=st.integers(0, 255), spelling=st.sampled_from(["module", "functional"]))
+def test_the_clamp_inside_the_kernel_equals_the_kernel_then_the_clamp_bit_for_bit(
+    route, backend, dim, activation, signed, scale, zp, spelling
+):
+    """The activation's code clamp runs inside the BN kernel; its codes are those of the same BN
+    lowered without the activation, clamped to the match's code range afterwards."""
+    signed = signed and route == "pt2e"  # torch.ao's graphs here hold quint8
+    shift = 128 if signed else 0
+    backend = "native" if route == "ao" else backend  # torch.ao input qparams are known at run time only
+    qin, qout = (0.05, 120 - shift), (scale, zp - shift)
+    model = Sandwich(route, dim, spelling, activation, "none", qin=qin, qout=qout, signed=signed)
+    plain = Sandwich(route, dim, spelling, "none", "none", qin=qin, qout=qout, signed=signed)
+    gm = fx.symbolic_trace(model)
+    (match,), _ = find_lowerable(gm)
+    lowered, unclamped = fxqbn.lower(gm, backend=backend), fxqbn.lower(fx.symbolic_trace(plain), backend=backend)
+    x = model.codes(SHAPES[dim])
+    assert torch.equal(codes_of(lowered(x)), codes_of(unclamped(x)).clamp(*match.codes))
+    module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
+    if backend == "fused" and route == "pt2e":  # plain codes in and out: the kernel itself, its bounds the match's
+        kernels = list(module.kernels.values()) if isinstance(module, ByRank) else [module]
+        assert all(isinstance(k, FusedBatchNorm) and k.bounds == match.codes for k in kernels)
 
 
 @pytest.mark.parametrize("route", ROUTES)
