@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxqbn.passes.lower import LowerMatch, find_lowerable, require_route
+from fxqbn.passes.lower import ROUTES, LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
 from fxqbn.passes.records import Skip
@@ -115,9 +115,10 @@ def _skip_row(s: Skip) -> ReportRow:
     return ReportRow(node=s.node, module=s.module, pattern=s.pattern, op="", status="skipped", reason=s.reason, source=s.source)
 
 
-def _report(rows: Sequence[tuple[int, ReportRow]], lowered: int, skipped: int, start: float) -> Report:
+def _report(rows: Sequence[tuple[int, ReportRow]], route: str, lowered: int, skipped: int, start: float) -> Report:
     summary = ReportSummary(
-        rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start
+        rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start,
+        lowered_into=ROUTES[route],
     )
     return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])), summary=summary)
 
@@ -153,6 +154,6 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     out.graph.lint()
     out.delete_all_unused_submodules()
     out.recompile()
-    attach(out, REPORT_KEY, _report(rows, len(matches), len(skips) + len(refused), start))
+    attach(out, REPORT_KEY, _report(rows, route, len(matches), len(skips) + len(refused), start))
     attach(out, LOWERED_KEY, tuple(matches))
     return out

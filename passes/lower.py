@@ -57,7 +57,8 @@ def _pt2e_ops() -> tuple[frozenset[object], frozenset[object]]:
     )
 
 
-ROUTES = ("ao", "pt2e")  # torch.ao convert_fx graphs (quantized tensors); torchao convert_pt2e graphs (plain codes)
+# route -> the graphs it names: torch.ao convert_fx's (quantized tensors), torchao convert_pt2e's (plain codes)
+ROUTES = {"ao": "torch.ao convert_fx", "pt2e": "torchao convert_pt2e"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class LowerMatch:
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
+            raise ValueError(f"route must be one of {tuple(ROUTES)}, got {self.route!r}")
         lo, hi = DTYPE_RANGES[self.output_qparams.dtype]
         if not lo <= self.codes[0] <= self.codes[1] <= hi:
             raise ValueError(f"code range {self.codes} outside {self.output_qparams.dtype}'s")
