@@ -6,9 +6,10 @@ Formats: ``str(report)`` is a terminal table of the columns a person reads first
 fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"`` (Markdown),
 ``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing shortened). JSON and
 CSV keep every field that means something for the report's kind (a report of ``fxqbn.lower`` has
-no observers, observed ranges, boundaries or per-BN errors: ``NOT_LOWERED``) and are deterministic for the same model, qparams and inputs (fields in
-declaration order, rows in graph order, floats as numbers, an infinite SQNR as ``null``); the
-conversion time is left out of them so that two reports can be diffed.
+no observers, observed ranges, boundaries or per-BN errors: ``NOT_LOWERED``) and are deterministic
+for the same model, qparams and inputs (fields in declaration order, rows in graph order, floats as
+numbers, an infinite SQNR as ``null``); the conversion time is left out of them so that two reports
+can be diffed.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ class Report:
     def _counts(self) -> list[str]:
         s = self.summary
         if s.lowered_into:
-            return [f"{s.rewritten} BNs lowered into the {s.lowered_into} int8 graph, {s.skipped} skipped"]
+            bns = "BN" if s.rewritten == 1 else "BNs"
+            return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {s.skipped} skipped"]
         return [f"{s.rewritten} rewritten, {s.skipped} skipped",
                 f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted"]
 
@@ -215,8 +217,8 @@ class Report:
 
         ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``); a column showing only
         ``unused`` fields is left out. To fit ``width`` characters, a long name is cut in the middle
-        with an ellipsis and a long reason wraps onto the next lines; ``width=None`` shortens nothing. ``github`` tables are Markdown, which the browser
-        lays out: they are never shortened.
+        with an ellipsis and a long reason wraps onto the next lines; ``width=None`` shortens nothing.
+        ``github`` tables are Markdown, which the browser lays out: they are never shortened.
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)

@@ -315,7 +315,7 @@ def test_a_lowered_report_says_what_was_lowered_into_which_graph_and_only_what_m
     assert [r.status for r in report.rows] == ["rewritten", "skipped"]
     assert (report.summary.rewritten, report.summary.skipped, report.summary.lowered_into) == (1, 1, graph)
     counts, timing = report.summary_lines()
-    assert counts == f"1 BNs lowered into the {graph} int8 graph, 1 skipped"
+    assert counts == f"1 BN lowered into the {graph} int8 graph, 1 skipped"
     assert re.fullmatch(r"lowered in \d+ ms", timing)
     data = report.to_dict()
     assert data["summary"] == {"rewritten": 1, "skipped": 1, "lowered_into": graph}
