@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lower_models import ACTIVATIONS, PASSTHROUGHS, Sandwich, TimmStyleNet, models, trained
+import torch.nn.functional as F
 from torch import fx, nn
 
 import fxqbn
@@ -196,6 +197,37 @@ def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
     (row,) = fxqbn.get_report(lowered).rows
     assert (row.pattern, row.status) == ("SyncBatchNorm+ReLU", "rewritten") and "batch_normNd" in row.op
     x = model.codes(SHAPES[2])
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+
+
+class QuantizedThrough(nn.Module):
+    """torch.ao style: quantize, then an op on the quint8 tensor, then dequantize -> BN -> quantize."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.bn = op, Sandwich("ao", 2, "module", "none", "none").bn
+
+    def forward(self, x):
+        q = self.op(torch.quantize_per_tensor(x, 0.1, 10, torch.quint8))
+        return torch.quantize_per_tensor(self.bn(q.dequantize()), 0.04, 90, torch.quint8)
+
+
+ON_QUINT8 = {  # ops torch.ao graphs run on quantized tensors that keep the qparams
+    "ReLU": nn.ReLU(), "ReLU6": nn.ReLU6(), "quantized ReLU6": torch.ao.nn.quantized.ReLU6(),
+    "Hardtanh": nn.Hardtanh(0.0, 6.0), "Identity": nn.Identity(), "eval Dropout": nn.Dropout(0.5).eval(),
+    "MaxPool2d": nn.MaxPool2d(1), "relu_": lambda q: q.relu_(), "torch.clamp": lambda q: torch.clamp(q, 0.0, 6.0),
+    "F.hardtanh": lambda q: F.hardtanh(q, 0.0, 6.0), "reshape": lambda q: q.reshape(q.shape),
+}
+
+
+@pytest.mark.parametrize("op", list(ON_QUINT8))
+def test_qparams_carry_through_every_activation_and_pass_through_spelling_to_the_fused_kernel(op):
+    """The fused kernel needs its input qparams at build time: they are read off the quantize, through
+    ops that keep them (every activation and pass-through spelling, max-pools, reshapes)."""
+    gm = fx.symbolic_trace(QuantizedThrough(ON_QUINT8[op]))
+    (row,) = fxqbn.get_report(fxqbn.lower(gm, backend="fused")).rows
+    assert row.status == "rewritten" and (row.input_scale, row.input_zero_point) == (0.1, 10)
+    lowered, x = fxqbn.lower(gm, backend="fused"), torch.randn(2, 5, 4, 4)
     assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
 
 
