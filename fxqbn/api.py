@@ -26,6 +26,7 @@ from fxqbn.passes import (
     read_observers,
     rewrite_patterns,
 )
+from fxqbn.passes.modules import ModuleIndex
 from fxqbn.passes.rewrite import bn_tensors
 
 from . import fused
@@ -81,7 +82,8 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
     matches, skips = find_patterns(graph, model, config, skip_requested)
     # Known now: refuse bad statistics before calibration meets them (convert checks again).
-    qnn.check_many([(match.module, bn_tensors(model, match)) for match in matches])
+    index = ModuleIndex(model)
+    qnn.check_many([(match.module, bn_tensors(model, match, index)) for match in matches])
     observed, observers = insert_observers(graph, model, matches)
     graph.lint()
     gm = build_graph_module(model, graph, observers)
@@ -105,12 +107,12 @@ def refuse_fxqbn_output(model: nn.Module) -> None:
             )
 
 
-def _refuse_training(gm: fx.GraphModule, patterns: Iterable[Observed]) -> None:
+def _refuse_training(index: ModuleIndex, patterns: Iterable[Observed]) -> None:
     """Refuse BN modules in training mode: their float forward uses batch statistics, not the
     running ones a quantized BN computes with (and calibration in training mode moved those)."""
     for pattern in patterns:
         match, name = pattern.match, pattern.match.module
-        if match.bn_module is not None and gm.get_submodule(match.bn_module).training:
+        if match.bn_module is not None and index.module(match.bn_module).training:
             raise FxqbnError(
                 f"BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert "
                 "(calibration in training mode moved its running statistics: prepare again from the float model)"
@@ -156,10 +158,11 @@ def _collector_paused() -> Iterator[None]:
 def _convert(observed: fx.GraphModule, inplace: bool, chosen: Backend) -> tuple[fx.GraphModule, Prepared, Converted]:
     """convert's steps: read the state, refuse, read the observers, rewrite a graph, install it."""
     state = _prepared_state(observed)
-    _refuse_training(observed, state.patterns)
-    readings = read_observers(observed, state.patterns)  # refuse before copying or changing anything
-    graph, converted, new_modules = rewrite_patterns(observed.graph, observed, state.patterns, readings, chosen, state.dropped)
-    gm = _install(observed, graph, new_modules, inplace)
+    index = ModuleIndex(observed)  # observed's tree does not change until _install
+    _refuse_training(index, state.patterns)
+    readings = read_observers(observed, state.patterns, index)  # refuse before copying or changing anything
+    graph, converted, new_modules = rewrite_patterns(observed.graph, observed, state.patterns, readings, chosen, state.dropped, index)
+    gm = _install(observed, graph, new_modules, inplace, index)
     detach(gm, PREPARED_KEY)
     attach(gm, REWRITES_KEY, converted.rewrites)
     return gm, state, converted
@@ -178,7 +181,9 @@ def _prepared_state(observed: nn.Module) -> Prepared:
     return state
 
 
-def _install(observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, nn.Module], inplace: bool) -> fx.GraphModule:
+def _install(
+    observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, nn.Module], inplace: bool, index: ModuleIndex
+) -> fx.GraphModule:
     """The converted GraphModule: ``observed`` updated in place, or a new one owning its float parts."""
     graph.lint()
     if inplace:
@@ -188,7 +193,7 @@ def _install(observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, n
         gm.graph = graph  # generates its code
         gm.delete_all_unused_submodules()  # observers, fused activation modules
     else:
-        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__)
+        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__, index=index)
     _own_float_parts(gm, new_modules)
     return gm
 

@@ -96,7 +96,7 @@ class Backend:
 
     def module_for(self, rule: "Rule", tensors: BnTensors, qin: QParams, qout: QParams, name: str, checked: bool = False) -> nn.Module:
         """The module replacing a pattern of ``rule`` whose BN holds ``tensors``, between ``qin`` and ``qout``
-        (``checked``: ``fxqbn.nn.check_many`` already passed these tensors)."""
+        (``checked``: the tensors are ``fxqbn.nn.own_many``'s: checked float32 copies nobody else holds)."""
         kernel = self.kernel_for(rule)
         clamp = _finite_clamp(rule.activation.lo, rule.activation.hi, qout) if kernel.clamp else None
         return self.build(rule.dim, kernel, tensors, qin, qout, clamp, name, checked)

@@ -28,7 +28,7 @@ from .qparams import QParams, observer_has_data, qparams_from_observer
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BNReLU1d", "BNReLU2d", "BNReLU3d",
-    "Quantize", "DeQuantize", "check_statistics", "check_many", "check_shape",
+    "Quantize", "DeQuantize", "check_statistics", "check_many", "own_many", "check_shape",
 ]
 
 SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}  # input shape, by BN dim
@@ -96,18 +96,60 @@ def check_statistics(
 def check_many(items: list[tuple[str, Any]]) -> None:
     """``check_statistics`` for many BNs ((name, tensors with running_mean, running_var, weight, bias,
     eps) pairs) in a few vectorised reductions; the first offender is named as ``check_statistics`` names it."""
-    shapes_ok = all(
-        t.dim() == 1 and t.numel() == b.running_mean.numel()
-        for _, b in items for t in (b.running_mean, b.running_var, b.weight, b.bias) if t is not None
-    )
-    if shapes_ok and items and all(isinstance(b.eps, (int, float)) and b.eps >= 0 for _, b in items):
-        var = torch.cat([b.running_var.detach().float() for _, b in items])
-        eps = torch.cat([torch.full((b.running_var.numel(),), float(b.eps)) for _, b in items])
-        rest = torch.cat([t.detach().float() for _, b in items for t in (b.running_mean, b.weight, b.bias) if t is not None])
-        if bool(torch.isfinite(rest).all()) and bool(torch.isfinite(var).all()) and bool((var >= 0).all()) and bool(((var + eps) > 0).all()):
-            return
+    _checked_flat(items)
+
+
+def own_many(items: list[tuple[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """``check_many``, then every BN's (running_mean, running_var, weight, bias) as fresh contiguous
+    float32 copies nobody else holds (what a quantized BN stores), made together: a few tensor
+    operations for all BNs instead of several per BN."""
+    found = _checked_flat(items)
+    if found is None:  # the uncommon layouts: one BN at a time
+        return [tuple(None if t is None else _float32_copy(t) for t in _affine_tensors(b)) for _, b in items]  # type: ignore[misc]
+    flat, sizes, layout = found
+    pieces = iter([piece.clone() for piece in flat.split(sizes)])
+    return [tuple(next(pieces) if present else None for present in bn) for bn in layout]  # type: ignore[misc]
+
+
+def _affine_tensors(b: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A BN's four tensors as the kernel takes them: a bias without a weight gets a unit weight."""
+    weight = torch.ones_like(b.running_mean) if b.weight is None and b.bias is not None else b.weight
+    return b.running_mean, b.running_var, weight, b.bias
+
+
+_Flat = tuple[torch.Tensor, list[int], list[tuple[bool, bool, bool, bool]]]  # tensors, their sizes, which each BN has
+
+
+def _checked_flat(items: list[tuple[str, Any]]) -> _Flat | None:
+    """All BNs' tensors (``_affine_tensors`` order) in one float32 tensor, checked; None when some BN's
+    layout is not the common one (1-d tensors of one length, on one device), after checking BN by BN.
+    Raises FxqbnError naming the first offender, as ``check_statistics``."""
+    tensors, sizes, layout, channels, eps = [], [], [], [], []
+    for _, b in items:
+        four = _affine_tensors(b)
+        n = b.running_mean.numel()
+        if not (isinstance(b.eps, (int, float)) and b.eps >= 0) or any(t is not None and (t.dim() != 1 or t.numel() != n) for t in four):
+            break
+        present = tuple(t is not None for t in four)
+        tensors.extend(t for t in four if t is not None)
+        sizes.extend([n] * sum(present))
+        layout.append(present)
+        channels.append(n)
+        eps.append(float(b.eps))
+    else:
+        try:
+            with torch.no_grad():
+                flat = torch.cat(tensors).to(torch.float32) if tensors else torch.zeros(0)
+                var = torch.cat([b.running_var for _, b in items]).to(torch.float32) if items else torch.zeros(0)
+        except RuntimeError:  # tensors on several devices: BN by BN
+            flat = None
+        if flat is not None:
+            var_eps = var + torch.repeat_interleave(torch.tensor(eps, dtype=torch.float32), torch.tensor(channels, dtype=torch.long))
+            if bool(torch.isfinite(flat).all()) and bool((var >= 0).all()) and bool((var_eps > 0).all()):
+                return flat, sizes, layout
     for name, b in items:
         check_statistics(name, b.running_mean, b.running_var, b.weight, b.bias, b.eps)
+    return None
 
 
 class _QuantizedBatchNorm(nn.Module):
@@ -157,8 +199,8 @@ class _QuantizedBatchNorm(nn.Module):
         self._parameters.update(params)
         self._buffers.update(
             _unit_weight=unit_weight, _zero_bias=zero_bias, running_mean=running_mean, running_var=running_var,
-            scale=torch.tensor(float(scale), dtype=torch.float64, device=device),
-            zero_point=torch.tensor(int(zero_point), dtype=torch.int64, device=device),
+            scale=torch.full((), float(scale), dtype=torch.float64, device=device),
+            zero_point=torch.full((), int(zero_point), dtype=torch.int64, device=device),
         )
         self._non_persistent_buffers_set.update(("_unit_weight", "_zero_bias"))
         self.__dict__.update(
@@ -257,23 +299,22 @@ class _QuantizedBatchNorm(nn.Module):
     ) -> "_QuantizedBatchNorm":
         """Build from BN tensors (``weight``/``bias`` None: not affine) after checking them;
         ``clamp``: float bounds of a quantized clamp after the kernel (ReLU6: (0, 6)); ``checked``:
-        the caller ran ``check_statistics`` (or ``check_many``) on these tensors already.
+        the tensors are ``own_many``'s (checked float32 copies nobody else holds), taken as they are.
 
         Raises FxqbnError, naming ``name`` and the channel, for statistics the kernel would turn
         into silently saturated channels.
         """
         if not checked:
             check_statistics(name, running_mean, running_var, weight, bias, eps)
-        # The kernel computes in float32: statistics are stored as float32 whatever the BN's dtype.
-        if weight is None and bias is not None:
-            weight = torch.ones_like(running_mean)
+            # The kernel computes in float32: statistics are stored as float32 whatever the BN's dtype.
+            if weight is None and bias is not None:
+                weight = torch.ones_like(running_mean)
+            running_mean, running_var = _float32_copy(running_mean), _float32_copy(running_var)
+            weight = None if weight is None else _float32_copy(weight)
+            bias = None if bias is None else _float32_copy(bias)
         qbn = cls.__new__(cls)
         nn.Module.__init__(qbn)
-        qbn._setup(
-            _float32_copy(running_mean), _float32_copy(running_var),
-            None if weight is None else _float32_copy(weight), None if bias is None else _float32_copy(bias),
-            eps, momentum, qparams.scale, qparams.zero_point,
-        )
+        qbn._setup(running_mean, running_var, weight, bias, eps, momentum, qparams.scale, qparams.zero_point)
         qbn._set_clamp(clamp)
         return qbn
 

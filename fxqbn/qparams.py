@@ -109,10 +109,11 @@ def _min_max_key(observer: torch.nn.Module) -> tuple | None:
     """What the min/max formula depends on besides the range; None when the observer is not eligible."""
     if type(observer) not in _MIN_MAX_OBSERVERS or observer.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         return None
-    if observer.min_val.numel() != 1 or observer.dtype not in DTYPE_RANGES:
+    buffers = observer._buffers  # nn.Module.__getattr__ per buffer costs more than the formula
+    if buffers["min_val"].numel() != 1 or buffers["max_val"].numel() != 1 or observer.dtype not in DTYPE_RANGES:
         return None
     return (observer.qscheme, observer.dtype, observer.quant_min, observer.quant_max,
-            observer.has_customized_qrange, float(observer.eps))
+            observer.has_customized_qrange, float(buffers["eps"]))
 
 
 def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,29 +135,43 @@ def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor) -
     return scale, zero_point
 
 
-def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError]:
-    """``read_observer`` for many observers (that have seen data): MinMax-style ones in one vectorised
-    computation per configuration, the others one by one. A failure is returned, not raised."""
+def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
+    """``read_observer`` for many observers: MinMax-style ones in one vectorised computation per
+    configuration, the others one by one. A failure is returned, not raised; an observer that never
+    saw data (``observer_has_data``) maps to None."""
     groups: dict[tuple, list[str]] = {}
-    result: dict[str, Observation | FxqbnError] = {}
+    result: dict[str, Observation | FxqbnError | None] = {}
     for name, observer in observers.items():
         key = _min_max_key(observer)
-        if key is None:
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+        elif not observer_has_data(observer):
+            result[name] = None
+        else:
             try:
                 result[name] = read_observer(observer)
             except FxqbnError as exc:
                 result[name] = exc
-        else:
-            groups.setdefault(key, []).append(name)
     for key, names in groups.items():
-        lows = torch.stack([observers[n].min_val.reshape(()) for n in names])
-        highs = torch.stack([observers[n].max_val.reshape(()) for n in names])
-        scales, zero_points = _min_max_qparams(key, lows, highs)
-        for name, lo, hi, scale, zero_point in zip(names, lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist()):
-            try:
-                qparams = QParams(scale, int(zero_point), key[1])
-            except FxqbnError as exc:
-                result[name] = exc
-                continue
-            result[name] = Observation(qparams, type(observers[name]).__name__, lo, hi)
+        result.update(_read_group(key, {name: observers[name] for name in names}))
     return {name: result[name] for name in observers}
+
+
+def _read_group(key: tuple, observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
+    """One configuration's MinMax-style observers (one range element each), read at once."""
+    lows = torch.stack([observer._buffers["min_val"].reshape(()) for observer in observers.values()])
+    highs = torch.stack([observer._buffers["max_val"].reshape(()) for observer in observers.values()])
+    scales, zero_points = _min_max_qparams(key, lows, highs)
+    result: dict[str, Observation | FxqbnError | None] = {}
+    rows = zip(observers.items(), lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist())
+    for (name, observer), lo, hi, scale, zero_point in rows:
+        if lo > hi:  # still (+inf, -inf): no batch seen (observer_has_data's test)
+            result[name] = None
+            continue
+        try:
+            qparams = QParams(scale, int(zero_point), key[1])
+        except FxqbnError as exc:
+            result[name] = exc
+            continue
+        result[name] = Observation(qparams, type(observer).__name__, lo, hi)
+    return result

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import os
 import sys
 import traceback
@@ -15,6 +14,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxqbn.passes.modules import ModuleIndex
 
 from .errors import FxqbnError
 
@@ -120,21 +121,24 @@ def trace_graph(model: nn.Module) -> fx.Graph:
 
 
 def build_graph_module(
-    root: nn.Module, graph: fx.Graph, extra: Mapping[str, Any] = {}, class_name: str | None = None
+    root: nn.Module, graph: fx.Graph, extra: Mapping[str, Any] = {}, class_name: str | None = None,
+    index: ModuleIndex | None = None,
 ) -> fx.GraphModule:
-    """A GraphModule running ``graph``: its targets resolve in ``extra`` first, then in ``root``.
+    """A GraphModule running ``graph``: its targets resolve in ``extra`` first, then in ``root``
+    (``index``: ``root``'s modules, when the caller has it).
 
     The leaves are shared with ``root`` (not copied); the module hierarchy above them is new.
     """
+    index = index or ModuleIndex(root)
     attrs: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in attrs:
             target = str(node.target)
-            attrs[target] = extra[target] if target in extra else operator.attrgetter(target)(root)
+            attrs[target] = extra[target] if target in extra else index.attr(target)
     gm = fx.GraphModule(attrs, graph, class_name or type(root).__name__)
     for name, module in gm.named_modules():  # the new containers (and new modules) take root's flags
         try:
-            module.training = root.get_submodule(name).training
+            module.training = index.module(name).training
         except AttributeError:
             module.training = root.training  # a new module at a new name
     return gm

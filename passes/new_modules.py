@@ -3,10 +3,9 @@ attributes and each other. Used by ``passes.rewrite`` (BN-only conversion) and `
 
 from __future__ import annotations
 
-import operator
-
 from torch import nn
 
+from .modules import ModuleIndex
 from .records import Match
 
 __all__ = ["NewModules"]
@@ -15,19 +14,13 @@ __all__ = ["NewModules"]
 class NewModules:
     """Targets for the modules a rewrite adds, unique against ``root``'s attributes and each other."""
 
-    def __init__(self, root: nn.Module) -> None:
-        self.root = root
+    def __init__(self, root: nn.Module, index: ModuleIndex | None = None) -> None:
+        self.index = index or ModuleIndex(root)
         self.modules: dict[str, nn.Module] = {}
         self._next: dict[str, int] = {}
 
     def _free(self, name: str) -> bool:
-        if name in self.modules:
-            return False
-        try:
-            operator.attrgetter(name)(self.root)
-        except AttributeError:
-            return True
-        return False
+        return name not in self.modules and not self.index.has(name)
 
     def add(self, prefix: str, module: nn.Module) -> str:
         """Under the first free ``prefix<k>``."""

@@ -25,7 +25,7 @@ replacement and boundary modules; the default is the native one above.
 from __future__ import annotations
 
 import copy
-import operator
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,9 +33,10 @@ from torch import fx, nn
 
 from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
-from fxqbn.nn import check_many
-from fxqbn.qparams import Observation, observer_has_data, read_many
+from fxqbn.nn import own_many
+from fxqbn.qparams import Observation, read_many
 
+from .modules import ModuleIndex
 from .new_modules import NewModules as _NewModules
 from .records import Converted, Dropped, Match, Observed, Rewrite
 
@@ -45,26 +46,28 @@ QUANTIZE_PREFIX = "fxqbn_quantize_"  # float -> quantized boundary modules, one 
 DEQUANTIZE_PREFIX = "fxqbn_dequantize_"  # the quantized -> float boundary module, one shared by all
 
 
-def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str, Observation]:
-    """The Observation (qparams, range) of every observer node the patterns use, each read once.
+def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed], index: ModuleIndex | None = None) -> dict[str, Observation]:
+    """The Observation (qparams, range) of every observer node the patterns use, each read once
+    (``index``: ``gm``'s modules, when the caller has it).
 
     Raises FxqbnError listing the BN modules whose observers never saw data, or naming the
     observer whose qparams the kernel cannot take.
     """
+    index = index or ModuleIndex(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
     users: dict[str, list[str]] = {}
     for pattern in patterns:
         for name in (pattern.input_observer, pattern.output_observer):
             users.setdefault(name, []).append(pattern.match.module)
-    observers = {name: gm.get_submodule(str(nodes[name].target)) for name in users}
-    idle = [name for name, observer in observers.items() if not observer_has_data(observer)]
+    observers = {name: index.module(str(nodes[name].target)) for name in users}
+    readings = read_many(observers)
+    idle = [name for name, reading in readings.items() if reading is None]
     if idle:
         modules = sorted({module for name in idle for module in users[name]})
         raise FxqbnError(
             f"observers never saw data for BatchNorm {', '.join(repr(m) for m in modules)}: run calibration "
             "batches through the prepared model (in eval mode, under torch.no_grad()) before fxqbn.convert"
         )
-    readings = read_many(observers)
     for name, reading in readings.items():
         if isinstance(reading, FxqbnError):
             raise FxqbnError(
@@ -74,15 +77,17 @@ def read_observers(gm: fx.GraphModule, patterns: Sequence[Observed]) -> dict[str
     return readings  # type: ignore[return-value]
 
 
-def bn_tensors(root: nn.Module, match: Match) -> BnTensors:
-    """The BN's tensors, from the attribute targets its normalised record names (module or functional)."""
+def bn_tensors(root: nn.Module, match: Match, index: ModuleIndex | None = None) -> BnTensors:
+    """The BN's tensors, from the attribute targets its normalised record names (module or functional);
+    ``index``: ``root``'s modules, when the caller has it (one lookup per tensor instead of a walk)."""
+    index = index or ModuleIndex(root)
 
     def tensor(target: str | None) -> torch.Tensor | None:
-        return None if target is None else operator.attrgetter(target)(root)
+        return None if target is None else index.attr(target)
 
     b, eps, momentum = match.bn, match.bn.eps, match.momentum
     if match.bn_module is not None:  # a module's constants as they are now, not as at prepare
-        module = root.get_submodule(match.bn_module)
+        module = index.module(match.bn_module)
         eps, momentum = module.eps, module.momentum
     return BnTensors(tensor(b.running_mean), tensor(b.running_var), tensor(b.weight), tensor(b.bias), eps, momentum)
 
@@ -107,11 +112,13 @@ class _Rewriter:
     """Builds the rewritten graph in one pass over the observed one: float nodes are copied, each
     pattern becomes one call of its quantized module, boundaries are added where values cross."""
 
-    def __init__(self, source: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend) -> None:
+    def __init__(
+        self, source: fx.Graph, root: nn.Module, readings: Mapping[str, Observation], backend: Backend, index: ModuleIndex | None = None
+    ) -> None:
         self.graph = fx.Graph(tracer_cls=source._tracer_cls)
         self.graph._codegen = copy.deepcopy(source._codegen)  # as Graph.__deepcopy__ does
         self.backend, self.readings = backend, readings
-        self.new = _NewModules(root)
+        self.new = _NewModules(root, index)
         self.env: dict[str, fx.Node] = {}  # observed node name -> its float value in the new graph
         self.quantized: dict[str, fx.Node] = {}  # observer name -> new node holding the quantized value
         self.dequantized: dict[str, fx.Node] = {}  # output observer name -> its dequantize node
@@ -161,17 +168,19 @@ class _Rewriter:
 
 
 def build_replacements(
-    root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend
+    root: nn.Module, patterns: Sequence[Observed], readings: Mapping[str, Observation], backend: Backend,
+    index: ModuleIndex | None = None,
 ) -> list[nn.Module]:
     """Step 0: every replacement module, its statistics checked (all at once), before the graph changes."""
-    tensors = [bn_tensors(root, p.match) for p in patterns]
-    check_many([(p.match.module, t) for p, t in zip(patterns, tensors)])
+    index = index or ModuleIndex(root)
+    tensors = [bn_tensors(root, p.match, index) for p in patterns]
+    owned = own_many([(p.match.module, t) for p, t in zip(patterns, tensors)])  # checked float32 copies
     return [
         backend.module_for(
-            p.match.rule, t, readings[p.input_observer].qparams, readings[p.output_observer].qparams,
-            p.match.module, checked=True,
+            p.match.rule, dataclasses.replace(t, running_mean=mean, running_var=var, weight=weight, bias=bias),
+            readings[p.input_observer].qparams, readings[p.output_observer].qparams, p.match.module, checked=True,
         )
-        for p, t in zip(patterns, tensors)
+        for p, t, (mean, var, weight, bias) in zip(patterns, tensors, owned)
     ]
 
 
@@ -182,6 +191,7 @@ def rewrite_patterns(
     readings: Mapping[str, Observation],
     backend: Backend = NATIVE,
     dropped: Sequence[Dropped] = (),
+    index: ModuleIndex | None = None,
 ) -> tuple[fx.Graph, Converted, dict[str, nn.Module]]:
     """A new graph: ``graph`` with every observed pattern replaced by ``backend``'s module and the
     observers (the patterns' and ``dropped``) removed. ``graph`` and ``root`` are not changed.
@@ -189,9 +199,11 @@ def rewrite_patterns(
     Returns the new graph (its targets resolve in the returned modules first, then in ``root``), the
     record (rewrites, boundary nodes added) and the modules it needs beyond ``root``'s, by target (a
     replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
+    ``index``: ``root``'s modules, when the caller has it.
     """
-    qmodules = dict(zip((p.match.bn_node for p in patterns), build_replacements(root, patterns, readings, backend)))
-    roles, rewriter = _Roles(patterns, dropped), _Rewriter(graph, root, readings, backend)
+    index = index or ModuleIndex(root)
+    qmodules = dict(zip((p.match.bn_node for p in patterns), build_replacements(root, patterns, readings, backend, index)))
+    roles, rewriter = _Roles(patterns, dropped), _Rewriter(graph, root, readings, backend, index)
     rewrites = []
     for node in graph.nodes:
         pattern = roles.pattern_of.get(node.name)

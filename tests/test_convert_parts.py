@@ -1,0 +1,190 @@
+"""The shortcuts convert takes on large graphs give what the plain ways give: module lookups
+(``passes.modules.ModuleIndex``), BN statistics checked and copied together (``fxqbn.nn.own_many``)
+and observers read together (``fxqbn.qparams.read_many``)."""
+
+import operator
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.ao.quantization import HistogramObserver, MinMaxObserver
+
+from fxqbn.backends import BnTensors
+from fxqbn.errors import FxqbnError
+from fxqbn.nn import _float32_copy, check_many, check_statistics, own_many
+from fxqbn.passes.modules import ModuleIndex
+from fxqbn.qparams import read_many, read_observer
+
+
+class _Answers(nn.Module):
+    """Answers attributes on its own, as some wrappers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def __getattr__(self, name: str):
+        if name == "virtual":
+            return self.inner
+        return super().__getattr__(name)
+
+
+class _WithProperty(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("stored", torch.ones(2))
+        self.plain = 3
+
+    @property
+    def computed(self) -> torch.Tensor:
+        return self.stored * 2
+
+
+def _tree() -> nn.Module:
+    root = nn.Module()
+    root.blocks = nn.ModuleList([nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()) for _ in range(2)])
+    root.answers = _Answers()
+    root.prop = _WithProperty()
+    root.shared = root.blocks[0]  # one module under two names
+    root.register_parameter("p", nn.Parameter(torch.zeros(1)))
+    return root
+
+
+TARGETS = [
+    "blocks", "blocks.0", "blocks.1.0", "blocks.1.0.running_mean", "blocks.0.0.weight", "shared.0.bias",
+    "answers", "answers.inner", "answers.virtual", "answers.inner.weight", "prop.stored", "prop.computed",
+    "prop.plain", "p", "blocks.0.0.training", "missing", "blocks.7", "blocks.0.0.missing", "prop.plain.real",
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_module_index_answers_as_getattr_does(target):
+    root = _tree()
+    index = ModuleIndex(root)
+    assert index.module("") is root
+    try:
+        expected = operator.attrgetter(target)(root)
+    except AttributeError:
+        expected = AttributeError
+    assert index.has(target) == (expected is not AttributeError)
+    if expected is AttributeError:
+        with pytest.raises(AttributeError):
+            index.attr(target)
+    else:
+        assert index.attr(target) is expected or (isinstance(expected, torch.Tensor) and torch.equal(index.attr(target), expected))
+    try:
+        module = root.get_submodule(target)
+    except AttributeError:
+        with pytest.raises(AttributeError):
+            index.module(target)
+    else:
+        assert index.module(target) is module
+        assert index.module(target) is module  # remembered, still the same
+
+
+def _bn(gen: torch.Generator, channels: int, dtype: torch.dtype, affine: bool, bias_only: bool = False) -> BnTensors:
+    def t() -> torch.Tensor:
+        return torch.randn(channels, generator=gen).to(dtype)
+
+    weight = None if not affine or bias_only else t()
+    bias = t() if affine else None
+    return BnTensors(t(), t().abs(), weight, bias, 1e-5, 0.1)
+
+
+def _many(seed: int, n: int) -> list[tuple[str, BnTensors]]:
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    return [
+        (f"bn{i}", _bn(gen, 1 + i % 5, dtypes[i % 4], affine=i % 3 != 1, bias_only=i % 7 == 6))
+        for i in range(n)
+    ]
+
+
+def _one_by_one(b: BnTensors) -> tuple:
+    weight = torch.ones_like(b.running_mean) if b.weight is None and b.bias is not None else b.weight
+    return tuple(None if t is None else _float32_copy(t) for t in (b.running_mean, b.running_var, weight, b.bias))
+
+
+def test_own_many_copies_as_one_by_one_into_storage_of_their_own():
+    items = _many(0, 40)
+    owned = own_many(items)
+    storages = set()
+    for (_, b), got, want in zip(items, owned, [_one_by_one(b) for _, b in items]):
+        for g, w, original in zip(got, want, (b.running_mean, b.running_var, b.weight, b.bias)):
+            assert (g is None) == (w is None)
+            if g is None:
+                continue
+            assert g.dtype == torch.float32 and g.is_contiguous() and torch.equal(g, w)
+            assert g.untyped_storage().nbytes() == g.numel() * 4  # a storage of its own, not a view of a shared one
+            storages.add(g.untyped_storage().data_ptr())
+            if original is not None:
+                assert g.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+    assert len(storages) == sum(t is not None for tensors in owned for t in tensors)
+
+
+def test_own_many_takes_uncommon_layouts_one_by_one():
+    gen = torch.Generator().manual_seed(1)
+    strided = torch.randn(8, generator=gen)[::2]  # not contiguous
+    expanded = torch.ones(1).expand(4)
+    items = [("a", BnTensors(strided, expanded.abs(), None, None, 1e-5, None)), ("b", _bn(gen, 4, torch.float32, True))]
+    for (_, b), got in zip(items, own_many(items)):
+        for g, w in zip(got, _one_by_one(b)):
+            assert (g is None and w is None) or (g.is_contiguous() and torch.equal(g, w))
+
+
+CORRUPTIONS = {
+    "nan mean": lambda b: b.running_mean.__setitem__(0, float("nan")),
+    "inf weight": lambda b: b.weight is not None and b.weight.__setitem__(-1, float("inf")),
+    "inf bias": lambda b: b.bias is not None and b.bias.__setitem__(0, float("-inf")),
+    "negative var": lambda b: b.running_var.__setitem__(0, -1.0),
+    "nan var": lambda b: b.running_var.__setitem__(-1, float("nan")),
+    "var + eps zero": "eps0",
+    "bad eps": "eps-nan",
+    "wrong shape": "shape",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 12), where=st.data(), how=st.sampled_from(sorted(CORRUPTIONS)))
+def test_check_and_own_many_name_the_first_offender_as_check_statistics(seed, n, where, how):
+    items = _many(seed, n)
+    k = where.draw(st.integers(0, n - 1))
+    name, b = items[k]
+    corrupt = CORRUPTIONS[how]
+    if corrupt == "eps0":
+        b.running_var.zero_()
+        b = BnTensors(b.running_mean, b.running_var, b.weight, b.bias, 0.0, None)
+    elif corrupt == "eps-nan":
+        b = BnTensors(b.running_mean, b.running_var, b.weight, b.bias, float("nan"), None)
+    elif corrupt == "shape":
+        b = BnTensors(b.running_mean, b.running_var.repeat(2), b.weight, b.bias, b.eps, None)
+    else:
+        corrupt(b)
+    items[k] = (name, b)
+    expected = None
+    for other_name, other in items:
+        try:
+            check_statistics(other_name, other.running_mean, other.running_var, other.weight, other.bias, other.eps)
+        except FxqbnError as exc:
+            expected = str(exc)
+            break
+    for run in (check_many, own_many):
+        if expected is None:  # this corruption was a no-op (e.g. no weight to corrupt)
+            run(items)
+            continue
+        with pytest.raises(FxqbnError) as caught:
+            run(items)
+        assert str(caught.value) == expected
+
+
+def test_read_many_marks_observers_that_saw_no_data():
+    gen = torch.Generator().manual_seed(2)
+    observers = {"minmax_seen": MinMaxObserver(), "minmax_idle": MinMaxObserver(),
+                 "hist_seen": HistogramObserver(), "hist_idle": HistogramObserver()}
+    for name in ("minmax_seen", "hist_seen"):
+        observers[name](torch.randn(64, generator=gen))
+    readings = read_many(observers)
+    assert readings["minmax_idle"] is None and readings["hist_idle"] is None
+    for name in ("minmax_seen", "hist_seen"):
+        assert readings[name] == read_observer(observers[name])
