@@ -21,10 +21,11 @@ from torch import fx, nn
 from fxqbn.passes.lower import ROUTES, LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
+from fxqbn.passes.modules import ModuleIndex
 from fxqbn.passes.records import Skip
 from fxqbn.passes.rewrite import bn_tensors
 
-from .backends import FUSED, NATIVE, Backend, Kernel, backend_named
+from .backends import FUSED, NATIVE, Backend, BnTensors, Kernel, backend_named
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .qparams import DTYPE_RANGES, QParams
@@ -81,10 +82,10 @@ def _code_values(codes: tuple[int, int], qout: QParams) -> tuple[float, float]:
     return tuple((code - qout.zero_point) * qout.scale for code in codes)  # type: ignore[return-value]
 
 
-def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> nn.Module:
+def _build(tensors: BnTensors, m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> nn.Module:
     """The int8 BN of one match: the backend's kernel (``clamp``, output codes, inside it, as for the
     backend's own BN+activation modules), wrapped when the graph holds the other kind of tensor."""
-    tensors, qin, qout = bn_tensors(gm, m), m.input_qparams or m.output_qparams, m.output_qparams
+    qin, qout = m.input_qparams or m.output_qparams, m.output_qparams
     kernel, bounds = Kernel(relu=relu, clamp=clamp is not None), None if clamp is None else _code_values(clamp, qout)
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
     kernels = {d: backend.build(d, kernel, tensors, qin, qout, bounds, m.bn.owner or m.bn.node) for d in dims}
@@ -146,7 +147,8 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     matches, skips = find_lowerable(out)
     matches, refused = _plan(matches, chosen)
     kernels = [_kernel_clamp(m) for m in matches]
-    modules = [_build(out, m, chosen, relu, clamp) for m, (relu, clamp) in zip(matches, kernels)]  # all built before any edit
+    index = ModuleIndex(out)
+    modules = [_build(bn_tensors(out, m, index), m, chosen, *k) for m, k in zip(matches, kernels)]  # all built before any edit
     rows = [(m.position, _row(m, _op(m, chosen, relu, clamp))) for m, (relu, clamp) in zip(matches, kernels)]
     rows += [(s.position, _skip_row(s)) for s in skips + refused]
     for target, module in rewrite_lowerable(out.graph, out, matches, modules).items():
