@@ -284,9 +284,7 @@ def _render(
     if args.format == "json":
         document: dict[str, Any] = {
             "model": spec, "inputs": [list(x.shape) for x in example if isinstance(x, torch.Tensor)],
-            "observer": args.observer, "dtype": args.dtype, "skip": args.skip, "calibration": calibration.to_dict(),
-            **({"int8": args.int8} if args.int8 else {}),
-            "report": report.to_dict(),
+            **_settings(args), "calibration": calibration.to_dict(), "report": report.to_dict(),
         }
         if checked is not None:
             document["verification"] = checked.to_dict()
@@ -298,6 +296,14 @@ def _render(
     if args.format == "csv":  # the table stays a table: the other lines go to stderr
         return _table(args, report), [*header, *footer, *written]
     return "\n".join([*_wrap(header, width), _table(args, report), *_wrap(footer, width)]), written
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes,
+    and --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
+    if args.int8:
+        return {"int8": args.int8}
+    return {"observer": args.observer, "dtype": args.dtype, "skip": args.skip}
 
 
 def _wrap(lines: list[str], width: int | None) -> list[str]:

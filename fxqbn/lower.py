@@ -11,7 +11,6 @@ match (``passes.lower``), plan (which kernel, which clamp), rewrite (``passes.lo
 from __future__ import annotations
 
 import copy
-import operator
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,15 +18,17 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxqbn.passes.lower import LowerMatch, find_lowerable, require_route
+from fxqbn.passes.lower import ROUTES, LowerMatch, find_lowerable, require_route
 from fxqbn.passes.lower_rewrite import rewrite_lowerable
 from fxqbn.passes.patterns import rule_for
+from fxqbn.passes.modules import ModuleIndex
 from fxqbn.passes.records import Skip
+from fxqbn.passes.rewrite import bn_tensors
 
-from .backends import FUSED, NATIVE, Backend, BnTensors, backend_named
+from .backends import FUSED, NATIVE, Backend, BnTensors, Kernel, backend_named
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
-from .qparams import DTYPE_RANGES
+from .qparams import DTYPE_RANGES, QParams
 from .report import Report, ReportRow, ReportSummary
 from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
@@ -74,23 +75,25 @@ def _kernel_clamp(m: LowerMatch) -> tuple[bool, tuple[int, int] | None]:
     return relu, (None if m.codes == own else m.codes)
 
 
-def _tensors(gm: fx.GraphModule, m: LowerMatch) -> BnTensors:
-    def get(target: str | None):
-        return None if target is None else operator.attrgetter(target)(gm)
+def _code_values(codes: tuple[int, int], qout: QParams) -> tuple[float, float]:
+    """The float values of two output codes: each quantizes back to its code, so a clamp to them (the
+    native kernel's quantized clamp, or the fused kernel's bounds, ``qops.clamp_bounds``) keeps exactly
+    the codes between."""
+    return tuple((code - qout.zero_point) * qout.scale for code in codes)  # type: ignore[return-value]
 
-    b = m.bn
-    return BnTensors(get(b.running_mean), get(b.running_var), get(b.weight), get(b.bias), b.eps, None)
 
-
-def _build(gm: fx.GraphModule, m: LowerMatch, backend: Backend, relu: bool, clamp) -> nn.Module:
-    tensors, qin = _tensors(gm, m), m.input_qparams or m.output_qparams
+def _build(tensors: BnTensors, m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> nn.Module:
+    """The int8 BN of one match: the backend's kernel (``clamp``, output codes, inside it, as for the
+    backend's own BN+activation modules), wrapped when the graph holds the other kind of tensor."""
+    qin, qout = m.input_qparams or m.output_qparams, m.output_qparams
+    kernel, bounds = Kernel(relu=relu, clamp=clamp is not None), None if clamp is None else _code_values(clamp, qout)
     dims = (m.dim,) if m.dim is not None else (1, 2, 3)
-    kernels = {d: backend.module_for(rule_for(F.batch_norm, relu, d), tensors, qin, m.output_qparams, m.bn.owner or m.bn.node) for d in dims}
-    kernel = kernels[m.dim] if m.dim is not None else ByRank(kernels)
+    kernels = {d: backend.build(d, kernel, tensors, qin, qout, bounds, m.bn.owner or m.bn.node) for d in dims}
+    module = kernels[m.dim] if m.dim is not None else ByRank(kernels)
     codes = m.route == "pt2e"
-    if clamp is None and backend is FUSED and codes:
-        return kernel  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
-    return LoweredBatchNorm(kernel, backend is FUSED, codes, clamp, m.input_qparams, m.output_qparams)
+    if backend is FUSED and codes:
+        return module  # PT2E codes in and out, dtypes checked when matching: no wrapper needed
+    return LoweredBatchNorm(module, backend is FUSED, codes, m.input_qparams, qout)
 
 
 def _op(m: LowerMatch, backend: Backend, relu: bool, clamp: tuple[int, int] | None) -> str:
@@ -113,9 +116,10 @@ def _skip_row(s: Skip) -> ReportRow:
     return ReportRow(node=s.node, module=s.module, pattern=s.pattern, op="", status="skipped", reason=s.reason, source=s.source)
 
 
-def _report(rows: Sequence[tuple[int, ReportRow]], lowered: int, skipped: int, start: float) -> Report:
+def _report(rows: Sequence[tuple[int, ReportRow]], route: str, lowered: int, skipped: int, start: float) -> Report:
     summary = ReportSummary(
-        rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start
+        rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start,
+        lowered_into=ROUTES[route],
     )
     return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])), summary=summary)
 
@@ -143,7 +147,8 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     matches, skips = find_lowerable(out)
     matches, refused = _plan(matches, chosen)
     kernels = [_kernel_clamp(m) for m in matches]
-    modules = [_build(out, m, chosen, relu, clamp) for m, (relu, clamp) in zip(matches, kernels)]  # all built before any edit
+    index = ModuleIndex(out)
+    modules = [_build(bn_tensors(out, m, index), m, chosen, *k) for m, k in zip(matches, kernels)]  # all built before any edit
     rows = [(m.position, _row(m, _op(m, chosen, relu, clamp))) for m, (relu, clamp) in zip(matches, kernels)]
     rows += [(s.position, _skip_row(s)) for s in skips + refused]
     for target, module in rewrite_lowerable(out.graph, out, matches, modules).items():
@@ -151,6 +156,6 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     out.graph.lint()
     out.delete_all_unused_submodules()
     out.recompile()
-    attach(out, REPORT_KEY, _report(rows, len(matches), len(skips) + len(refused), start))
+    attach(out, REPORT_KEY, _report(rows, route, len(matches), len(skips) + len(refused), start))
     attach(out, LOWERED_KEY, tuple(matches))
     return out

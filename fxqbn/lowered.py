@@ -3,9 +3,9 @@
 ``LoweredBatchNorm`` wraps one BN kernel (``fxqbn.nn``'s native module or ``fxqbn.fused``'s) so that it
 takes and returns what the graph holds at that point: quantized tensors in torch.ao graphs, plain
 uint8/int8 codes in PT2E graphs, converting at its edges when the kernel works on the other kind.
-Its output is clamped to the codes the float graph's activation (ReLU6, clamp) and quantize allowed.
-(Where nothing needs converting or clamping, in PT2E graphs with the fused kernel, ``fxqbn.lower``
-installs the kernel itself.)
+The kernel itself clamps its output to the codes the float graph's activation (ReLU6, clamp) and
+quantize allowed. (Where nothing needs converting, in PT2E graphs with the fused kernel,
+``fxqbn.lower`` installs the kernel itself.)
 ``ByRank`` picks a kernel by the input's rank, for BNs whose rank the graph does not say.
 """
 
@@ -14,15 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxqbn.passes.patterns import RANK_TO_DIM
+
 from . import qops
 from .errors import FxqbnError
-from .nn import RANKS
+from .fused_io import integer_dtype
 from .qparams import QParams
 
 __all__ = ["LoweredBatchNorm", "ByRank"]
-
-_RANK_TO_DIM = {rank: dim for dim, ranks in RANKS.items() for rank in ranks}
-_CODES = {torch.quint8: torch.uint8, torch.qint8: torch.int8}  # quantized dtype -> the dtype of its plain codes
 
 
 class ByRank(nn.Module):
@@ -33,7 +32,7 @@ class ByRank(nn.Module):
         self.kernels = nn.ModuleDict({str(dim): kernel for dim, kernel in kernels.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = _RANK_TO_DIM.get(x.dim())
+        dim = RANK_TO_DIM.get(x.dim())
         if dim is None:
             raise FxqbnError(f"int8 BatchNorm expects an input of 2 to 5 dims, got shape {tuple(x.shape)}")
         return self.kernels[str(dim)](x)
@@ -45,22 +44,21 @@ class LoweredBatchNorm(nn.Module):
     kernel: the BN module; ``kernel_codes`` True when it works on plain codes (fused), False on
         quantized tensors (native).
     graph_codes: True when the graph holds plain codes here (PT2E), False quantized tensors (torch.ao).
-    clamp: (lo, hi) output codes beyond the kernel's own range (ReLU6, clamp); None: none.
     input_qparams / output_qparams: the qparams at the edges (input None: read off a quantized input).
     """
 
-    def __init__(self, kernel: nn.Module, kernel_codes: bool, graph_codes: bool, clamp: tuple[int, int] | None,
-                 input_qparams: QParams | None, output_qparams: QParams) -> None:
+    def __init__(self, kernel: nn.Module, kernel_codes: bool, graph_codes: bool, input_qparams: QParams | None,
+                 output_qparams: QParams) -> None:
         super().__init__()
         if kernel_codes != graph_codes and input_qparams is None:
             raise FxqbnError("converting between codes and quantized tensors needs the input qparams")
         self.kernel, self.kernel_codes, self.graph_codes = kernel, kernel_codes, graph_codes
-        self.clamp, self.input_qparams, self.output_qparams = clamp, input_qparams, output_qparams
+        self.input_qparams, self.output_qparams = input_qparams, output_qparams
 
     def _check_input(self, x: torch.Tensor) -> None:
         q = self.input_qparams or self.output_qparams
-        if self.graph_codes and x.dtype != _CODES[q.dtype]:
-            raise FxqbnError(f"{self._get_name()} expects {_CODES[q.dtype]} codes, got {x.dtype}")
+        if self.graph_codes and x.dtype != integer_dtype(q.dtype):
+            raise FxqbnError(f"{self._get_name()} expects {integer_dtype(q.dtype)} codes, got {x.dtype}")
         if not self.graph_codes and (not x.is_quantized or x.dtype != self.output_qparams.dtype):
             raise FxqbnError(f"{self._get_name()} expects a {self.output_qparams.dtype} quantized tensor, got {x.dtype}")
         if not self.graph_codes and self.kernel_codes and (x.q_scale(), x.q_zero_point()) != (q.scale, q.zero_point):
@@ -76,8 +74,6 @@ class LoweredBatchNorm(nn.Module):
         elif not self.graph_codes and self.kernel_codes:
             x = qops.codes(x)
         y = self.kernel(x)
-        if self.clamp is not None:
-            y = y.clamp(self.clamp[0], self.clamp[1]) if self.kernel_codes else qops.clamp_codes(y, *self.clamp)
         if self.graph_codes and not self.kernel_codes:  # the native kernel returns channels-last: keep x's layout
             return qops.codes(y).contiguous() if x.is_contiguous() else qops.codes(y)
         if not self.graph_codes and self.kernel_codes:
@@ -88,5 +84,4 @@ class LoweredBatchNorm(nn.Module):
         return "LoweredBatchNorm"
 
     def extra_repr(self) -> str:
-        edges = "codes" if self.graph_codes else "quantized tensors"
-        return f"on {edges}" + ("" if self.clamp is None else f", clamp={self.clamp}")
+        return "on codes" if self.graph_codes else "on quantized tensors"

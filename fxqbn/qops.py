@@ -19,7 +19,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES",
-    "codes", "from_codes", "clamp_codes", "quantize_decomposed", "clamp", "clamp_bounds",
+    "codes", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
 ]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
@@ -95,15 +95,6 @@ def codes(x: torch.Tensor) -> torch.Tensor:
 def from_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """The per-tensor quantized tensor whose ``int_repr()`` is ``codes`` (uint8 -> quint8, int8 -> qint8)."""
     return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
-
-
-def clamp_codes(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Clamp a per-tensor quantized tensor's codes to [lo, hi] (``quantized::clamp`` at code bounds).
-
-    The float bounds are the codes' exact values, so the kernel quantizes them back to ``lo``/``hi``.
-    """
-    scale, zero_point = x.q_scale(), x.q_zero_point()
-    return torch.clamp(x, (lo - zero_point) * scale, (hi - zero_point) * scale)
 
 
 def quantize_decomposed(

@@ -5,9 +5,11 @@ Plain frozen dataclasses: they pickle, deep-copy and compare by value.
 Formats: ``str(report)`` is a terminal table of the columns a person reads first (DEFAULT_COLUMNS),
 fitted to 100 characters; ``report.format(fmt, columns, width)`` takes ``"plain"``, ``"github"`` (Markdown),
 ``"json"`` or ``"csv"``, any of COLUMNS, and another width (``None``: nothing shortened). JSON and
-CSV keep every field and are deterministic for the same model, qparams and inputs (fields in
-declaration order, rows in graph order, floats as numbers, an infinite SQNR as ``null``); the
-conversion time is left out of them so that two reports can be diffed.
+CSV keep every field that means something for the report's kind (a report of ``fxqbn.lower`` has
+no observers, observed ranges, boundaries or per-BN errors: ``NOT_LOWERED``) and are deterministic
+for the same model, qparams and inputs (fields in declaration order, rows in graph order, floats as
+numbers, an infinite SQNR as ``null``); the conversion time is left out of them so that two reports
+can be diffed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .table import render
 
-__all__ = ["ReportRow", "ReportSummary", "Report", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names"]
+__all__ = [
+    "ReportRow", "ReportSummary", "Report", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names", "NOT_LOWERED",
+]
 
 FORMATS = ("plain", "github", "json", "csv")
 
@@ -65,8 +69,18 @@ class ReportSummary:
     skipped: int
     quantize_nodes: int  # float -> quantized boundaries inserted
     dequantize_nodes: int  # quantized -> float boundaries inserted
-    convert_seconds: float  # wall time of fxqbn.convert (not in JSON/CSV)
+    convert_seconds: float  # wall time of fxqbn.convert or fxqbn.lower (not in JSON/CSV)
     model_sqnr_db: float | None = None  # filled by fxqbn.compare: whole model output vs float
+    lowered_into: str = ""  # fxqbn.lower: the int8 graph its BNs went into ("torch.ao convert_fx"); "" for convert
+
+
+# Fields that mean nothing in a report of fxqbn.lower (left out of its data and tables): it inserts no
+# boundaries, observes nothing (the qparams are the graph's) and fxqbn.compare takes no lowered model.
+NOT_LOWERED = frozenset({
+    "quantize_nodes", "dequantize_nodes", "model_sqnr_db",  # summary
+    "observer", "input_min", "input_max", "output_min", "output_max", "sqnr_db", "max_error_steps",  # rows
+})
+_LOWERED_ONLY = frozenset({"lowered_into"})  # left out of the data of fxqbn.convert's reports
 
 
 def _qparams(scale: float | None, zero_point: int | None) -> str:
@@ -90,27 +104,28 @@ class Column:
     name: str  # what ``columns=`` and ``--columns`` take
     title: str  # its heading
     cell: Callable[[ReportRow], str]
+    shows: tuple[str, ...]  # the ReportRow fields it shows
     cut: str | None = None  # how a long cell fits the width: "middle" / "end" (ellipsis), "wrap", None (never shortened)
     blank_when_skipped: bool = False  # "-" on a skipped row: in plain tables a trailing reason spans such columns
 
 
 # Every column of the tables, in the order ``columns="all"`` shows them.
 COLUMNS = {c.name: c for c in (
-    Column("node", "node", lambda r: r.node, "middle"),
-    Column("bn", "BN", lambda r: r.module, "middle"),  # the BN module's qualified name
-    Column("pattern", "pattern", lambda r: r.pattern, "end"),
-    Column("op", "op", lambda r: r.op or "-", "end", blank_when_skipped=True),
-    Column("status", "status", lambda r: r.status),
-    Column("dtype", "dtype", lambda r: r.dtype or "-", blank_when_skipped=True),
-    Column("observer", "observer", lambda r: r.observer or "-", "end", blank_when_skipped=True),
-    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point), blank_when_skipped=True),
-    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max), blank_when_skipped=True),
-    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point), blank_when_skipped=True),
-    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), blank_when_skipped=True),
-    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), blank_when_skipped=True),
-    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), blank_when_skipped=True),
-    Column("source", "source", lambda r: r.source or "-", "middle"),
-    Column("reason", "reason", lambda r: r.reason or "-", "wrap"),
+    Column("node", "node", lambda r: r.node, ("node",), "middle"),
+    Column("bn", "BN", lambda r: r.module, ("module",), "middle"),  # the BN module's qualified name
+    Column("pattern", "pattern", lambda r: r.pattern, ("pattern",), "end"),
+    Column("op", "op", lambda r: r.op or "-", ("op",), "end", blank_when_skipped=True),
+    Column("status", "status", lambda r: r.status, ("status",)),
+    Column("dtype", "dtype", lambda r: r.dtype or "-", ("dtype",), blank_when_skipped=True),
+    Column("observer", "observer", lambda r: r.observer or "-", ("observer",), "end", blank_when_skipped=True),
+    Column("in", "in scale@zp", lambda r: _qparams(r.input_scale, r.input_zero_point), ("input_scale", "input_zero_point"), blank_when_skipped=True),
+    Column("in_range", "in range", lambda r: _range(r.input_min, r.input_max), ("input_min", "input_max"), blank_when_skipped=True),
+    Column("out", "out scale@zp", lambda r: _qparams(r.output_scale, r.output_zero_point), ("output_scale", "output_zero_point"), blank_when_skipped=True),
+    Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), ("output_min", "output_max"), blank_when_skipped=True),
+    Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), ("sqnr_db",), blank_when_skipped=True),
+    Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), ("max_error_steps",), blank_when_skipped=True),
+    Column("source", "source", lambda r: r.source or "-", ("source",), "middle"),
+    Column("reason", "reason", lambda r: r.reason or "-", ("reason",), "wrap"),
 )}
 # What a person reads first: ``str(report)`` and the command show these, fitted to WIDTH characters.
 DEFAULT_COLUMNS = ("bn", "pattern", "status", "in", "out", "sqnr", "reason")
@@ -145,7 +160,7 @@ def _finite(value):
 
 @dataclass(frozen=True)
 class Report:
-    """Every BatchNorm pattern ``fxqbn.convert`` found, in graph order, and the totals."""
+    """Every BatchNorm pattern ``fxqbn.convert`` (or ``fxqbn.lower``) found, in graph order, and the totals."""
 
     rows: tuple[ReportRow, ...]
     summary: ReportSummary
@@ -159,48 +174,65 @@ class Report:
     def skipped(self) -> tuple[ReportRow, ...]:
         return tuple(row for row in self.rows if row.status == "skipped")
 
+    @property
+    def unused(self) -> frozenset[str]:
+        """The fields that mean nothing for this report's kind: ``NOT_LOWERED`` for ``fxqbn.lower``'s."""
+        return NOT_LOWERED if self.summary.lowered_into else _LOWERED_ONLY
+
     def to_dict(self) -> dict:
-        """JSON-ready data: rows and summary, without the conversion time; inf/NaN become None."""
-        summary = {k: _finite(v) for k, v in asdict(self.summary).items() if k != "convert_seconds"}
-        rows = [{k: _finite(v) for k, v in asdict(row).items()} for row in self.rows]
+        """JSON-ready data: rows and summary, without the conversion time and the ``unused`` fields;
+        inf/NaN become None."""
+        leave_out = self.unused | {"convert_seconds"}
+        summary = {k: _finite(v) for k, v in asdict(self.summary).items() if k not in leave_out}
+        rows = [{k: _finite(v) for k, v in asdict(row).items() if k not in leave_out} for row in self.rows]
         return {"rows": rows, "summary": summary, "dropped": list(self.dropped)}
 
     @classmethod
     def from_dict(cls, data: dict, convert_seconds: float = 0.0) -> "Report":
         """The inverse of ``to_dict`` (which leaves out the conversion time: pass it if known)."""
         rows = tuple(ReportRow(**row) for row in data["rows"])
-        summary = ReportSummary(**data["summary"], convert_seconds=convert_seconds)
+        boundaries = {"quantize_nodes": 0, "dequantize_nodes": 0} if data["summary"].get("lowered_into") else {}
+        summary = ReportSummary(**{**boundaries, **data["summary"]}, convert_seconds=convert_seconds)
         return cls(rows=rows, summary=summary, dropped=tuple(data.get("dropped", ())))
+
+    def _counts(self) -> list[str]:
+        s = self.summary
+        if s.lowered_into:
+            bns = "BN" if s.rewritten == 1 else "BNs"
+            return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {s.skipped} skipped"]
+        return [f"{s.rewritten} rewritten, {s.skipped} skipped",
+                f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted"]
 
     def summary_lines(self, width: int | None = WIDTH) -> list[str]:
         """The totals under the table: on one line with ``width=None``, else counts on one line and
         the model's SQNR and the conversion time on the next (where the timing cannot move the break)."""
-        s = self.summary
-        counts = [f"{s.rewritten} rewritten, {s.skipped} skipped",
-                  f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted"]
+        s, counts = self.summary, self._counts()
         numbers = [] if s.model_sqnr_db is None else [f"model output SQNR {_number(s.model_sqnr_db)} dB"]
-        numbers.append(f"converted in {s.convert_seconds * 1000:.0f} ms")
+        numbers.append(f"{'lowered' if s.lowered_into else 'converted'} in {s.convert_seconds * 1000:.0f} ms")
         return ["; ".join(counts + numbers)] if width is None else ["; ".join(counts), "; ".join(numbers)]
 
     def format(self, fmt: str = "plain", columns: Sequence[str] | str = DEFAULT_COLUMNS, width: int | None = WIDTH) -> str:
-        """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field).
+        """The report as text: ``plain`` or ``github`` tables, ``json`` or ``csv`` data (every field but
+        the ``unused`` ones).
 
-        ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``). To fit ``width``
-        characters, a long name is cut in the middle with an ellipsis and a long reason wraps onto the
-        next lines; ``width=None`` shortens nothing. ``github`` tables are Markdown, which the browser
-        lays out: they are never shortened.
+        ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``); a column showing only
+        ``unused`` fields is left out. To fit ``width`` characters, a long name is cut in the middle
+        with an ellipsis and a long reason wraps onto the next lines; ``width=None`` shortens nothing.
+        ``github`` tables are Markdown, which the browser lays out: they are never shortened.
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if fmt == "csv":
             out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(ReportRow)], lineterminator="\n")
+            names = [f.name for f in fields(ReportRow) if f.name not in self.unused]
+            writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.to_dict()["rows"])
             return out.getvalue()
         if fmt not in ("plain", "github"):
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
-        chosen = [COLUMNS[name] for name in column_names(columns if isinstance(columns, str) else ",".join(columns))]
+        named = [COLUMNS[name] for name in column_names(columns if isinstance(columns, str) else ",".join(columns))]
+        chosen = [c for c in named if not set(c.shows) <= self.unused]
         table = [_cells(chosen, row, spanning=fmt == "plain") for row in self.rows]
         text = render([c.title for c in chosen], table, [c.cut for c in chosen], width if fmt == "plain" else None, fmt)
         lines = [text, *self.summary_lines(width)]

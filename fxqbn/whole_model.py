@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxqbn.passes.lower import ROUTES
+
 from .errors import FxqbnError
 from .lower import lower
 from .tracing import owned_copy
 
 __all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
-
-ROUTES = ("ao", "pt2e")
 
 # Warnings torch.ao emits on every call of prepare_fx / convert_fx (regexes matched at the message start).
 _AO_WARNINGS = (

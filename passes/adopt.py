@@ -18,6 +18,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from fxqbn.qconfig import ActivationSpec
 from fxqbn.qparams import DTYPE_RANGES
 
+from .graph_facts import describe
 from .match import find_patterns
 from .records import Dropped, Observed, Prepared, Skip, observer_users
 
@@ -46,11 +47,6 @@ class _ObservedEverywhere:
 
     def spec_for(self, module_name: str, object_type: object, first_component: object = None) -> ActivationSpec:
         return ActivationSpec(factory=nn.Identity, dtype=torch.quint8)
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} ({node.op} {target})"
 
 
 def adopt_observers(gm: fx.GraphModule) -> Prepared:
@@ -83,7 +79,7 @@ def adopt_observers(gm: fx.GraphModule) -> Prepared:
         patterns.append(Observed(match, in_obs.name, out_obs.name))
     used = observer_users(patterns)
     dropped = tuple(
-        Dropped(observer=name, observed=_describe(nodes[name].args[0]))
+        Dropped(observer=name, observed=describe(nodes[name].args[0]))
         for name in observers
         if name not in used and isinstance(nodes[name].args[0], fx.Node)
     )

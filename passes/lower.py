@@ -20,39 +20,45 @@ Each such BN becomes a ``LowerMatch``; every other BN a ``Skip`` with the reason
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
 
 import torch
-import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn import qops
 from fxqbn.errors import FxqbnError
+from fxqbn.fused_io import QUANTIZED_DTYPES
 from fxqbn.qparams import DTYPE_RANGES, QParams
 
+from .graph_facts import describe, rank, tensor_problem
 from .match import source_of
 from .patterns import RANK_TO_DIM
 from .records import Skip
-from .spellings import BnCall, activation_name, passthrough_input, read_activation, read_bn
+from .spellings import (
+    ACTIVATION_SPELLINGS, PASSTHROUGH_SPELLINGS, BnCall, activation_name, passthrough_input, read_activation, read_bn,
+)
 
 __all__ = ["LowerMatch", "ROUTES", "graph_route", "require_route", "find_lowerable"]
 
-def _pt2e_ops() -> tuple[tuple[object, ...], tuple[object, ...]]:
-    """(quantize ops, dequantize ops) of PT2E graphs (per tensor, scalar or tensor qparams)."""
+@functools.cache
+def _pt2e_ops() -> tuple[frozenset[object], frozenset[object]]:
+    """(quantize ops, dequantize ops) of PT2E graphs (per tensor, scalar or tensor qparams); looked up
+    once, on first use (registering ``quantized_decomposed`` imports torch.ao's quantization)."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
 
     ops = torch.ops.quantized_decomposed
     return (
-        (ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor),
-        (ops.dequantize_per_tensor.default, ops.dequantize_per_tensor.tensor),
+        frozenset((ops.quantize_per_tensor.default, ops.quantize_per_tensor.tensor)),
+        frozenset((ops.dequantize_per_tensor.default, ops.dequantize_per_tensor.tensor)),
     )
 
 
-_PLAIN_TO_QUANTIZED = {torch.uint8: torch.quint8, torch.int8: torch.qint8}
-ROUTES = ("ao", "pt2e")  # torch.ao convert_fx graphs (quantized tensors); torchao convert_pt2e graphs (plain codes)
+# route -> the graphs it names: torch.ao convert_fx's (quantized tensors), torchao convert_pt2e's (plain codes)
+ROUTES = {"ao": "torch.ao convert_fx", "pt2e": "torchao convert_pt2e"}
 
 
 @dataclass(frozen=True)
@@ -75,10 +81,15 @@ class LowerMatch:
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
+            raise ValueError(f"route must be one of {tuple(ROUTES)}, got {self.route!r}")
         lo, hi = DTYPE_RANGES[self.output_qparams.dtype]
         if not lo <= self.codes[0] <= self.codes[1] <= hi:
             raise ValueError(f"code range {self.codes} outside {self.output_qparams.dtype}'s")
+
+    # What ``passes.rewrite.bn_tensors`` reads besides ``bn``: the constants are the record's (read off the
+    # graph being lowered), and an inference graph keeps no momentum.
+    bn_module = None
+    momentum = None
 
     @property
     def output(self) -> str:
@@ -99,7 +110,7 @@ def graph_route(graph: fx.Graph) -> str | None:
     """"pt2e" for a graph holding PT2E's quantize/dequantize ops, "ao" for torch.ao's, None for neither."""
     quantize, dequantize = _pt2e_ops()
     targets = {node.target for node in graph.nodes if node.op == "call_function"}
-    if targets & set(quantize + dequantize):
+    if targets & (quantize | dequantize):
         return "pt2e"
     if torch.quantize_per_tensor in targets or any(n.op == "call_method" and n.target == "dequantize" for n in graph.nodes):
         return "ao"
@@ -136,7 +147,7 @@ def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tupl
         return f"{node.name} passes its qparams as keywords: unsupported spelling"
     if route == "pt2e":
         scale, zero_point, qmin, qmax, dtype = args[:5]
-        dtype = _PLAIN_TO_QUANTIZED.get(dtype)
+        dtype = QUANTIZED_DTYPES.get(dtype)
     else:
         scale, zero_point, dtype = args[:3]
         qmin = qmax = None
@@ -151,14 +162,13 @@ def _boundary(node: fx.Node, root: nn.Module, route: str) -> tuple[QParams, tupl
 
 
 # torch.ao ops whose quantized output keeps its input's qparams: (node.op, target); modules by type.
+# Every activation (a clamp) and pass-through spelling does; so do max-pools and the ops that only move
+# or reshape values.
 _KEEPS_QPARAMS = frozenset({
-    *(("call_module", t) for t in (
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU, nn.ReLU6, nnq.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Flatten,
-    )),
-    *(("call_function", f) for f in (
-        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.relu, torch.relu, F.relu6, F.hardtanh, torch.flatten,
-    )),
-    *(("call_method", m) for m in ("relu", "flatten", "view", "reshape", "contiguous", "permute")),
+    *((op, target) for op, target, _ in ACTIVATION_SPELLINGS + PASSTHROUGH_SPELLINGS),
+    *(("call_module", t) for t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten)),
+    *(("call_function", f) for f in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten)),
+    *(("call_method", m) for m in ("flatten", "view", "reshape", "contiguous", "permute")),
 })
 
 
@@ -194,17 +204,6 @@ def _code(value: float, quantize: fx.Node, root: nn.Module, route: str, qparams:
     return int(qops.codes(qops.quantize(x, qparams.scale, qparams.zero_point, qparams.dtype))[0])
 
 
-def _rank(node: fx.Node) -> int | None:
-    val = node.meta.get("val", node.meta.get("tensor_meta"))
-    shape = getattr(val, "shape", None)
-    return len(shape) if shape is not None else None
-
-
-def _describe(node: fx.Node) -> str:
-    target = getattr(node.target, "__name__", node.target) if node.op != "call_module" else node.target
-    return f"{node.name} ({node.op} {target})"
-
-
 class _Matcher:
     def __init__(self, gm: fx.GraphModule, route: str) -> None:
         self.gm, self.route = gm, route
@@ -226,12 +225,6 @@ class _Matcher:
         found = self._sandwich(call, position)
         return self.skip(position, node, call, found) if isinstance(found, str) else found
 
-    def _statistics_problem(self, call: BnCall) -> str:
-        mean = operator.attrgetter(call.running_mean)(self.gm)
-        if mean.dtype != torch.float32 or mean.device.type != "cpu":
-            return f"holds {mean.dtype} statistics on {mean.device.type}; the int8 kernels compute in float32 on the CPU"
-        return ""
-
     def _chain(self, call: BnCall) -> tuple[list[str], tuple[float, float] | None, fx.Node] | str:
         """(pass-through and activation nodes, the activation's clamp, the quantize) after the BN, or why not."""
         value, chain = self.nodes[call.output], []
@@ -250,7 +243,7 @@ class _Matcher:
                 chain.append(user.name)
                 clamp = (activation.lo, activation.hi)
             else:
-                return f"its output reaches {_describe(user)} in float, not a per-tensor quantize: nothing to lower into"
+                return f"its output reaches {describe(user)} in float, not a per-tensor quantize: nothing to lower into"
             value = user
 
     def _after(self, quantize: fx.Node, clamp: tuple[float, float] | None) -> tuple[list[str], tuple[float, float] | None]:
@@ -271,13 +264,13 @@ class _Matcher:
     def _sandwich(self, call: BnCall, position: int) -> LowerMatch | str:
         x = self.nodes[call.input]
         if not _is_dequantize(x, self.route):
-            return f"its input {_describe(x)} is float, not a dequantize: there is no int8 value to read"
+            return f"its input {describe(x)} is float, not a dequantize: there is no int8 value to read"
         chain = self._chain(call)
         if isinstance(chain, str):
             return chain
         nodes, clamp, quantize = chain
         after, clamp = self._after(quantize, clamp)
-        problem = self._statistics_problem(call)
+        problem = tensor_problem(operator.attrgetter(call.running_mean)(self.gm))
         out = _boundary(quantize, self.gm, self.route)
         if problem or isinstance(out, str):
             return problem or out
@@ -309,12 +302,12 @@ class _Matcher:
         return found[0]
 
     def _dim(self, call: BnCall, x: fx.Node) -> int | None | str:
-        rank = _rank(x) if _rank(x) is not None else _rank(self.nodes[call.output])  # a BN keeps the shape
-        if rank is None:
+        found = rank(x) if rank(x) is not None else rank(self.nodes[call.output])  # a BN keeps the shape
+        if found is None:
             return call.dim
-        dim = RANK_TO_DIM.get(rank)
+        dim = RANK_TO_DIM.get(found)
         if dim is None or (call.dim is not None and call.dim != dim):
-            return f"its input has rank {rank}: no int8 {call.spelling} kernel takes it"
+            return f"its input has rank {found}: no int8 {call.spelling} kernel takes it"
         return dim
 
 

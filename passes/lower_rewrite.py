@@ -25,19 +25,11 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from .lower import LowerMatch
+from .new_modules import NewModules
 
 __all__ = ["LOWERED_PREFIX", "rewrite_lowerable"]
 
 LOWERED_PREFIX = "fxqbn_lowered_"  # the installed int8 BN modules: fxqbn_lowered_<BN node name>
-
-
-def _free_name(root: nn.Module, taken: set[str], name: str) -> str:
-    target, k = name, 0
-    while target in taken or hasattr(root, target):
-        k += 1
-        target = f"{name}_{k}"
-    taken.add(target)
-    return target
 
 
 def _erase_unused_attrs(graph: fx.Graph, root: nn.Module, candidates: list[fx.Node]) -> None:
@@ -83,12 +75,9 @@ def rewrite_lowerable(
     ``root`` that only the removed nodes read are deleted from it (pass a copy).
     """
     nodes = {node.name: node for node in graph.nodes}
-    taken: set[str] = set()
-    new: dict[str, nn.Module] = {}
+    new = NewModules(root)
     orphans: list[fx.Node] = []
     for match, module in zip(matches, modules, strict=True):
-        target = _free_name(root, taken, LOWERED_PREFIX + match.bn.node)
-        new[target] = module
-        orphans += _rewrite_one(graph, nodes, match, target)
+        orphans += _rewrite_one(graph, nodes, match, new.named(LOWERED_PREFIX + match.bn.node, module))
     _erase_unused_attrs(graph, root, list(dict.fromkeys(orphans)))
-    return new
+    return new.modules

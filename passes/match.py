@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -21,6 +20,8 @@ from fxqbn.errors import FxqbnError
 from fxqbn.qconfig import ActivationConfig
 
 from . import patterns
+from .graph_facts import rank as _rank
+from .graph_facts import tensor_problem as _tensor_problem
 from .patterns import MODULE_KINDS, NO_ACTIVATION, RANK_TO_DIM, Activation, activation_for
 from .records import Match, Skip
 from .spellings import MOMENTUM_ARG, BnCall, activation_name, passthrough_input, read_activation, read_bn
@@ -41,22 +42,6 @@ def source_of(node: fx.Node) -> str:
         return ""
     path, line = user[-1]
     return f"{os.path.basename(path)}:{line}"
-
-
-def _rank(value: fx.Node) -> int | None:
-    meta = value.meta.get("tensor_meta", value.meta.get("val"))
-    shape = getattr(meta, "shape", None)
-    return len(shape) if shape is not None else None
-
-
-def _tensor_problem(statistic: torch.Tensor) -> str:
-    """Why a BN whose statistics are ``statistic``'s dtype and device cannot be quantized; "" if it can."""
-    if statistic.dtype != torch.float32 or statistic.device.type != "cpu":
-        return (
-            f"holds {statistic.dtype} statistics on {statistic.device.type}; the quantized kernel computes "
-            "in float32 on the CPU: convert the model with model.float().cpu()"
-        )
-    return ""
 
 
 def _bn_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:

@@ -36,6 +36,7 @@ from fxqbn.nn import own_many
 from fxqbn.qparams import Observation, read_many
 
 from .modules import ModuleIndex
+from .new_modules import NewModules as _NewModules
 from .records import Converted, Dropped, Match, Observed, Rewrite, observer_users
 
 __all__ = ["read_observers", "bn_tensors", "build_replacements", "rewrite_patterns", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX"]
@@ -84,38 +85,6 @@ def bn_tensors(root: nn.Module, match: Match, index: ModuleIndex | None = None) 
         return BnTensors(mean, var, weight, bias, b.eps, match.momentum)
     module = index.module(match.bn_module)  # a module's constants as they are now, not as at prepare
     return BnTensors(mean, var, weight, bias, module.eps, module.momentum)
-
-
-class _NewModules:
-    """Targets for the modules a rewrite adds, unique against ``root``'s attributes and each other."""
-
-    def __init__(self, root: nn.Module, index: ModuleIndex | None = None) -> None:
-        self.index = index or ModuleIndex(root)
-        self.modules: dict[str, nn.Module] = {}
-        self._next: dict[str, int] = {}
-
-    def _free(self, name: str) -> bool:
-        return name not in self.modules and not self.index.has(name)
-
-    def add(self, prefix: str, module: nn.Module) -> str:
-        """Under the first free ``prefix<k>``."""
-        k = self._next.get(prefix, 0)
-        while not self._free(f"{prefix}{k}"):
-            k += 1
-        self._next[prefix] = k + 1
-        self.modules[f"{prefix}{k}"] = module
-        return f"{prefix}{k}"
-
-    def replace(self, match: Match, module: nn.Module) -> str:
-        """Where the float BN module was (a BN called twice: a fresh name beside it); an
-        F.batch_norm's replacement at the root, named after its node."""
-        name = match.module if match.bn_module is not None else f"fxqbn_{match.bn_node}"
-        target, k = name, 0
-        while target in self.modules or (k and not self._free(target)):
-            k += 1
-            target = f"{name}_{k}"
-        self.modules[target] = module
-        return target
 
 
 class _Roles:

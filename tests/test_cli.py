@@ -207,6 +207,24 @@ def test_the_torch_free_choices_name_the_tables_they_stand_for():
     assert cli.INT8_ROUTES == tuple(whole_model.ROUTES)
 
 
+LOWER_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lower_models.py")
+
+
+def test_int8_report_says_how_many_bns_went_into_the_int8_graph_and_drops_what_means_nothing(capsys):
+    args = ["convert", f"{LOWER_MODELS}:timm_style_net", "--int8", "ao", "--calib-batches", "2"]
+    assert cli.main([*args, "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["int8"] == "ao" and not {"observer", "dtype", "skip"} & set(document)  # torch.ao's mapping chose them
+    assert document["report"]["summary"] == {"rewritten": 3, "skipped": 0, "lowered_into": "torch.ao convert_fx"}
+    assert all(not {"observer", "input_min", "output_max", "sqnr_db", "max_error_steps"} & set(row) for row in document["report"]["rows"])
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("BN "))  # after the wrapped model and calibration lines
+    assert header.split() == ["BN", "pattern", "status", "in", "scale@zp", "out", "scale@zp", "reason"]
+    assert "3 BNs lowered into the torch.ao convert_fx int8 graph, 0 skipped" in lines
+    assert re.fullmatch(r"lowered in \d+ ms", lines[-1])
+
+
 def test_console_script_is_the_same_main():
     (script,) = metadata.entry_points(group="console_scripts", name="fxqbn")
     assert script.value == "fxqbn.cli:main" and script.load() is cli.main

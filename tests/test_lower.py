@@ -15,11 +15,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lower_models import ACTIVATIONS, PASSTHROUGHS, Sandwich, TimmStyleNet, models, trained
+import torch.nn.functional as F
 from torch import fx, nn
 
 import fxqbn
 from fxqbn import cli
 from fxqbn.compare import sqnr_db
+from fxqbn.fused import FusedBatchNorm
+from fxqbn.lowered import ByRank
 from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
 from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
 from fxqbn.passes.spellings import passthrough_input, read_activation, read_bn
@@ -157,6 +160,32 @@ def test_pt2e_uint8_and_int8_codes_with_any_qparams(signed, s_in, s_out, z_in, z
     assert (codes_of(actual) - codes_of(gm(x))).abs().max() <= 1
 
 
+@settings(max_examples=40, deadline=None)
+@given(route=st.sampled_from(ROUTES), backend=st.sampled_from(["native", "fused"]), dim=st.sampled_from([1, 2, 3]),
+       activation=st.sampled_from(["ReLU6", "hardtanh(0,6)", "clamp(-1,2)", "clamp(0,6)"]), signed=st.booleans(),
+       scale=st.floats(0.005, 0.1), zp=st.integers(0, 255), spelling=st.sampled_from(["module", "functional"]))
+def test_the_clamp_inside_the_kernel_equals_the_kernel_then_the_clamp_bit_for_bit(
+    route, backend, dim, activation, signed, scale, zp, spelling
+):
+    """The activation's code clamp runs inside the BN kernel; its codes are those of the same BN
+    lowered without the activation, clamped to the match's code range afterwards."""
+    signed = signed and route == "pt2e"  # torch.ao's graphs here hold quint8
+    shift = 128 if signed else 0
+    backend = "native" if route == "ao" else backend  # torch.ao input qparams are known at run time only
+    qin, qout = (0.05, 120 - shift), (scale, zp - shift)
+    model = Sandwich(route, dim, spelling, activation, "none", qin=qin, qout=qout, signed=signed)
+    plain = Sandwich(route, dim, spelling, "none", "none", qin=qin, qout=qout, signed=signed)
+    gm = fx.symbolic_trace(model)
+    (match,), _ = find_lowerable(gm)
+    lowered, unclamped = fxqbn.lower(gm, backend=backend), fxqbn.lower(fx.symbolic_trace(plain), backend=backend)
+    x = model.codes(SHAPES[dim])
+    assert torch.equal(codes_of(lowered(x)), codes_of(unclamped(x)).clamp(*match.codes))
+    module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
+    if backend == "fused" and route == "pt2e":  # plain codes in and out: the kernel itself, its bounds the match's
+        kernels = list(module.kernels.values()) if isinstance(module, ByRank) else [module]
+        assert all(isinstance(k, FusedBatchNorm) and k.bounds == match.codes for k in kernels)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
     model = Sandwich(route, 2, "module", "ReLU", "none")
@@ -168,6 +197,37 @@ def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
     (row,) = fxqbn.get_report(lowered).rows
     assert (row.pattern, row.status) == ("SyncBatchNorm+ReLU", "rewritten") and "batch_normNd" in row.op
     x = model.codes(SHAPES[2])
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+
+
+class QuantizedThrough(nn.Module):
+    """torch.ao style: quantize, then an op on the quint8 tensor, then dequantize -> BN -> quantize."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.bn = op, Sandwich("ao", 2, "module", "none", "none").bn
+
+    def forward(self, x):
+        q = self.op(torch.quantize_per_tensor(x, 0.1, 10, torch.quint8))
+        return torch.quantize_per_tensor(self.bn(q.dequantize()), 0.04, 90, torch.quint8)
+
+
+ON_QUINT8 = {  # ops torch.ao graphs run on quantized tensors that keep the qparams
+    "ReLU": nn.ReLU(), "ReLU6": nn.ReLU6(), "quantized ReLU6": torch.ao.nn.quantized.ReLU6(),
+    "Hardtanh": nn.Hardtanh(0.0, 6.0), "Identity": nn.Identity(), "eval Dropout": nn.Dropout(0.5).eval(),
+    "MaxPool2d": nn.MaxPool2d(1), "relu_": lambda q: q.relu_(), "torch.clamp": lambda q: torch.clamp(q, 0.0, 6.0),
+    "F.hardtanh": lambda q: F.hardtanh(q, 0.0, 6.0), "reshape": lambda q: q.reshape(q.shape),
+}
+
+
+@pytest.mark.parametrize("op", list(ON_QUINT8))
+def test_qparams_carry_through_every_activation_and_pass_through_spelling_to_the_fused_kernel(op):
+    """The fused kernel needs its input qparams at build time: they are read off the quantize, through
+    ops that keep them (every activation and pass-through spelling, max-pools, reshapes)."""
+    gm = fx.symbolic_trace(QuantizedThrough(ON_QUINT8[op]))
+    (row,) = fxqbn.get_report(fxqbn.lower(gm, backend="fused")).rows
+    assert row.status == "rewritten" and (row.input_scale, row.input_zero_point) == (0.1, 10)
+    lowered, x = fxqbn.lower(gm, backend="fused"), torch.randn(2, 5, 4, 4)
     assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
 
 

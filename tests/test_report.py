@@ -6,6 +6,7 @@ and review the diff.
 """
 
 import copy
+import dataclasses
 import csv
 import io
 import json
@@ -283,3 +284,53 @@ def test_no_source_when_the_model_has_no_code_of_its_own():
         observed(batches(1, 0)[0])
     (row,) = fxqbn.get_report(fxqbn.convert(observed)).rows
     assert row.source == ""
+
+
+# -- reports of fxqbn.lower ---------------------------------------------------------------------------
+
+LOWERED_FIELDS = {  # what a row of fxqbn.lower's report holds: no observer, observed range or per-BN error
+    "node", "module", "pattern", "op", "status", "reason", "source", "dtype",
+    "input_scale", "input_zero_point", "output_scale", "output_zero_point",
+}
+
+
+class TwoSandwiches(nn.Module):
+    """Two one-BN int8 graphs of lower_models.Sandwich, the second BN's input float (skipped)."""
+
+    def __init__(self, route):
+        super().__init__()
+        from lower_models import Sandwich
+
+        self.a = Sandwich(route, 2, "module", "ReLU6", "none")
+        self.b = nn.BatchNorm2d(5).eval()
+
+    def forward(self, x):
+        y = self.a(x)
+        return y, self.b(torch.randn(1, 5, 2, 2))
+
+
+@pytest.mark.parametrize("route, graph", [("ao", "torch.ao convert_fx"), ("pt2e", "torchao convert_pt2e")])
+def test_a_lowered_report_says_what_was_lowered_into_which_graph_and_only_what_means_something(route, graph):
+    report = fxqbn.get_report(fxqbn.lower(torch.fx.symbolic_trace(TwoSandwiches(route))))
+    assert [r.status for r in report.rows] == ["rewritten", "skipped"]
+    assert (report.summary.rewritten, report.summary.skipped, report.summary.lowered_into) == (1, 1, graph)
+    counts, timing = report.summary_lines()
+    assert counts == f"1 BN lowered into the {graph} int8 graph, 1 skipped"
+    assert re.fullmatch(r"lowered in \d+ ms", timing)
+    data = report.to_dict()
+    assert data["summary"] == {"rewritten": 1, "skipped": 1, "lowered_into": graph}
+    assert all(set(row) == LOWERED_FIELDS for row in data["rows"])
+    assert set(csv.DictReader(io.StringIO(report.format("csv"))).fieldnames) == LOWERED_FIELDS
+    assert json.loads(report.format("json")) == data
+    assert Report.from_dict(data).to_dict() == data  # the JSON reads back
+    header = report.format("plain", columns="all", width=None).splitlines()[0].split()
+    assert header == ["node", "BN", "pattern", "op", "status", "dtype", "in", "scale@zp", "out", "scale@zp", "source", "reason"]
+    text = str(report)
+    assert "SQNR" not in text and "quantize and" not in text and "converted in" not in text
+
+
+def test_a_convert_report_keeps_every_field_and_says_nothing_of_lowering(converted):
+    report = fxqbn.get_report(converted[2])
+    assert report.summary.lowered_into == "" and "lowered_into" not in report.to_dict()["summary"]
+    assert all(set(row) == {f.name for f in dataclasses.fields(ReportRow)} for row in report.to_dict()["rows"])
+    assert str(report).splitlines()[0].split()[-2:] == ["SQNR", "reason"]
