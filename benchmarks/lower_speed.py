@@ -9,8 +9,9 @@ batch (1, 16): the median latency of the float model, the int8 model as converte
 the ratios to float; "lowered / int8" is the median of that ratio within each round; "noise" is the
 largest interquartile range relative to its median. Models run
 eagerly (PT2E graphs are meant for inductor; eager they run their quantize/dequantize as ops). SQNR:
-model output against float on 4 held-out batches of 16. The CPU may be shared: compare ratios within
-one run only.
+model output against float on 4 held-out batches of 16. "int8 build s": building the int8 model once
+(prepare, 4 calibration batches, convert_fx / convert_pt2e); "fxqbn.lower ms": lowering it once. The
+CPU may be shared: compare ratios within one run only.
 """
 
 from __future__ import annotations
@@ -72,8 +73,12 @@ def output_sqnr(reference, model, held_out) -> float:
 def rows_for(name: str, model, inputs, route: str, repeats: int) -> list[list]:
     torch.manual_seed(1)
     calib = [example(model, inputs, 16) for _ in range(4)]
-    int8 = int8_model(model, inputs, calib, route)
+    start = time.perf_counter()
+    int8 = int8_model(model, inputs, calib, route)  # prepare, calibrate, convert_fx / convert_pt2e
+    built = time.perf_counter() - start
+    start = time.perf_counter()
     lowered = fxqbn.lower(int8)
+    lowering = time.perf_counter() - start
     held_out = [example(model, inputs, 16) for _ in range(4)]
     sqnr = (output_sqnr(model, int8, held_out), output_sqnr(model, lowered, held_out))
     rows = []
@@ -82,6 +87,7 @@ def rows_for(name: str, model, inputs, route: str, repeats: int) -> list[list]:
         rows.append([
             name, route, batch, f"{f:.3f}", f"{i:.3f} ({i / f:.2f}x)", f"{lo:.3f} ({lo / f:.2f}x)", f"{paired:.2f}",
             f"{noise:.2f}", f"{sqnr[0]:.1f}", f"{sqnr[1]:.1f}", f"{float_bns(int8)} -> {float_bns(lowered)}",
+            f"{built:.1f}", f"{lowering * 1000:.0f}",
         ])
     return rows
 
@@ -101,7 +107,7 @@ def main() -> None:
             rows += rows_for(name, model, inputs, route, args.repeats)
     headers = [
         "model", "route", "batch", "float ms", "int8 ms (x float)", "lowered ms (x float)", "lowered / int8 (paired)",
-        "noise", "SQNR int8 dB", "SQNR lowered dB", "float BNs int8 -> lowered",
+        "noise", "SQNR int8 dB", "SQNR lowered dB", "float BNs int8 -> lowered", "int8 build s", "fxqbn.lower ms",
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats} interleaved rounds")
     print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))

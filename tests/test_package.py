@@ -37,3 +37,20 @@ def test_exports_are_the_documented_api():
 
     assert callable(fxqbn.lower) and fxqbn.lower.__name__ == "lower" and fxqbn.lower.__module__ == "fxqbn.lower"
     assert fxqbn.FxqbnError.__module__ == "fxqbn.errors" and fxqbn.prepare.__module__ == "fxqbn.api"
+
+
+def test_no_function_of_the_library_or_its_passes_is_over_40_lines():
+    """Small functions with one job each (README's Standards): a function past 40 lines is a sign it does several."""
+    import ast
+    import pathlib
+
+    import fxqbn.passes
+
+    long, packages = [], [pathlib.Path(m.__file__).parent for m in (fxqbn, fxqbn.passes)]
+    assert all(len(list(p.glob("*.py"))) > 5 for p in packages)
+    for package in packages:
+        for path in sorted(package.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 40:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "split these into named steps: " + ", ".join(long)
