@@ -34,7 +34,7 @@ from . import nn as qnn
 from .errors import FxqbnError
 from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
-from .report import Report, ReportRow, ReportSummary
+from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .tracing import build_graph_module, owned_copy, propagate_shapes, trace_graph
 
@@ -277,10 +277,5 @@ def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[Repor
             output_min=obs_out.min_val, output_max=obs_out.max_val,
         )
         rows.append((match.position, row))
-    for skip in skips:
-        row = ReportRow(
-            node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped",
-            reason=skip.reason, source=skip.source,
-        )
-        rows.append((skip.position, row))
+    rows += [(skip.position, skipped_row(skip)) for skip in skips]
     return tuple(row for _, row in sorted(rows, key=lambda item: item[0]))

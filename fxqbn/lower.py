@@ -29,7 +29,7 @@ from .backends import FUSED, NATIVE, Backend, BnTensors, Kernel, backend_named
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .qparams import DTYPE_RANGES, QParams
-from .report import Report, ReportRow, ReportSummary
+from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["lower", "DEFAULT_BACKENDS"]
@@ -112,10 +112,6 @@ def _row(m: LowerMatch, op: str) -> ReportRow:
     )
 
 
-def _skip_row(s: Skip) -> ReportRow:
-    return ReportRow(node=s.node, module=s.module, pattern=s.pattern, op="", status="skipped", reason=s.reason, source=s.source)
-
-
 def _report(rows: Sequence[tuple[int, ReportRow]], route: str, lowered: int, skipped: int, start: float) -> Report:
     summary = ReportSummary(
         rewritten=lowered, skipped=skipped, quantize_nodes=0, dequantize_nodes=0, convert_seconds=time.perf_counter() - start,
@@ -150,7 +146,7 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     index = ModuleIndex(out)
     modules = [_build(bn_tensors(out, m, index), m, chosen, *k) for m, k in zip(matches, kernels)]  # all built before any edit
     rows = [(m.position, _row(m, _op(m, chosen, relu, clamp))) for m, (relu, clamp) in zip(matches, kernels)]
-    rows += [(s.position, _skip_row(s)) for s in skips + refused]
+    rows += [(s.position, skipped_row(s)) for s in skips + refused]
     for target, module in rewrite_lowerable(out.graph, out, matches, modules).items():
         out.add_submodule(target, module)
     out.graph.lint()

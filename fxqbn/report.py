@@ -20,11 +20,12 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 from .table import render
 
 __all__ = [
-    "ReportRow", "ReportSummary", "Report", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names", "NOT_LOWERED",
+    "ReportRow", "ReportSummary", "Report", "skipped_row", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names", "NOT_LOWERED",
 ]
 
 FORMATS = ("plain", "github", "json", "csv")
@@ -59,6 +60,11 @@ class ReportRow:
             raise ValueError(f"status must be 'rewritten' or 'skipped', got {self.status!r}")
         if self.status == "skipped" and not self.reason:
             raise ValueError(f"skipped row {self.node} has no reason")
+
+
+def skipped_row(skip: Any) -> ReportRow:
+    """The row of a BatchNorm left float (a ``passes.Skip``: node, module, pattern, reason, source)."""
+    return ReportRow(node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped", reason=skip.reason, source=skip.source)
 
 
 @dataclass(frozen=True)
