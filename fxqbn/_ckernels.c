@@ -30,7 +30,8 @@
 
 #define MAX_THREADS 64
 #define MIN_PER_THREAD (1 << 20) /* elements: below this a new thread costs more than it saves (and on a loaded machine may wait ms to run) */
-#define CLIP 1073741824.0f   /* |t| beyond this is clipped before rounding; codes are in [-256, 511] anyway */
+#define CLIP 1073741824.0f   /* quantize: a value with |t| beyond this (or NaN) flags the call, and the caller
+                              * quantizes the whole tensor with torch (fxqbn.qops.quantize saturates it). */
 
 /* -- the parallel loop ------------------------------------------------------------------------- */
 
