@@ -133,7 +133,8 @@ def check_saved_table(name: str, alpha: torch.Tensor, beta: torch.Tensor, table:
     if table.shape != (alpha.numel(), 256) or alpha.shape != beta.shape:
         raise FxqbnError(f"BatchNorm '{name}': its table is {tuple(table.shape)}, not ({alpha.numel()}, 256): the file is damaged; convert the model again")
     ref, formula = table.to(_I32), affine_codes(alpha, beta, dtype, zin, zout, bounds)
-    bad = ((ref < bounds[0]) | (ref > bounds[1]) | ((ref - formula).abs() > 1)).any(dim=1).nonzero().flatten()
+    far = (ref - formula).abs_().amax(dim=1) > 1
+    bad = (far | (ref.amin(dim=1) < bounds[0]) | (ref.amax(dim=1) > bounds[1])).nonzero().flatten()
     if bad.numel():
         raise FxqbnError(
             f"BatchNorm '{name}': its table disagrees with its constants alpha and beta at channel {int(bad[0])} "
@@ -155,7 +156,7 @@ def torch_constants(alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor
     if formula is None:
         formula = affine_codes(alpha, beta, dtype, zin, zout, bounds)
     a, b = alpha.clone(), beta.clone()
-    bad = (formula != ref).any(dim=1).nonzero().flatten()
+    bad = (formula - ref).abs_().amax(dim=1).nonzero().flatten()  # integer reductions: faster than any() of bools
     if bad.numel() == 0:
         return a, b
     k = 2 * _SEARCH_ULPS + 1
@@ -224,9 +225,9 @@ class _CKernel:
         self.run(per_element, out[0], True, 256, c, 1)
         self.run(rows, out[1], False, c, 256, 1)
         self.run(short, out[2], False, 16 * c, 16, 1)
-        bad = (out[0].view(256, c) != self.table.t()).any(dim=0)
-        bad |= (out[1].view(c, 256) != self.table).any(dim=1)
-        return bad | (out[2].view(16, c, 16) != self.table.view(c, 16, 16).transpose(0, 1)).any(dim=2).any(dim=0)
+        mask = torch.empty(c, dtype=torch.uint8)
+        EXT.mismatches(out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), self.table.data_ptr(), c, mask.data_ptr())
+        return mask.bool()
 
 
 @functools.lru_cache(maxsize=32)

@@ -478,3 +478,20 @@ def test_building_a_module_runs_each_exactness_check_once(kernels, monkeypatch):
     assert counts == {"formula": 2, "c_kernel": 2 * int(kernels == "c")}
     codes = every_code(torch.quint8, 6, (2, 2), torch.Generator().manual_seed(3))
     assert torch.equal(again(codes), native(bn, codes, qp, qp, 2, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_c_check_names_exactly_the_channels_that_differ_from_the_table(kernels, dtype):
+    if kernels != "c":
+        pytest.skip("the C kernel's own check: nothing to check without the extension")
+    gen = torch.Generator().manual_seed(5)
+    module = FusedBatchNorm.from_bn(random_bn(2, 70, gen), 2, False, random_qparams(gen, dtype), random_qparams(gen, dtype))
+    table = module._c.table  # the bytes the kernel is checked against (blocks of 64 channels: 64 and 69 in the second)
+    assert not module._c.mismatches(dtype).any()  # with its table channels in use, it equals its table everywhere
+    for channel, code in [(0, 0), (63, 255), (64, 17), (69, 128)]:
+        if channel in module.table_channels:
+            continue
+        kept = table[channel, code].item()
+        table[channel, code] = kept ^ 1
+        assert module._c.mismatches(dtype).nonzero().flatten().tolist() == [channel], (channel, code)
+        table[channel, code] = kept
