@@ -187,7 +187,7 @@ class _CKernel:
         period *= -(-_PERIOD // period)  # long enough that the loop runs many blocks per pass
         self.channels, self.period = c, period
         repeats = -(-(period + _VECTOR) // c)  # >= period + _VECTOR entries: see the C
-        self.a, self.b = torch.stack([alpha, beta])[:, None, :].expand(2, repeats, c).reshape(2, -1)
+        self.a, self.b = torch.stack([alpha, beta]).to(_F32)[:, None, :].expand(2, repeats, c).reshape(2, -1)  # float *
         self.table = table.contiguous().view(torch.uint8)
         self.ints = (zin, zout, bounds[0], bounds[1], int(dtype == torch.qint8))
         self.table_mask, self.table_channels = torch.zeros(c, dtype=torch.uint8), torch.zeros(0, dtype=_I32)
@@ -317,8 +317,8 @@ class FusedBatchNorm(nn.Module):
         )
 
     def _c_kernel(self) -> _CKernel | None:
-        """The C kernel, with the table in the channels where it differs from the table on some code
-        (all of them for kernel='table'); None without the extension."""
+        """The C kernel, running the table in the channels where its affine map differs from the table
+        on some code (in every channel for kernel='table'); None without the extension."""
         if EXT is None or self.num_features == 0:
             return None
         dtype = self.input_qparams.dtype
