@@ -21,10 +21,10 @@ import pstats
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 from tabulate import tabulate
-from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
 QIN, QOUT = QParams(0.05, 128, torch.quint8), QParams(0.04, 120, torch.quint8)
 
 
-def fastest(fns: dict[str, callable], repeats: int, number: int = 1) -> dict[str, float]:
+def fastest(fns: dict[str, Callable[[], object]], repeats: int, number: int = 1) -> dict[str, float]:
     """name -> the fastest of ``repeats`` interleaved runs of ``number`` calls, seconds per call."""
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
