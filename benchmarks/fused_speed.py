@@ -3,12 +3,14 @@
     python benchmarks/fused_speed.py            # every table, 1 and 2 threads (several minutes on 2 cores)
     python benchmarks/fused_speed.py --quick    # fewer shapes and repeats, for a smoke run
     python benchmarks/fused_speed.py --best     # ratios of the fastest rounds (for a machine others load)
+    OMP_NUM_THREADS=1 python benchmarks/fused_speed.py --tables boundaries --threads 1   # quantize/dequantize only
 
 Prints three markdown tables: the BN map on codes (float BatchNorm on floats, the native op, the fused
 C kernel and a uint8 ``copy_`` of the same size, as ratios to float BN), the boundaries (fused
 quantize/dequantize against torch's), and whole models (float input -> float output). Times are the
 medians of interleaved rounds (A B C A B C ...), so that load from other jobs hits every column alike;
-the ratios are what to read on a shared machine.
+the ratios are what to read on a shared machine. The boundaries take well under a millisecond, so
+their table is always the fastest of many short interleaved rounds (``BOUNDARY_ROUNDS``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ KERNELS = [(1, 8, 4, 4), (1, 8, 56, 56), (16, 8, 56, 56), (32, 16, 28, 28), (32,
            (8, 16, 8, 28, 28)]  # the shapes of ../shared/KERNEL_FACTS.md, and a tiny one that shows the per-call cost
 QUICK_KERNELS = [(1, 8, 4, 4), (16, 8, 56, 56), (32, 64, 28, 28), (32, 256, 14, 14)]
 BOUNDARY_SHAPES = [(16, 8, 56, 56), (32, 64, 28, 28)]
+BOUNDARY_ROUNDS, BOUNDARY_CALLS = 40, 3  # the boundary table: the fastest of 40 interleaved rounds of 3 calls
 BATCHES = (1, 32)
 LAYOUTS = ("NCHW", "channels_last")
 
@@ -119,25 +122,30 @@ class Timings(dict):
         return statistics.median(a / b for a, b in zip(self[name], self[base]))
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> Timings:
-    """Interleaved rounds (A B C A B C ...); each sample runs enough calls for ~4 ms."""
-    calls = {}
+def timed(fns: dict[str, Callable[[], object]], repeats: int, calls: int | None = None) -> Timings:
+    """Interleaved rounds (A B C A B C ...); each sample runs ``calls`` calls, or enough for ~4 ms."""
     with torch.no_grad():
-        for name, fn in fns.items():
-            fn()
-            start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.004:
-                fn()
-                n += 1
-            calls[name] = max(n, 1)
+        counts = {name: _calls(fn, calls) for name, fn in fns.items()}
         samples = Timings({name: [] for name in fns})
         for _ in range(repeats):
             for name, fn in fns.items():
                 start = time.perf_counter()
-                for _ in range(calls[name]):
+                for _ in range(counts[name]):
                     fn()
-                samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
+                samples[name].append((time.perf_counter() - start) / counts[name] * 1e3)
     return samples
+
+
+def _calls(fn: Callable[[], object], calls: int | None) -> int:
+    """``calls``, or as many calls as take ~4 ms; ``fn`` runs once first either way (a warm-up)."""
+    fn()
+    if calls:
+        return calls
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.004:
+        fn()
+        n += 1
+    return max(n, 1)
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -182,23 +190,29 @@ def kernel_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repeat
     return rows
 
 
-def boundary_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...], repeats: int) -> list[list[str]]:
+def boundary_table(shapes: list[tuple[int, ...]], threads: tuple[int, ...]) -> list[list[str]]:
+    """fused.quantize / fused.dequantize against torch.quantize_per_tensor / Tensor.dequantize() on the
+    same input, quint8 and qint8: the fastest of ``BOUNDARY_ROUNDS`` interleaved rounds (whatever --best says)."""
     rows = []
     for shape in shapes:
         for name in LAYOUTS:
             xf = layout(torch.randn(shape), name)
-            xq = torch.quantize_per_tensor(xf, 0.05, 128, torch.quint8)
-            codes = xq.int_repr()
-            for n in threads:
-                torch.set_num_threads(n)
-                t = timed({
-                    "tq": lambda: torch.quantize_per_tensor(xf, 0.05, 128, torch.quint8),
-                    "fq": lambda: fused.quantize(xf, 0.05, 128, torch.quint8),
-                    "td": lambda: xq.dequantize(),
-                    "fd": lambda: fused.dequantize(codes, 0.05, 128),
-                }, repeats)
-                rows.append([str(shape), name, n, f"{t.ms('tq'):.3f}", f"{t.ratio('fq', 'tq'):.2f}x",
-                             f"{t.ms('td'):.3f}", f"{t.ratio('fd', 'td'):.2f}x"])
+            for dtype, zero_point in ((torch.quint8, 128), (torch.qint8, 0)):
+                xq = torch.quantize_per_tensor(xf, 0.05, zero_point, dtype)
+                codes = xq.int_repr()
+                assert torch.equal(fused.quantize(xf, 0.05, zero_point, dtype), codes)
+                assert torch.equal(fused.dequantize(codes, 0.05, zero_point), xq.dequantize())
+                for n in threads:
+                    torch.set_num_threads(n)
+                    t = timed({
+                        "tq": lambda: torch.quantize_per_tensor(xf, 0.05, zero_point, dtype),
+                        "fq": lambda: fused.quantize(xf, 0.05, zero_point, dtype),
+                        "td": lambda: xq.dequantize(),
+                        "fd": lambda: fused.dequantize(codes, 0.05, zero_point),
+                    }, BOUNDARY_ROUNDS, BOUNDARY_CALLS)
+                    t.best = True
+                    rows.append([str(shape), name, str(dtype).removeprefix("torch."), n, f"{t.ms('tq'):.3f}",
+                                 f"{t.ratio('fq', 'tq'):.2f}x", f"{t.ms('td'):.3f}", f"{t.ratio('fd', 'td'):.2f}x"])
     return rows
 
 
@@ -246,27 +260,34 @@ def model_table(cases: list[ModelCase], batches: tuple[int, ...], threads: tuple
     return rows
 
 
+TABLES = ("kernels", "boundaries", "models")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and models, 7 rounds instead of 15")
     parser.add_argument("--best", action="store_true", help="ratios of the fastest rounds instead of medians of per-round ratios")
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES), help="which tables to print (default: all)")
     args = parser.parse_args()
     Timings.best = args.best
     repeats, threads = (7 if args.quick else 15), tuple(args.threads)
     isa = ckernels.EXT.isa() if ckernels.EXT is not None else f"not used: {ckernels.WHY_NOT}"
     print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, fxqbn C kernels: {isa}; "
           f"{'fastest' if args.best else 'medians over'} of {repeats} interleaved rounds{'' if args.best else ' of per-round ratios'}\n")
-    print("BN+ReLU on codes (times as a ratio to float BatchNorm on the same shape; fused/copy in uint8 copies):\n")
-    headers = ["BN input", "layout", "threads", "float BN ms", "native", "fused", "uint8 copy", "fused/copy", "native/fused"]
-    print(tabulate(kernel_table(QUICK_KERNELS if args.quick else KERNELS, threads, repeats), headers=headers, tablefmt="github"))
-    print("\nBoundaries (fused as a ratio to torch's):\n")
-    headers = ["input", "layout", "threads", "quantize_per_tensor ms", "fused.quantize", "dequantize() ms", "fused.dequantize"]
-    print(tabulate(boundary_table(BOUNDARY_SHAPES[:1] if args.quick else BOUNDARY_SHAPES, threads, repeats), headers=headers, tablefmt="github"))
-    print("\nWhole models, float in -> float out (ratios to the float model):\n")
-    cases, batches = (MODELS[:1], (32,)) if args.quick else (MODELS, BATCHES)
-    headers = ["model", "batch", "layout", "threads", "float ms", "torch.ao", "native", "fused", "native/fused"]
-    print(tabulate(model_table(cases, batches, threads, repeats), headers=headers, tablefmt="github"))
+    if "kernels" in args.tables:
+        print("BN+ReLU on codes (times as a ratio to float BatchNorm on the same shape; fused/copy in uint8 copies):\n")
+        headers = ["BN input", "layout", "threads", "float BN ms", "native", "fused", "uint8 copy", "fused/copy", "native/fused"]
+        print(tabulate(kernel_table(QUICK_KERNELS if args.quick else KERNELS, threads, repeats), headers=headers, tablefmt="github"))
+    if "boundaries" in args.tables:
+        print(f"\nBoundaries (fused as a ratio to torch's; fastest of {BOUNDARY_ROUNDS} interleaved rounds of {BOUNDARY_CALLS} calls):\n")
+        headers = ["input", "layout", "dtype", "threads", "quantize_per_tensor ms", "fused.quantize", "dequantize() ms", "fused.dequantize"]
+        print(tabulate(boundary_table(BOUNDARY_SHAPES[:1] if args.quick else BOUNDARY_SHAPES, threads), headers=headers, tablefmt="github"))
+    if "models" in args.tables:
+        print("\nWhole models, float in -> float out (ratios to the float model):\n")
+        cases, batches = (MODELS[:1], (32,)) if args.quick else (MODELS, BATCHES)
+        headers = ["model", "batch", "layout", "threads", "float ms", "torch.ao", "native", "fused", "native/fused"]
+        print(tabulate(model_table(cases, batches, threads, repeats), headers=headers, tablefmt="github"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
  *
  * bn:         out = clamp(zout + rne(fma(a[c], x - zin, b[c])), lo, hi) per channel, or a 256-entry
  *             table for the channels the caller marks (where this map differs from the native op);
+ * mismatches: which channels of bn's outputs on every code differ from the table (the caller's check);
  * quantize:   float32 -> codes, rne(fma(x, inv, zp)) or zp + rne(x * inv) (whichever torch uses),
  *             reporting whether any value left the range where both of torch's code paths agree;
  * dequantize: codes -> float32, (q - zp) * scale.
@@ -30,7 +31,8 @@
 
 #define MAX_THREADS 64
 #define MIN_PER_THREAD (1 << 20) /* elements: below this a new thread costs more than it saves (and on a loaded machine may wait ms to run) */
-#define CLIP 1073741824.0f   /* |t| beyond this is clipped before rounding; codes are in [-256, 511] anyway */
+#define CLIP 1073741824.0f   /* quantize: a value with |t| beyond this (or NaN) flags the call, and the caller
+                              * quantizes the whole tensor with torch (fxqbn.qops.quantize saturates it). */
 
 /* -- the parallel loop ------------------------------------------------------------------------- */
 
@@ -488,6 +490,41 @@ static PyObject *py_bn(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     Py_RETURN_NONE;
 }
 
+/* The per-element layout holds channel c's codes a row of C apart: compared in blocks of 64 channels,
+ * so that both the rows and the table's lines are read in order. */
+static void per_element_mismatches(const uint8_t *got, const uint8_t *table, int64_t channels, uint8_t *mask) {
+    for (int64_t c0 = 0; c0 < channels; c0 += 64) {
+        int64_t width = channels - c0 < 64 ? channels - c0 : 64;
+        uint8_t differ[64] = {0};
+        for (int64_t k = 0; k < 256; k++)
+            for (int64_t i = 0; i < width; i++) differ[i] |= got[k * channels + c0 + i] ^ table[(c0 + i) * 256 + k];
+        for (int64_t i = 0; i < width; i++) mask[c0 + i] |= differ[i] != 0;
+    }
+}
+
+/* mismatches(per_element, rows, short, table, channels, mask): bn's outputs on the three probe layouts
+ * of fxqbn/fused.py's _probe_layouts ((256, C), (C, 256) and (16, C, 16) bytes; code k of a channel is
+ * the one whose table entry is k) against the (C, 256) table: mask[c] = 1 where channel c differs. */
+static PyObject *py_mismatches(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long v[6];
+    (void)self;
+    if (ints(args, n, 6, "mismatches", v) < 0) return NULL;
+    const uint8_t *per_element = (const uint8_t *)(intptr_t)v[0], *rows = (const uint8_t *)(intptr_t)v[1];
+    const uint8_t *shorts = (const uint8_t *)(intptr_t)v[2], *table = (const uint8_t *)(intptr_t)v[3];
+    int64_t channels = v[4];
+    uint8_t *mask = (uint8_t *)(intptr_t)v[5];
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t c = 0; c < channels; c++) {
+        const uint8_t *want = table + c * 256;
+        int bad = memcmp(rows + c * 256, want, 256) != 0;
+        for (int64_t k = 0; k < 16; k++) bad |= memcmp(shorts + (k * channels + c) * 16, want + 16 * k, 16) != 0;
+        mask[c] = (uint8_t)bad;
+    }
+    per_element_mismatches(per_element, table, channels, mask);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* quantize(src, dst, n, inv, zp, lo, hi, mul_first, threads) -> True when some value left the range */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long v[9];
@@ -526,6 +563,7 @@ static PyObject *py_isa(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"bn", (PyCFunction)(void (*)(void))py_bn, METH_FASTCALL, "The BN map on codes (see fxqbn/_ckernels.c)."},
+    {"mismatches", (PyCFunction)(void (*)(void))py_mismatches, METH_FASTCALL, "Channels where bn's probe outputs differ from the table."},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "float32 -> codes; True if a value left the range."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "codes -> float32."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the BN kernel uses: 'avx512vbmi', 'avx512', 'avx2' or 'scalar'."},

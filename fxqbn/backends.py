@@ -143,10 +143,7 @@ def _fused(dim: int, kernel: Kernel, t: BnTensors, qin: QParams, qout: QParams, 
 def _fused_again(dim: int, kernel: Kernel, m: nn.Module, qin: QParams, qout: QParams, clamp, name: str) -> nn.Module:
     codes = None if clamp is None else qops.clamp_bounds(*clamp, qout.scale, qout.zero_point, qout.dtype)
     bounds = fused.code_bounds(qout, kernel.relu, codes)
-    if not (torch.isfinite(m.alpha).all() and torch.isfinite(m.beta).all()):
-        raise FxqbnError(f"BatchNorm '{name}': its constants alpha / beta are not finite: the file is damaged; convert the model again")
-    fused.check_saved_table(name, m.alpha, m.beta, m.table, qin.dtype, qin.zero_point, qout.zero_point, bounds)
-    return fused.FusedBatchNorm(dim, m.alpha, m.beta, m.table, qin, qout, bounds, relu=kernel.relu, kernel=m.kernel)
+    return fused.FusedBatchNorm(dim, m.alpha, m.beta, m.table, qin, qout, bounds, relu=kernel.relu, kernel=m.kernel, name=name, saved=True)
 
 
 NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxqbn.nn modules)

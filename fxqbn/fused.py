@@ -18,6 +18,7 @@ and keeps that (C, 256) ``table``. Then it checks its fast kernels against the t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -73,13 +74,10 @@ def code_bounds(qout: QParams, relu: bool, clamp: tuple[int, int] | None = None)
 def native_table(bn: Any, dim: int, relu: bool, qin: QParams, qout: QParams, bounds: tuple[int, int]) -> torch.Tensor:
     """(C, 256) output codes of the installed torch's native op for every channel and input code,
     clamped to ``bounds``. The op runs on rows of C channels, as it would on any input."""
-    lo, hi = DTYPE_RANGES[qin.dtype]
     c = bn.running_mean.numel()
-    codes = torch.arange(lo, hi + 1, dtype=_I32).to(integer_dtype(qin.dtype))
-    x = codes.view(256, 1).expand(256, c).contiguous().view(256, c, *([1] * dim if dim > 1 else []))
-    ones, zeros = torch.ones(c), torch.zeros(c)
-    weight = bn.weight.detach().float().contiguous() if bn.weight is not None else ones
-    bias = bn.bias.detach().float().contiguous() if bn.bias is not None else zeros
+    x = _code_rows(qin.dtype, c).view(256, c, *([1] * dim if dim > 1 else []))
+    weight = bn.weight.detach().float().contiguous() if bn.weight is not None else torch.ones(c)
+    bias = bn.bias.detach().float().contiguous() if bn.bias is not None else torch.zeros(c)
     out = qops.batch_norm(
         qops.from_codes(x, qin.scale, qin.zero_point), weight, bias, bn.running_mean.detach().float().contiguous(),
         bn.running_var.detach().float().contiguous(), float(bn.eps), qout.scale, qout.zero_point, dim, relu,
@@ -87,18 +85,35 @@ def native_table(bn: Any, dim: int, relu: bool, qin: QParams, qout: QParams, bou
     return out.reshape(256, c).t().clamp(*bounds).contiguous()
 
 
+@functools.lru_cache(maxsize=None)  # two dtypes
+def _every_code(dtype: torch.dtype) -> torch.Tensor:
+    """The 256 codes of ``dtype`` in order, as plain integers (shared between calls: never written)."""
+    lo, hi = DTYPE_RANGES[dtype]
+    return torch.arange(lo, hi + 1, dtype=_I32).to(integer_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _code_rows(dtype: torch.dtype, c: int) -> torch.Tensor:
+    """(256, c): row k is code k in every channel (shared between calls: never written)."""
+    return _every_code(dtype).view(256, 1).expand(256, c).contiguous()
+
+
 # -- the pure-torch kernel -----------------------------------------------------------------------------
 
 
 def bn_formula(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, zin: float, zout: int, lo: int, hi: int) -> torch.Tensor:
     """clamp(zout + round_half_even((x - zin) * a + b), lo, hi) as int32, two float32 roundings."""
-    t = ((x.to(torch.float32) - zin) * a + b).clamp(-1073741824.0, 1073741824.0)  # far outside any code, as in C
+    # Saturated far outside any code before the int32 conversion, as only this kernel does: the C
+    # kernel converts out-of-range values to INT32_MIN, the native op clips them to 2147483520 and
+    # adds the zero point in int32. Channels where a kernel then differs from the native op run the table.
+    t = ((x.to(torch.float32) - zin) * a + b).clamp(-1073741824.0, 1073741824.0)
     return (torch.round(t).to(torch.int32) + zout).clamp(lo, hi)
 
 
-def _every_code(dtype: torch.dtype) -> torch.Tensor:
-    lo, hi = DTYPE_RANGES[dtype]
-    return torch.arange(lo, hi + 1, dtype=_I32).to(integer_dtype(dtype))
+def affine_codes(alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype, zin: int, zout: int,
+                 bounds: tuple[int, int]) -> torch.Tensor:
+    """(C, 256) int32: ``bn_formula`` with ``alpha``, ``beta`` on every code of ``dtype`` in every channel."""
+    return bn_formula(_every_code(dtype), alpha[:, None].to(_F32), beta[:, None].to(_F32), float(zin), zout, *bounds)
 
 
 def _ulps(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -111,31 +126,37 @@ def _ulps(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def check_saved_table(name: str, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
-                      zin: int, zout: int, bounds: tuple[int, int]) -> None:
+                      zin: int, zout: int, bounds: tuple[int, int]) -> torch.Tensor:
     """Refuse, naming BatchNorm ``name``, a ``table`` (from a file) whose codes leave ``bounds`` or lie
-    more than one code from what ``alpha`` and ``beta`` give: the native op is within one of them."""
+    more than one code from what ``alpha`` and ``beta`` give: the native op is within one of them.
+    Returns what they give (``affine_codes``)."""
     if table.shape != (alpha.numel(), 256) or alpha.shape != beta.shape:
         raise FxqbnError(f"BatchNorm '{name}': its table is {tuple(table.shape)}, not ({alpha.numel()}, 256): the file is damaged; convert the model again")
-    ref = table.to(_I32)
-    formula = bn_formula(_every_code(dtype), alpha[:, None].to(_F32), beta[:, None].to(_F32), float(zin), zout, *bounds)
-    bad = ((ref < bounds[0]) | (ref > bounds[1]) | ((ref - formula).abs() > 1)).any(dim=1).nonzero().flatten()
+    ref, formula = table.to(_I32), affine_codes(alpha, beta, dtype, zin, zout, bounds)
+    far = (ref - formula).abs_().amax(dim=1) > 1
+    bad = (far | (ref.amin(dim=1) < bounds[0]) | (ref.amax(dim=1) > bounds[1])).nonzero().flatten()
     if bad.numel():
         raise FxqbnError(
             f"BatchNorm '{name}': its table disagrees with its constants alpha and beta at channel {int(bad[0])} "
             f"({bad.numel()} channel(s) in all): the file is damaged; convert the model again"
         )
+    return formula
 
 
 def torch_constants(alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
-                    zin: int, zout: int, bounds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(a, b) for which ``bn_formula`` reproduces ``table`` for every channel and code; None if not found."""
+                    zin: int, zout: int, bounds: tuple[int, int],
+                    formula: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a, b) for which ``bn_formula`` reproduces ``table`` for every channel and code; None if not
+    found. ``formula``: ``affine_codes`` of ``alpha`` and ``beta``, when the caller has it."""
     codes, ref = _every_code(dtype), table.to(_I32)
 
     def matches(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return (bn_formula(codes, a[..., None], b[..., None], float(zin), zout, *bounds) == ref[rows]).all(dim=-1)
 
+    if formula is None:
+        formula = affine_codes(alpha, beta, dtype, zin, zout, bounds)
     a, b = alpha.clone(), beta.clone()
-    bad = (~matches(a, b, torch.arange(a.numel()))).nonzero().flatten()
+    bad = (formula - ref).abs_().amax(dim=1).nonzero().flatten()  # integer reductions: faster than any() of bools
     if bad.numel() == 0:
         return a, b
     k = 2 * _SEARCH_ULPS + 1
@@ -156,24 +177,31 @@ def torch_constants(alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor
 
 class _CKernel:
     """The C kernel's constants for one module, and the calls into it (plain tensors, not buffers:
-    ``module.to(dtype)`` must not change them)."""
+    ``module.to(dtype)`` must not change them). Every channel runs the affine map until
+    ``use_table`` marks some to run their table."""
 
-    def __init__(self, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, use_table: torch.Tensor,
-                 dtype: torch.dtype, zin: int, zout: int, bounds: tuple[int, int]) -> None:
+    def __init__(self, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+                 zin: int, zout: int, bounds: tuple[int, int]) -> None:
         c = alpha.numel()
         period = c * _VECTOR // math.gcd(c, _VECTOR)
         period *= -(-_PERIOD // period)  # long enough that the loop runs many blocks per pass
         self.channels, self.period = c, period
-        self.a, self.b = (t.repeat(-(-(period + _VECTOR) // c)).contiguous() for t in (alpha, beta))  # >= period + _VECTOR: see the C
+        repeats = -(-(period + _VECTOR) // c)  # >= period + _VECTOR entries: see the C
+        self.a, self.b = torch.stack([alpha, beta]).to(_F32)[:, None, :].expand(2, repeats, c).reshape(2, -1)  # float *
         self.table = table.contiguous().view(torch.uint8)
-        self.use_table = use_table.to(torch.uint8).contiguous()
-        self.table_channels = use_table.nonzero().flatten().to(_I32)
         self.ints = (zin, zout, bounds[0], bounds[1], int(dtype == torch.qint8))
+        self.table_mask, self.table_channels = torch.zeros(c, dtype=torch.uint8), torch.zeros(0, dtype=_I32)
+        self._set_constants()
+
+    def use_table(self, channels: torch.Tensor) -> None:
+        """Run the table in the ``channels`` marked True ((C,) bool), the affine map in the others."""
+        self.table_mask = channels.to(torch.uint8).contiguous()
+        self.table_channels = channels.nonzero().flatten().to(_I32)
         self._set_constants()
 
     def _set_constants(self) -> None:
         """The kernel's constant arguments, pointers into this object's own tensors."""
-        self.constants = (self.a.data_ptr(), self.b.data_ptr(), self.period, self.table.data_ptr(), self.use_table.data_ptr(),
+        self.constants = (self.a.data_ptr(), self.b.data_ptr(), self.period, self.table.data_ptr(), self.table_mask.data_ptr(),
                           self.table_channels.data_ptr(), self.table_channels.numel(), *self.ints)
 
     def __getstate__(self) -> dict:  # copies and pickles get new tensors: their pointers are recomputed
@@ -188,22 +216,41 @@ class _CKernel:
         unless ``per_element``: then channel = flat index % C)."""
         EXT.bn(x.data_ptr(), out.data_ptr(), rows, row_len, self.channels, per_element, *self.constants, n_threads)
 
-    def mismatches(self, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(C,) bool: channels where the kernel differs from ``reference`` (C, 256) on some code, in its
-        per-element, vector-row and scalar-row paths."""
-        c, codes = self.channels, _every_code(dtype)
-        per_element = codes.view(256, 1).expand(256, c).contiguous()
-        rows = codes.view(1, 256).expand(c, 256).contiguous()
-        short = codes.view(16, 1, 16).expand(16, c, 16).contiguous()  # rows of 16: the scalar code
-        outs = [torch.empty_like(t) for t in (per_element, rows, short)]
-        self.run(per_element, outs[0], True, 256, c, 1)
-        self.run(rows, outs[1], False, c, 256, 1)
-        self.run(short, outs[2], False, 16 * c, 16, 1)
-        got = (outs[0].t(), outs[1], outs[2].permute(1, 0, 2).reshape(c, 256))
-        return torch.stack([(g != reference).any(dim=1) for g in got]).any(dim=0)
+    def mismatches(self, dtype: torch.dtype) -> torch.Tensor:
+        """(C,) bool: channels where the kernel's output differs from its table on some code of
+        ``dtype``, in any of its per-element, vector-row and scalar-row paths."""
+        c = self.channels
+        per_element, rows, short = _probe_layouts(dtype, c)
+        out = torch.empty(3, c * 256, dtype=torch.uint8)  # bytes, as the table
+        self.run(per_element, out[0], True, 256, c, 1)
+        self.run(rows, out[1], False, c, 256, 1)
+        self.run(short, out[2], False, 16 * c, 16, 1)
+        mask = torch.empty(c, dtype=torch.uint8)
+        EXT.mismatches(out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), self.table.data_ptr(), c, mask.data_ptr())
+        return mask.bool()
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_layouts(dtype: torch.dtype, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every code of ``dtype`` in each of ``c`` channels, laid out for the C kernel's three paths:
+    (256, c) per element, (c, 256) one channel per row, (16, c, 16) rows of 16 (its scalar code).
+    Shared between calls: never written."""
+    codes = _every_code(dtype)
+    rows = codes.view(1, 256).expand(c, 256).contiguous()
+    return _code_rows(dtype, c), rows, codes.view(16, 1, 16).expand(16, c, 16).contiguous()
 
 
 # -- the module ------------------------------------------------------------------------------------------
+
+
+def _check_arguments(name: str, dim: int, qin: QParams, qout: QParams, kernel: str) -> None:
+    """Refuse, naming BatchNorm ``name``, what no FusedBatchNorm can be built from."""
+    if dim not in RANKS:
+        raise FxqbnError(f"BatchNorm '{name}': FusedBatchNorm dim must be 1, 2 or 3, got {dim}")
+    if qin.dtype != qout.dtype:
+        raise FxqbnError(f"BatchNorm '{name}': input dtype {qin.dtype} and output dtype {qout.dtype} differ")
+    if kernel not in ("auto", "table"):
+        raise FxqbnError(f"BatchNorm '{name}': kernel must be 'auto' or 'table', got {kernel!r}")
 
 
 class FusedBatchNorm(nn.Module):
@@ -222,46 +269,63 @@ class FusedBatchNorm(nn.Module):
     __jit_unused_properties__ = ["mode"]  # torch.jit.script: a Python-side description only
 
     def __init__(self, dim: int, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, input_qparams: QParams,
-                 output_qparams: QParams, bounds: tuple[int, int], relu: bool = False, kernel: str = "auto") -> None:
+                 output_qparams: QParams, bounds: tuple[int, int], relu: bool = False, kernel: str = "auto", *,
+                 name: str = "BatchNorm", saved: bool = False) -> None:
+        """Errors name BatchNorm ``name``; ``saved``: ``alpha``, ``beta`` and ``table`` come from a file,
+        so the table is checked against the constants (``check_saved_table``) too."""
         super().__init__()
-        if dim not in RANKS:
-            raise FxqbnError(f"FusedBatchNorm dim must be 1, 2 or 3, got {dim}")
-        if input_qparams.dtype != output_qparams.dtype:
-            raise FxqbnError(f"input dtype {input_qparams.dtype} and output dtype {output_qparams.dtype} differ")
-        if kernel not in ("auto", "table"):
-            raise FxqbnError(f"kernel must be 'auto' or 'table', got {kernel!r}")
-        if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
-            raise FxqbnError(
-                "the folded BatchNorm constants are not finite (running_var + eps is 0, or a parameter is inf/NaN): "
-                "fix the BatchNorm's statistics or keep it float"
-            )
-        self.dim, self.relu, self.kernel, self.num_features = dim, relu, kernel, alpha.numel()
-        self.input_qparams, self.output_qparams, self.bounds = input_qparams, output_qparams, tuple(bounds)
+        _check_arguments(name, dim, input_qparams, output_qparams, kernel)
+        self._setup(dim, alpha, beta, table, input_qparams, output_qparams, bounds, relu, kernel, name, saved)
+
+    def _setup(self, dim: int, alpha: torch.Tensor, beta: torch.Tensor, table: torch.Tensor, qin: QParams, qout: QParams,
+               bounds: tuple[int, int], relu: bool, kernel: str, name: str, saved: bool) -> None:
+        """Buffers and attributes from checked arguments, then the kernels (``_derive``)."""
+        if not bool(torch.isfinite(alpha).all() & torch.isfinite(beta).all()):
+            raise FxqbnError(f"BatchNorm '{name}': " + (
+                "its constants alpha / beta are not finite: the file is damaged; convert the model again" if saved else
+                "the folded constants are not finite (running_var + eps is 0, or a parameter is inf/NaN): "
+                "fix the BatchNorm's statistics or keep it float"))
+        codes, (lo, hi) = integer_dtype(qin.dtype), bounds
         self.register_buffer("alpha", alpha.to(_F32).contiguous())
         self.register_buffer("beta", beta.to(_F32).contiguous())
-        self.register_buffer("table", table.to(integer_dtype(input_qparams.dtype)).contiguous())
-        self._zin, self._zout = input_qparams.zero_point, output_qparams.zero_point
-        self._lo, self._hi = self.bounds
-        self._code_lo = DTYPE_RANGES[input_qparams.dtype][0]
-        self._codes, self._ranks = integer_dtype(input_qparams.dtype), RANKS[dim]  # what forward takes
-        self._derive()
+        self.register_buffer("table", table.to(codes).contiguous())
+        # Plain attributes, none a parameter, buffer or submodule, set in one step (nn.Module.__setattr__ checks each).
+        vars(self).update(
+            dim=dim, relu=relu, kernel=kernel, num_features=alpha.numel(), input_qparams=qin, output_qparams=qout,
+            bounds=(lo, hi), _zin=qin.zero_point, _zout=qout.zero_point, _lo=lo, _hi=hi,
+            _code_lo=DTYPE_RANGES[qin.dtype][0], _codes=codes, _ranks=RANKS[dim],  # what forward takes
+        )
+        self._derive(name if saved else None)
 
-    def _derive(self) -> None:
-        """The kernels' constants, from ``alpha``, ``beta`` and ``table``; each checked on every code."""
-        dtype, ref = self.input_qparams.dtype, self.table.to(_I32)
-        found = None if self.kernel == "table" else torch_constants(self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
-        self._torch_table = found is None  # the torch path gathers from the table
-        self._torch_a, self._torch_b = found if found is not None else (self.alpha.clone(), self.beta.clone())
-        self._table_offsets = torch.arange(self.num_features) * 256 - self._code_lo
-        self._c = None  # the C kernel, when built
-        self.table_channels = list(range(self.num_features)) if self._torch_table else []
-        if EXT is not None and self.num_features > 0:
-            args = (self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
-            use_table = torch.full((self.num_features,), self.kernel == "table")
-            if self.kernel != "table":
-                use_table = _CKernel(*args[:3], use_table, *args[3:]).mismatches(ref, dtype)
-            self._c = _CKernel(*args[:3], use_table, *args[3:])
-            self.table_channels = use_table.nonzero().flatten().tolist()
+    def _derive(self, saved: str | None = None) -> None:
+        """The kernels' constants, from ``alpha``, ``beta`` and ``table``, each kernel checked on every
+        code. ``saved``: the BatchNorm's name when the table came from a file (checked first)."""
+        dtype, ints = self.input_qparams.dtype, (self._zin, self._zout, self.bounds)
+        formula = None if saved is None else check_saved_table(saved, self.alpha, self.beta, self.table, dtype, *ints)
+        found = None if self.kernel == "table" else torch_constants(self.alpha, self.beta, self.table, dtype, *ints, formula=formula)
+        c_kernel = self._c_kernel()
+        if c_kernel is not None:
+            table_channels = c_kernel.table_channels.tolist()
+        else:
+            table_channels = list(range(self.num_features)) if found is None else []
+        vars(self).update(  # plain attributes, as in _setup
+            _torch_table=found is None,  # the torch path gathers from the table
+            _torch_a=found[0] if found is not None else self.alpha.clone(),
+            _torch_b=found[1] if found is not None else self.beta.clone(),
+            _table_offsets=torch.arange(self.num_features) * 256 - self._code_lo,
+            _c=c_kernel, table_channels=table_channels,
+        )
+
+    def _c_kernel(self) -> _CKernel | None:
+        """The C kernel, running the table in the channels where its affine map differs from the table
+        on some code (in every channel for kernel='table'); None without the extension."""
+        if EXT is None or self.num_features == 0:
+            return None
+        dtype = self.input_qparams.dtype
+        c_kernel = _CKernel(self.alpha, self.beta, self.table, dtype, self._zin, self._zout, self.bounds)
+        every = torch.ones(self.num_features, dtype=torch.bool)
+        c_kernel.use_table(every if self.kernel == "table" else c_kernel.mismatches(dtype))
+        return c_kernel
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -297,14 +361,16 @@ class FusedBatchNorm(nn.Module):
         ``clamp``: output codes (lo, hi) to clamp to after the BN (e.g. ReLU6 / hardtanh as codes);
         ``relu`` raises lo to the output zero point, as the native ``_relu`` ops do.
         """
+        _check_arguments(name, dim, input_qparams, output_qparams, kernel)  # before the native op meets them
         if not checked:
             check_statistics(name, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        if input_qparams.dtype != output_qparams.dtype:
-            raise FxqbnError(f"BatchNorm '{name}': input dtype {input_qparams.dtype} and output dtype {output_qparams.dtype} differ")
         bounds = code_bounds(output_qparams, relu, clamp)
         alpha, beta = fold(bn, input_qparams, output_qparams)
         table = native_table(bn, dim, relu, input_qparams, output_qparams, bounds)
-        return cls(dim, alpha, beta, table, input_qparams, output_qparams, bounds, relu=relu, kernel=kernel)
+        module = cls.__new__(cls)  # __init__ without its second check of the arguments
+        nn.Module.__init__(module)
+        module._setup(dim, alpha, beta, table, input_qparams, output_qparams, bounds, relu, kernel, name, saved=False)
+        return module
 
     # -- forward -------------------------------------------------------------------------------------
     @torch.jit.unused

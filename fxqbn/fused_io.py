@@ -30,7 +30,6 @@ __all__ = ["Rounding", "rounding", "quantize", "dequantize", "integer_dtype", "F
 INTEGER_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8}  # quantized dtype -> plain dtype
 QUANTIZED_DTYPES = {plain: q for q, plain in INTEGER_DTYPES.items()}
 _F32 = torch.float32
-_CLIP = 2.0**30  # beyond this |t| torch's code paths disagree; the C kernel hands such inputs to torch
 
 
 def integer_dtype(dtype: torch.dtype) -> torch.dtype:

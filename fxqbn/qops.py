@@ -9,6 +9,7 @@ an input to torch's own op.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -49,8 +50,12 @@ def _saturates(dtype: torch.dtype) -> bool:
     return True
 
 
-# True on torch 2.13.0, False on 2.14.1: there ``quantize`` clamps first (one more pass over the input).
-_TORCH_SATURATES = _saturates(torch.quint8) and _saturates(torch.qint8)
+@functools.lru_cache(maxsize=1)
+def _torch_saturates() -> bool:
+    """Whether this torch's ``quantize_per_tensor`` saturates as ``quantize`` promises, for both dtypes:
+    True on torch 2.13.0, False on 2.14.1, where ``quantize`` clamps first (one more pass over the
+    input). Probed on first use, not at import, then remembered."""
+    return _saturates(torch.quint8) and _saturates(torch.qint8)
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +74,7 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype)
     if torch.jit.is_scripting():
         guard = True  # a scripted model may run on another torch than the one that scripted it
     else:
-        guard = not _TORCH_SATURATES
+        guard = not _torch_saturates()  # TorchScript compiles only the branch above
     if guard and x.numel() > 0:
         qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
         low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale

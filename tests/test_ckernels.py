@@ -56,6 +56,13 @@ def test_a_missing_build_warns_once_and_gives_the_same_results():
     assert "same results, slower" in lines[1] and "C compiler" in lines[1]
 
 
+def test_an_out_of_date_build_is_not_used_and_says_so_once():
+    lines = run("import types; sys.modules['fxqbn._ckernels'] = types.ModuleType('fxqbn._ckernels')  # no entry points",
+                {"FXQBN_NO_EXT": "0"})
+    assert lines[0] == "EXT False"
+    assert lines[1].count("fxqbn._ckernels is out of date (it has no bn, mismatches, quantize, dequantize, isa)") == 1
+
+
 @pytest.mark.skipif(ckernels.EXT is None, reason=f"no C kernels in this process: {ckernels.WHY_NOT}")
 def test_the_built_extension_runs_and_agrees():
     assert run("", {"FXQBN_NO_EXT": "0"}) == ["EXT True", "WARNINGS []"]

@@ -432,3 +432,64 @@ def test_the_traced_quantize_formula_saturates_as_the_native_boundary(mul_first,
     codes = fused_io.quantize_formula(x, 1.0, zero_point, 0, 255, mul_first, torch.uint8)
     assert codes.tolist() == [255, 255, 255, 255, 0, 0]
     assert codes.tolist() == qops.quantize(x, 1.0, zero_point, torch.quint8).int_repr().tolist()
+
+
+# -- building: refusals, and each check once ---------------------------------------------------------
+
+
+def test_bad_arguments_are_refused_naming_the_batchnorm_before_the_native_op_sees_them():
+    bn = randomize_bn(nn.BatchNorm2d(4)).eval()
+    qin, qint8 = QParams(0.1, 10, torch.quint8), QParams(0.1, -100, torch.qint8)  # the native op raises a C++ error on this pair
+    with pytest.raises(fxqbn.FxqbnError, match=r"^BatchNorm 'layer1\.bn': input dtype torch.quint8 and output dtype torch.qint8 differ"):
+        FusedBatchNorm.from_tensors(bn, 2, False, qin, qint8, name="layer1.bn")
+    good = FusedBatchNorm.from_bn(bn, 2, False, qin, qin)
+    args = dict(dim=2, alpha=good.alpha, beta=good.beta, table=good.table, input_qparams=qin, output_qparams=qin, bounds=(0, 255))
+    cases = [
+        (dict(dim=4), r"^BatchNorm 'b': FusedBatchNorm dim must be 1, 2 or 3, got 4"),
+        (dict(kernel="lut"), r"^BatchNorm 'b': kernel must be 'auto' or 'table', got 'lut'"),
+        (dict(output_qparams=qint8), r"^BatchNorm 'b': input dtype torch.quint8 and output dtype torch.qint8 differ"),
+        (dict(alpha=torch.full((4,), math.inf)), r"^BatchNorm 'b': the folded constants are not finite .*keep it float"),
+        (dict(beta=torch.full((4,), math.nan), saved=True), r"^BatchNorm 'b': its constants alpha / beta are not finite: the file is damaged"),
+        (dict(table=good.table[:, :255], saved=True), r"^BatchNorm 'b': its table is \(4, 255\), not \(4, 256\): the file is damaged"),
+    ]
+    for change, message in cases:
+        with pytest.raises(fxqbn.FxqbnError, match=message):
+            FusedBatchNorm(**{**args, **change}, name="b")
+
+
+def test_building_a_module_runs_each_exactness_check_once(kernels, monkeypatch):
+    """One pass of the affine formula over every code and one C kernel (checked in each of its paths)
+    per module: built from a BN, and rebuilt from a file's tensors, whose table is checked with the same pass."""
+    counts = {"formula": 0, "c_kernel": 0}
+    formula, c_kernel = fused.affine_codes, fused._CKernel.__init__
+
+    def counted(key, fn):
+        def run(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(fused, "affine_codes", counted("formula", formula))
+    monkeypatch.setattr(fused._CKernel, "__init__", counted("c_kernel", c_kernel))
+    bn, qp = randomize_bn(nn.BatchNorm2d(6)).eval(), QParams(0.05, 128, torch.quint8)
+    built = FusedBatchNorm.from_bn(bn, 2, True, qp, qp)
+    assert counts == {"formula": 1, "c_kernel": int(kernels == "c")}
+    again = FusedBatchNorm(2, built.alpha, built.beta, built.table, qp, qp, built.bounds, relu=True, name="bn", saved=True)
+    assert counts == {"formula": 2, "c_kernel": 2 * int(kernels == "c")}
+    codes = every_code(torch.quint8, 6, (2, 2), torch.Generator().manual_seed(3))
+    assert torch.equal(again(codes), native(bn, codes, qp, qp, 2, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_c_check_names_exactly_the_channels_that_differ_from_the_table(kernels, dtype):
+    if kernels != "c":
+        pytest.skip("the C kernel's own check: nothing to check without the extension")
+    gen = torch.Generator().manual_seed(5)
+    module = FusedBatchNorm.from_bn(random_bn(2, 70, gen), 2, False, random_qparams(gen, dtype), random_qparams(gen, dtype))
+    table = module._c.table  # the bytes the kernel is checked against (blocks of 64 channels: 64 and 69 in the second)
+    assert module.mode == "affine" and not module._c.mismatches(dtype).any()
+    for channel, code in [(0, 0), (63, 255), (64, 17), (69, 128)]:
+        kept = table[channel, code].item()
+        table[channel, code] = kept ^ 1
+        assert module._c.mismatches(dtype).nonzero().flatten().tolist() == [channel], (channel, code)
+        table[channel, code] = kept

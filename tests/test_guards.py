@@ -1,6 +1,9 @@
 """Bad input never reaches the quantized kernel: each case is refused or handled, never silent."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,3 +309,23 @@ def test_the_native_boundary_rounds_ties_as_the_installed_torch_does():
     x = torch.full((64,), 0.19004565)
     expected = {"2.13": 150, "2.14": 149}[".".join(torch.__version__.split(".")[:2])]
     assert (qops.quantize(x, 0.0115179233, 133, torch.quint8).int_repr() == expected).all()
+
+
+PROBE_ON_FIRST_USE = """
+import torch
+calls = []
+real = torch.quantize_per_tensor
+torch.quantize_per_tensor = lambda *args: (calls.append(args), real(*args))[1]
+from fxqbn import qops
+print(len(calls))
+qops.quantize(torch.tensor([1.0, float("nan")]), 0.1, 0, torch.quint8)
+print(len(calls) > 1, qops._torch_saturates())
+"""
+
+
+def test_whether_torch_saturates_is_probed_on_the_first_quantize_not_at_import():
+    done = subprocess.run([sys.executable, "-c", PROBE_ON_FIRST_USE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    saturates = {"2.13": True, "2.14": False}[".".join(torch.__version__.split(".")[:2])]  # 2.14.1 wraps +inf, NaN to 0
+    assert done.stdout.split() == ["0", "True", str(saturates)]
