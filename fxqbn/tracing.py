@@ -144,8 +144,11 @@ def _copy_training_flags(gm: fx.GraphModule, root: nn.Module, index: ModuleIndex
     """The modules ``gm`` made (itself, the containers above its targets) and the ``new`` ones take the
     training flag of ``root``'s module at the same name, or ``root``'s; the leaves it shares with
     ``root`` have theirs already."""
-    made = {""} | {name.rsplit(".", k)[0] for node in gm.graph.nodes if node.op in ("call_module", "get_attr")
-                   for name in (str(node.target),) for k in range(1, name.count(".") + 1)}
+    made = {""}  # gm, and every container above a target ("a" and "a.b" above "a.b.c")
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = str(node.target).split(".")
+            made.update(".".join(parts[:k]) for k in range(1, len(parts)))
     ours = ModuleIndex(gm)
     for name in (*made, *new):
         try:
