@@ -3,15 +3,17 @@ and propagate shapes when the BN ranks are not known from modules."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -41,6 +43,37 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _traceable_batch_norms(tracer: fx.Tracer) -> Iterator[None]:
+    """While ``tracer`` traces: torch's BatchNorm forwards (``_BatchNorm``, ``SyncBatchNorm``), when
+    a subclass's forward calls them on a Proxy (timm's ``SyncBatchNormAct``: ``super().forward(x)``),
+    record the ``F.batch_norm`` call they make in eval mode instead of branching on the Proxy's rank."""
+    originals = {cls: cls.__dict__["forward"] for cls in (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)}
+
+    def patched(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(bn: nn.Module, input: Any) -> Any:
+            if not isinstance(input, fx.Proxy):
+                return original(bn, input)
+            if bn.training:
+                raise FxqbnError(
+                    f"BatchNorm '{tracer.path_of_module(bn)}' ({type(bn).__name__}) is in training mode: calibrating "
+                    "it would overwrite its running statistics. Call model.eval() before fxqbn.prepare"
+                )
+            batch_stats = bn.running_mean is None and bn.running_var is None  # what eval mode normalises with
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+            return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, batch_stats, momentum, bn.eps)
+
+        return forward
+
+    try:
+        for cls, original in originals.items():
+            cls.forward = patched(original)
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.forward = original
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with two changes:
 
@@ -50,6 +83,10 @@ class _Tracer(fx.Tracer):
       walking the Python stack (torch's own recording extracts whole tracebacks: several times
       slower on large models).
     """
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        with _traceable_batch_norms(self):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from fxqbn.passes.patterns import MODULE_TARGETS
@@ -110,6 +147,8 @@ def trace_graph(model: nn.Module) -> fx.Graph:
     """Symbolically trace ``model`` into a Graph whose targets refer to ``model``'s attributes."""
     try:
         return _Tracer().trace(model)
+    except FxqbnError:
+        raise
     except Exception as exc:  # any tracer failure is the model's: report it with its line
         where = _user_frame(exc)
         raise FxqbnError(
