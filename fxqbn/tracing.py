@@ -74,15 +74,41 @@ def _traceable_batch_norms(tracer: fx.Tracer) -> Iterator[None]:
             cls.forward = original
 
 
+def _declared_untraceable() -> tuple[frozenset[type], tuple[Callable[..., Any], ...]]:
+    """The module types and functions a loaded model library declares fx must not trace through
+    (timm's ``register_notrace_module`` / ``register_notrace_function``, which its own fx feature
+    extraction honours: e.g. ``Conv2dSame``, whose padding depends on the input's size). Read only
+    when the user's program imported the library; empty otherwise."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return frozenset(), ()
+    try:
+        return frozenset(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+    except AttributeError:  # a timm without this registry
+        return frozenset(), ()
+
+
+def _holds_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with two changes:
+    """torch.fx's tracer, with these changes:
 
     * every module a pattern rule replaces (e.g. torch.ao's fused ``BNReLU2d``, a Sequential) stays
       one call_module node;
+    * modules and functions the model's library declares untraceable (timm's notrace registry) stay
+      one node, except modules holding a BatchNorm (timm's ``BatchNormAct2d`` is declared so), which
+      are traced through so that their BNs are found;
+    * a BatchNorm subclass's call of torch's BN forward is recorded as its ``F.batch_norm``;
     * each call node's ``stack_trace`` holds just the innermost frame of the user's code, found by
       walking the Python stack (torch's own recording extracts whole tracebacks: several times
       slower on large models).
     """
+
+    def __init__(self) -> None:
+        self.declared_leaves, functions = _declared_untraceable()
+        super().__init__(autowrap_functions=functions)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         with _traceable_batch_norms(self):
@@ -91,7 +117,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from fxqbn.passes.patterns import MODULE_TARGETS
 
-        return type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name)
+        if type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name):
+            return True
+        return type(m) in self.declared_leaves and not _holds_batch_norm(m)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

@@ -1,0 +1,102 @@
+"""Modules and functions a model library declares untraceable (timm's notrace registry, which timm's
+own fx feature extraction honours) stay one node when fxqbn traces, unless they hold a BatchNorm.
+timm's tf_* models need it: ``Conv2dSame`` pads by the input's size. The registry is stood in for
+by a module at ``timm.layers._fx``, as timm >= 0.9 lays it out."""
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_bn
+from torch import nn
+from torch.ao.quantization import MinMaxObserver
+
+import fxqbn
+
+
+def pad_same(x, k):
+    """timm's pad_same, shortened: 'same' padding for a k x k kernel, decided on the input's size."""
+    if x.size(-1) >= k:  # control flow on a size: fx cannot trace through it
+        x = F.pad(x, [k // 2] * 4)
+    return x
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: 'same' padding computed in forward."""
+
+    def forward(self, x):
+        return F.conv2d(pad_same(x, self.kernel_size[0]), self.weight, self.bias)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, which timm declares untraceable too: fxqbn traces it for its BN."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+class TfStyleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = Conv2dSame(3, 8, 3), BatchNormAct2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.bn2(self.conv2(pad_same(y, 3)))
+
+
+@pytest.fixture
+def timm_registry(monkeypatch):
+    registry = types.ModuleType("timm.layers._fx")
+    registry.get_notrace_modules = lambda: [Conv2dSame, BatchNormAct2d]
+    registry.get_notrace_functions = lambda: [pad_same]
+    monkeypatch.setitem(__import__("sys").modules, "timm.layers._fx", registry)
+    return registry
+
+
+def _observed(seed=0):
+    torch.manual_seed(seed)
+    model = randomize_bn(TfStyleNet()).eval()
+    data = [torch.randn(2, 3, 7, 7) for _ in range(3)]
+    observed = fxqbn.prepare(model, (data[0],), MinMaxObserver)
+    with torch.no_grad():
+        for x in data:
+            observed(x)
+    return model, observed
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_declared_untraceable_parts_stay_one_node_and_the_bns_are_quantized(timm_registry, backend):
+    model, observed = _observed()
+    q = fxqbn.convert(observed, backend=backend)
+    rows = fxqbn.get_report(q).rows
+    assert [(r.module, r.pattern, r.status) for r in rows] == [
+        ("bn1", "F.batch_norm2d+ReLU", "rewritten"), ("bn2", "BatchNorm2d", "rewritten")]
+    modules = dict(q.named_modules())
+    assert [n.target for n in q.graph.nodes if n.op == "call_module" and type(modules[n.target]) is Conv2dSame] == ["conv1"]
+    assert [n.target for n in q.graph.nodes if n.op == "call_function"].count(pad_same) == 1
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        out, ref = q(x), model(x)
+    assert 10 * math.log10(float(ref.pow(2).sum() / (out - ref).pow(2).sum())) > 25
+
+
+def test_without_the_registry_such_a_model_is_refused_naming_the_line(monkeypatch):
+    monkeypatch.delitem(__import__("sys").modules, "timm.layers._fx", raising=False)
+    with pytest.raises(fxqbn.FxqbnError, match=r"torch.fx cannot trace TfStyleNet.*\n  at .*test_declared_leaves.py"):
+        _observed()
+
+
+def test_a_registry_without_its_functions_is_no_registry(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "timm.layers._fx", types.ModuleType("timm.layers._fx"))
+    with pytest.raises(fxqbn.FxqbnError, match="torch.fx cannot trace TfStyleNet"):
+        _observed()
+
