@@ -68,6 +68,7 @@ MODELS: tuple[Spec, ...] = (
     Spec("timm/resnet18", "timm", "resnet18"),
     Spec("timm/resnet26d+drop_block", "timm", "resnet26d", (("drop_block_rate", 0.1),)),
     Spec("timm/efficientnet_b0", "timm", "efficientnet_b0"),
+    Spec("timm/tf_mobilenetv3_large_100", "timm", "tf_mobilenetv3_large_100"),  # Conv2dSame: a timm notrace leaf
     Spec("timm/mobilenetv3_large_100", "timm", "mobilenetv3_large_100"),
     Spec("timm/regnetx_002", "timm", "regnetx_002"),
     Spec("timm/regnety_002+Dropout", "timm", "regnety_002", (("norm_layer", "dropout_act"),)),
@@ -191,9 +192,26 @@ class FloatGraph:
     activations: int  # ReLU/ReLU6 calls in all
 
 
-def float_graph(model: nn.Module) -> FloatGraph:
+class _TimmTracer(fx.Tracer):
+    """torch.fx's tracer with timm's notrace modules (those without a BN inside) and functions as
+    leaves, as timm's own fx feature extraction traces (timm's tf_* models pad by the input's size)."""
+
+    def __init__(self) -> None:
+        import timm.layers
+
+        self.leaves = set(timm.layers.get_notrace_modules())
+        super().__init__(autowrap_functions=tuple(timm.layers.get_notrace_functions()))
+
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        holds_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+        return super().is_leaf_module(m, name) or (type(m) in self.leaves and not holds_bn)
+
+
+def float_graph(model: nn.Module, source: str = "torchvision") -> FloatGraph:
     """Count the BNs, their chains and the activations of ``model`` (traced on a copy)."""
-    gm = fx.symbolic_trace(copy.deepcopy(model))
+    model = copy.deepcopy(model)
+    tracer = _TimmTracer() if source == "timm" else fx.Tracer()
+    gm = fx.GraphModule(model, tracer.trace(model))
     bns, chains = 0, []
     for node in gm.graph.nodes:
         owner = _bn_owner(gm, node)
@@ -284,7 +302,7 @@ def run(spec: Spec, backends: tuple[str, ...] = ("native", "fused"), calib_batch
     """Prepare (MinMax observers), calibrate, convert on each backend, and measure ``spec``'s model."""
     plain, x = build(replace(spec, sync_bn=""))
     model = to_sync(plain, spec.sync_bn)
-    result = Result(float=float_graph(plain))  # SyncBN rows: counted on the model before conversion
+    result = Result(float=float_graph(plain, spec.source))  # SyncBN rows: counted on the model before conversion
     before = _state(model)
     try:
         observed = fxqbn.prepare(model, (x,), qconfig=MinMaxObserver)
