@@ -88,18 +88,15 @@ def _declared_untraceable() -> tuple[frozenset[type], tuple[Callable[..., Any], 
         return frozenset(), ()
 
 
-def _holds_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with these changes:
 
     * every module a pattern rule replaces (e.g. torch.ao's fused ``BNReLU2d``, a Sequential) stays
       one call_module node;
     * modules and functions the model's library declares untraceable (timm's notrace registry) stay
-      one node, except modules holding a BatchNorm (timm's ``BatchNormAct2d`` is declared so), which
-      are traced through so that their BNs are found;
+      one node, except BatchNorm subclasses (timm's ``BatchNormAct2d`` is declared so), which are
+      traced through so that their BN is found (the BNs inside other such modules are reported as
+      skipped, by ``passes.match``);
     * a BatchNorm subclass's call of torch's BN forward is recorded as its ``F.batch_norm``;
     * each call node's ``stack_trace`` holds just the innermost frame of the user's code, found by
       walking the Python stack (torch's own recording extracts whole tracebacks: several times
@@ -119,7 +116,7 @@ class _Tracer(fx.Tracer):
 
         if type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name):
             return True
-        return type(m) in self.declared_leaves and not _holds_batch_norm(m)
+        return type(m) in self.declared_leaves and not isinstance(m, nn.modules.batchnorm._BatchNorm)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

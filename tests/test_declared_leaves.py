@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn
+from conftest import assert_unchanged, randomize_bn, snapshot
 from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
@@ -42,46 +42,67 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+class Attention(nn.Module):
+    """timm's LocalWindowAttention / MobileVitBlock, shortened: declared untraceable, holds a BN, and
+    caches a tensor computed from its parameters in forward (as LeViT-style attention biases)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.proj, self.bn, self.cache = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), {}
+
+    def forward(self, x):
+        if x.size(-1) not in self.cache:  # control flow on a size
+            self.cache[x.size(-1)] = self.proj.weight.sum() * 0 + 1  # carries autograd history
+        return self.bn(self.proj(x)) * self.cache[x.size(-1)]
+
+
 class TfStyleNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = Conv2dSame(3, 8, 3), BatchNormAct2d(8)
         self.conv2, self.bn2 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+        self.attn = Attention(8)
 
     def forward(self, x):
         y = self.bn1(self.conv1(x))
-        return self.bn2(self.conv2(pad_same(y, 3)))
+        return self.attn(self.bn2(self.conv2(pad_same(y, 3))))
 
 
 @pytest.fixture
 def timm_registry(monkeypatch):
     registry = types.ModuleType("timm.layers._fx")
-    registry.get_notrace_modules = lambda: [Conv2dSame, BatchNormAct2d]
+    registry.get_notrace_modules = lambda: [Conv2dSame, BatchNormAct2d, Attention]
     registry.get_notrace_functions = lambda: [pad_same]
     monkeypatch.setitem(__import__("sys").modules, "timm.layers._fx", registry)
     return registry
 
 
 def _observed(seed=0):
+    """The model and its observed copy, calibrated with autograd on (the leaf's cache keeps history)."""
     torch.manual_seed(seed)
     model = randomize_bn(TfStyleNet()).eval()
-    data = [torch.randn(2, 3, 7, 7) for _ in range(3)]
-    observed = fxqbn.prepare(model, (data[0],), MinMaxObserver)
-    with torch.no_grad():
-        for x in data:
-            observed(x)
+    data = [torch.randn(2, 3, 9, 9) for _ in range(3)]  # a size prepare's shape run did not cache
+    observed = fxqbn.prepare(model, (torch.randn(2, 3, 7, 7),), MinMaxObserver)
+    for x in data:
+        observed(x)
     return model, observed
 
 
 @pytest.mark.parametrize("backend", ["native", "fused"])
 def test_declared_untraceable_parts_stay_one_node_and_the_bns_are_quantized(timm_registry, backend):
+    """... and a BN inside such a part is reported as skipped; a part's cached autograd tensor is copied detached."""
     model, observed = _observed()
+    before = snapshot(model)
     q = fxqbn.convert(observed, backend=backend)
+    assert_unchanged(model, before)  # before the reference run below fills the model's own cache
     rows = fxqbn.get_report(q).rows
     assert [(r.module, r.pattern, r.status) for r in rows] == [
-        ("bn1", "F.batch_norm2d+ReLU", "rewritten"), ("bn2", "BatchNorm2d", "rewritten")]
+        ("bn1", "F.batch_norm2d+ReLU", "rewritten"), ("bn2", "BatchNorm2d", "rewritten"), ("attn.bn", "BatchNorm2d", "skipped")]
+    assert rows[2].reason == "inside Attention 'attn', which the tracer keeps as one call (a leaf module): kept float"
     modules = dict(q.named_modules())
-    assert [n.target for n in q.graph.nodes if n.op == "call_module" and type(modules[n.target]) is Conv2dSame] == ["conv1"]
+    leaves = [n.target for n in q.graph.nodes if n.op == "call_module" and type(modules[n.target]) in (Conv2dSame, Attention)]
+    assert leaves == ["conv1", "attn"]
+    assert type(q.attn.bn) is nn.BatchNorm2d and q.attn is not model.attn  # float, and the converted model's own
     assert [n.target for n in q.graph.nodes if n.op == "call_function"].count(pad_same) == 1
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
