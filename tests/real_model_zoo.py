@@ -80,6 +80,7 @@ MODELS: tuple[Spec, ...] = (
     Spec("timm/ese_vovnet19b_dw", "timm", "ese_vovnet19b_dw"),
     Spec("timm/densenet121", "timm", "densenet121"),
     Spec("timm/levit_128s", "timm", "levit_128s", shape=(1, 3, 224, 224)),  # caches attention biases in a dict
+    Spec("timm/mobilevit_xxs", "timm", "mobilevit_xxs", shape=(1, 3, 128, 128)),  # BNs inside notrace blocks
     Spec("timm/mobilenetv2_100", "timm", "mobilenetv2_100"),
     Spec("tv/resnet18 SyncBN", "torchvision", "resnet18", sync_bn="torch"),
     Spec("tv/mobilenet_v2 SyncBN", "torchvision", "mobilenet_v2", sync_bn="torch"),
@@ -127,6 +128,7 @@ _RELU_MODULES = {nn.ReLU: "ReLU", nn.ReLU6: "ReLU6"}
 _RELU_FUNCTIONS = {F.relu: "ReLU", torch.relu: "ReLU", torch.relu_: "ReLU", F.relu6: "ReLU6"}
 _RELU_METHODS = {"relu": "ReLU", "relu_": "ReLU"}
 _CLAMPS = {F.hardtanh, F.hardtanh_, torch.clamp, "clamp", "clamp_"}  # ReLU6 when (0, 6)
+_BN = nn.modules.batchnorm._BatchNorm
 _QUANTIZED_BNS = (qnn._QuantizedBatchNorm, fused.FusedBatchNorm)
 _DEQUANTIZES = (qnn.DeQuantize, fused.FusedDeQuantize)
 
@@ -162,7 +164,7 @@ def _passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _bn_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The BN module's name when ``node`` is a float BatchNorm (module or F.batch_norm), else None."""
-    if isinstance(_module(gm, node), nn.modules.batchnorm._BatchNorm):
+    if isinstance(_module(gm, node), _BN):
         return str(node.target)
     if node.op == "call_function" and node.target is F.batch_norm:
         mean = node.args[1] if len(node.args) > 1 else node.kwargs["running_mean"]
@@ -187,7 +189,7 @@ def _activations(gm: fx.GraphModule) -> int:
 class FloatGraph:
     """What ``torch.fx.symbolic_trace`` of the float model holds."""
 
-    bns: int  # BatchNorm calls (modules, F.batch_norm)
+    bns: int  # BatchNorm calls (modules, F.batch_norm), and the BNs inside leaf modules
     chains: tuple[Chain, ...]  # BN -> (pass-through)* -> ReLU/ReLU6
     activations: int  # ReLU/ReLU6 calls in all
 
@@ -202,9 +204,8 @@ class _TimmTracer(fx.Tracer):
         self.leaves = set(timm.layers.get_notrace_modules())
         super().__init__(autowrap_functions=tuple(timm.layers.get_notrace_functions()))
 
-    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-        holds_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
-        return super().is_leaf_module(m, name) or (type(m) in self.leaves and not holds_bn)
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:  # timm's BatchNormAct2d: traced, for its BN
+        return super().is_leaf_module(m, name) or (type(m) in self.leaves and not isinstance(m, _BN))
 
 
 def float_graph(model: nn.Module, source: str = "torchvision") -> FloatGraph:
@@ -215,7 +216,9 @@ def float_graph(model: nn.Module, source: str = "torchvision") -> FloatGraph:
     bns, chains = 0, []
     for node in gm.graph.nodes:
         owner = _bn_owner(gm, node)
-        if owner is None:
+        if owner is None:  # a leaf module: its BNs count, no graph node reaches them
+            module = _module(gm, node)
+            bns += sum(isinstance(m, _BN) for m in module.modules()) if module is not None else 0
             continue
         bns += 1
         value, via = node, []
