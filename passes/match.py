@@ -119,11 +119,8 @@ class _Matcher:
         if module is None or _bn_module(node, self.modules) is not None:
             return []
         where = f"inside {type(module).__name__} '{node.target}', which the tracer keeps as one call (a leaf module)"
-        return [
-            self._skip(position, node, f"{node.target}.{name}", type(bn).__name__, f"{where}: kept float")
-            for name, bn in module.named_modules()
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and name
-        ]
+        inside = sorted((name, type(bn).__name__) for name, bn in module.named_modules() if name and isinstance(bn, nn.modules.batchnorm._BatchNorm))
+        return [self._skip(position, node, f"{node.target}.{name}", kind, f"{where}: kept float") for name, kind in inside]
 
     def _skip(self, position: int, node: fx.Node, name: str, pattern: str, reason: str) -> Skip:
         return Skip(position=position, node=node.name, module=name, pattern=pattern, reason=reason, source=source_of(node))

@@ -3,6 +3,7 @@ own fx feature extraction honours) stay one node when fxqbn traces, unless they 
 timm's tf_* models need it: ``Conv2dSame`` pads by the input's size. The registry is stood in for
 by a module at ``timm.layers._fx``, as timm >= 0.9 lays it out."""
 
+import io
 import math
 import types
 
@@ -48,12 +49,12 @@ class Attention(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.proj, self.bn, self.cache = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), {}
+        self.proj, self.norm, self.bn, self.cache = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.BatchNorm2d(c), {}
 
     def forward(self, x):
         if x.size(-1) not in self.cache:  # control flow on a size
             self.cache[x.size(-1)] = self.proj.weight.sum() * 0 + 1  # carries autograd history
-        return self.bn(self.proj(x)) * self.cache[x.size(-1)]
+        return self.bn(self.norm(self.proj(x))) * self.cache[x.size(-1)]
 
 
 class TfStyleNet(nn.Module):
@@ -97,7 +98,8 @@ def test_declared_untraceable_parts_stay_one_node_and_the_bns_are_quantized(timm
     assert_unchanged(model, before)  # before the reference run below fills the model's own cache
     rows = fxqbn.get_report(q).rows
     assert [(r.module, r.pattern, r.status) for r in rows] == [
-        ("bn1", "F.batch_norm2d+ReLU", "rewritten"), ("bn2", "BatchNorm2d", "rewritten"), ("attn.bn", "BatchNorm2d", "skipped")]
+        ("bn1", "F.batch_norm2d+ReLU", "rewritten"), ("bn2", "BatchNorm2d", "rewritten"),
+        ("attn.bn", "BatchNorm2d", "skipped"), ("attn.norm", "BatchNorm2d", "skipped")]
     assert rows[2].reason == "inside Attention 'attn', which the tracer keeps as one call (a leaf module): kept float"
     modules = dict(q.named_modules())
     leaves = [n.target for n in q.graph.nodes if n.op == "call_module" and type(modules[n.target]) in (Conv2dSame, Attention)]
@@ -121,3 +123,17 @@ def test_a_registry_without_its_functions_is_no_registry(monkeypatch):
     with pytest.raises(fxqbn.FxqbnError, match="torch.fx cannot trace TfStyleNet"):
         _observed()
 
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_a_model_with_bns_inside_leaves_saves_and_loads_bit_identically(timm_registry, backend):
+    model, observed = _observed()
+    q = fxqbn.convert(observed, backend=backend)
+    buffer = io.BytesIO()
+    fxqbn.save(q, buffer)
+    buffer.seek(0)
+    loaded = fxqbn.load(buffer, model, (torch.randn(2, 3, 7, 7),))
+    assert [(r.module, r.status) for r in fxqbn.get_report(loaded).rows] == [(r.module, r.status) for r in fxqbn.get_report(q).rows]
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
