@@ -1,9 +1,9 @@
 """Real torchvision and timm models through fxqbn, for benchmarks/real_models.py and tests/test_real_models.py.
 
 The BN -> (Identity / eval Dropout)* -> ReLU/ReLU6 chains of a model are counted here from the float
-graph ``torch.fx.symbolic_trace`` gives, with this module's own small spelling tables, not from
-fxqbn's matcher or report: a chain fxqbn misses shows as "left" (counted again, in the converted
-graph, as an activation still reading a BN's output).
+graph torch.fx's own tracer gives (with timm's notrace leaves for timm models), with this module's
+own small spelling tables, not from fxqbn's matcher or report. A chain fxqbn misses shows as "left":
+an activation more in the converted graph than the float graph's activations outside chains.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from torch.ao.quantization import MinMaxObserver
 from torch.ao.quantization.observer import ObserverBase
 
 import fxqbn
-from fxqbn import fused
-from fxqbn import nn as qnn
 from fxqbn.models import estimate_bn_statistics
 
 __all__ = ["Spec", "MODELS", "QUICK", "Result", "FloatGraph", "float_graph", "chains_left", "run", "build", "to_sync", "sqnr_db", "fake_quantized"]
@@ -129,8 +127,6 @@ _RELU_FUNCTIONS = {F.relu: "ReLU", torch.relu: "ReLU", torch.relu_: "ReLU", F.re
 _RELU_METHODS = {"relu": "ReLU", "relu_": "ReLU"}
 _CLAMPS = {F.hardtanh, F.hardtanh_, torch.clamp, "clamp", "clamp_"}  # ReLU6 when (0, 6)
 _BN = nn.modules.batchnorm._BatchNorm
-_QUANTIZED_BNS = (qnn._QuantizedBatchNorm, fused.FusedBatchNorm)
-_DEQUANTIZES = (qnn.DeQuantize, fused.FusedDeQuantize)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
