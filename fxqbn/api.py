@@ -233,7 +233,8 @@ def _own_float_parts(gm: fx.GraphModule, ours: Iterable[str]) -> None:
         if not isinstance(value, (nn.Module, torch.Tensor)):
             continue
         if id(value) not in copies:
-            copies[id(value)] = copy.deepcopy(value)  # a Parameter stays a Parameter
+            # a Parameter stays a Parameter; a module's copy detaches what its forward cached (leaf modules ran)
+            copies[id(value)] = owned_copy(value) if isinstance(value, nn.Module) else copy.deepcopy(value)
         if isinstance(value, nn.Module):
             parent.add_module(leaf, copies[id(value)])
         else:

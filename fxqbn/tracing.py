@@ -3,15 +3,17 @@ and propagate shapes when the BN ranks are not known from modules."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -41,20 +43,80 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _traceable_batch_norms(tracer: fx.Tracer) -> Iterator[None]:
+    """While ``tracer`` traces: torch's BatchNorm forwards (``_BatchNorm``, ``SyncBatchNorm``), when
+    a subclass's forward calls them on a Proxy (timm's ``SyncBatchNormAct``: ``super().forward(x)``),
+    record the ``F.batch_norm`` call they make in eval mode instead of branching on the Proxy's rank."""
+    originals = {cls: cls.__dict__["forward"] for cls in (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)}
+
+    def patched(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(bn: nn.Module, input: Any) -> Any:
+            if not isinstance(input, fx.Proxy):
+                return original(bn, input)
+            if bn.training:
+                raise FxqbnError(
+                    f"BatchNorm '{tracer.path_of_module(bn)}' ({type(bn).__name__}) is in training mode: calibrating "
+                    "it would overwrite its running statistics. Call model.eval() before fxqbn.prepare"
+                )
+            batch_stats = bn.running_mean is None and bn.running_var is None  # what eval mode normalises with
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+            return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, batch_stats, momentum, bn.eps)
+
+        return forward
+
+    try:
+        for cls, original in originals.items():
+            cls.forward = patched(original)
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.forward = original
+
+
+def _declared_untraceable() -> tuple[frozenset[type], tuple[Callable[..., Any], ...]]:
+    """The module types and functions a loaded model library declares fx must not trace through
+    (timm's ``register_notrace_module`` / ``register_notrace_function``, which its own fx feature
+    extraction honours: e.g. ``Conv2dSame``, whose padding depends on the input's size). Read only
+    when the user's program imported the library; empty otherwise."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return frozenset(), ()
+    try:
+        return frozenset(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+    except AttributeError:  # a timm without this registry
+        return frozenset(), ()
+
+
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with two changes:
+    """torch.fx's tracer, with these changes:
 
     * every module a pattern rule replaces (e.g. torch.ao's fused ``BNReLU2d``, a Sequential) stays
       one call_module node;
+    * modules and functions the model's library declares untraceable (timm's notrace registry) stay
+      one node, except BatchNorm subclasses (timm's ``BatchNormAct2d`` is declared so), which are
+      traced through so that their BN is found (the BNs inside other such modules are reported as
+      skipped, by ``passes.match``);
+    * a BatchNorm subclass's call of torch's BN forward is recorded as its ``F.batch_norm``;
     * each call node's ``stack_trace`` holds just the innermost frame of the user's code, found by
       walking the Python stack (torch's own recording extracts whole tracebacks: several times
       slower on large models).
     """
 
+    def __init__(self) -> None:
+        self.declared_leaves, functions = _declared_untraceable()
+        super().__init__(autowrap_functions=functions)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        with _traceable_batch_norms(self):
+            return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from fxqbn.passes.patterns import MODULE_TARGETS
 
-        return type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name)
+        if type(m) in MODULE_TARGETS or super().is_leaf_module(m, module_qualified_name):
+            return True
+        return type(m) in self.declared_leaves and not isinstance(m, nn.modules.batchnorm._BatchNorm)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -110,6 +172,8 @@ def trace_graph(model: nn.Module) -> fx.Graph:
     """Symbolically trace ``model`` into a Graph whose targets refer to ``model``'s attributes."""
     try:
         return _Tracer().trace(model)
+    except FxqbnError:
+        raise
     except Exception as exc:  # any tracer failure is the model's: report it with its line
         where = _user_frame(exc)
         raise FxqbnError(

@@ -112,6 +112,16 @@ class _Matcher:
                 return self._match_functional(position, node, call)
         return None
 
+    def hidden(self, position: int, node: fx.Node) -> list[Skip]:
+        """The BNs inside a module the tracer kept as one node (e.g. a block timm declares
+        untraceable): skipped, as nothing of the graph reaches them."""
+        module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+        if module is None or _bn_module(node, self.modules) is not None:
+            return []
+        where = f"inside {type(module).__name__} '{node.target}', which the tracer keeps as one call (a leaf module)"
+        inside = sorted((name, type(bn).__name__) for name, bn in module.named_modules() if name and isinstance(bn, nn.modules.batchnorm._BatchNorm))
+        return [self._skip(position, node, f"{node.target}.{name}", kind, f"{where}: kept float") for name, kind in inside]
+
     def _skip(self, position: int, node: fx.Node, name: str, pattern: str, reason: str) -> Skip:
         return Skip(position=position, node=node.name, module=name, pattern=pattern, reason=reason, source=source_of(node))
 
@@ -231,4 +241,6 @@ def find_patterns(
         found = matcher.match(position, node)
         if found is not None:
             (matches if isinstance(found, Match) else skips).append(found)
+        else:
+            skips.extend(matcher.hidden(position, node))
     return matches, skips
