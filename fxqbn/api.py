@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +35,7 @@ from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
-from .tracing import build_graph_module, owned_copy, propagate_shapes, trace_graph
+from .tracing import build_graph_module, delete_unused_submodules, owned_copies, owned_copy, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -126,13 +125,15 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
         observed: the result of ``prepare``, after calibration; or a GraphModule observed and
             calibrated by torch.ao's ``prepare_fx``: its observed BN / BN+ReLU patterns are
             converted, its other observers removed (listed in the report's ``dropped``).
-        inplace: rewrite ``observed`` itself instead of building a new GraphModule.
+        inplace: rewrite ``observed`` itself (as torch.ao's ``convert_fx`` does) instead of building
+            a new GraphModule that owns copies of the float parts it keeps.
         backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
             or ``"fused"`` (fxqbn's C integer kernels on plain uint8/int8 tensors, ``fxqbn.fused``).
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
-        holds its own copies of everything it keeps from the float model.
+        holds its own copies of everything it keeps from the float model (with ``inplace``, what
+        ``observed`` holds: for ``prepare``'s result, its own copy of the float model).
     """
     start = time.perf_counter()
     with _collector_paused():
@@ -184,18 +185,23 @@ def _prepared_state(observed: nn.Module) -> Prepared:
 def _install(
     observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, nn.Module], inplace: bool, index: ModuleIndex
 ) -> fx.GraphModule:
-    """The converted GraphModule: ``observed`` updated in place, or a new one owning its float parts."""
+    """The converted GraphModule: ``observed`` updated in place (its float parts are its own already:
+    ``prepare``'s copy, or what torch.ao's ``prepare_fx`` shares with its model, as ``convert_fx`` keeps
+    them), or a new one owning copies of its float parts."""
     graph.lint()
-    if inplace:
-        gm = observed
-        for target, module in new_modules.items():
-            gm.add_submodule(target, module)
-        gm.graph = graph  # generates its code
-        gm.delete_all_unused_submodules()  # observers, fused activation modules
-    else:
+    if not inplace:
         gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__, index=index)
-    _own_float_parts(gm, new_modules)
-    return gm
+        _own_float_parts(gm, new_modules)
+        return gm
+    for target, module in new_modules.items():
+        parent, _, leaf = target.rpartition(".")
+        try:
+            index.module(parent).add_module(leaf, module)
+        except AttributeError:  # a new container
+            observed.add_submodule(target, module)
+    observed.graph = graph  # generates its code
+    delete_unused_submodules(observed)  # observers, fused activation modules
+    return observed
 
 
 def _report(state: Prepared, converted: Converted, seconds: float) -> Report:
@@ -222,19 +228,19 @@ def _own_float_parts(gm: fx.GraphModule, ours: Iterable[str]) -> None:
     """Give ``gm`` its own copies of the modules and tensors it still shares with the float model
     (one copy per shared object, so a module called twice stays one module); ``ours`` are the
     targets of the modules convert made."""
-    ours = set(ours)
-    copies: dict[int, Any] = {}
+    ours, index = set(ours), ModuleIndex(gm)
+    places: list[tuple[nn.Module, str, Any]] = []  # (parent, leaf name, the shared module or tensor)
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr") or node.target in ours:
-            continue
-        parent_name, _, leaf = str(node.target).rpartition(".")
-        parent = gm.get_submodule(parent_name)
-        value = getattr(parent, leaf)
-        if not isinstance(value, (nn.Module, torch.Tensor)):
-            continue
-        if id(value) not in copies:
-            # a Parameter stays a Parameter; a module's copy detaches what its forward cached (leaf modules ran)
-            copies[id(value)] = owned_copy(value) if isinstance(value, nn.Module) else copy.deepcopy(value)
+        if node.op in ("call_module", "get_attr") and node.target not in ours:
+            parent_name, _, leaf = str(node.target).rpartition(".")
+            parent = index.module(parent_name)
+            value = getattr(parent, leaf)
+            if isinstance(value, (nn.Module, torch.Tensor)):
+                places.append((parent, leaf, value))
+    # one copy per shared object; a Parameter stays a Parameter; a module's copy detaches what its forward cached
+    shared = list({id(v): v for _, _, v in places}.values())
+    copies = dict(zip(map(id, shared), owned_copies(shared)))
+    for parent, leaf, value in places:
         if isinstance(value, nn.Module):
             parent.add_module(leaf, copies[id(value)])
         else:

@@ -21,7 +21,7 @@ from fxqbn.passes.modules import ModuleIndex
 
 from .errors import FxqbnError
 
-__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "owned_copy"]
+__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "owned_copy", "owned_copies", "delete_unused_submodules"]
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep
 _PIPELINE = tuple(  # fxqbn's own frames around the user's code (fxqbn/models.py is user code)
@@ -168,6 +168,86 @@ def owned_copy(model: nn.Module) -> nn.Module:
         ) from exc
 
 
+def owned_copies(values: list[Any]) -> list[Any]:
+    """``owned_copy`` of each module and ``copy.deepcopy`` of each tensor in ``values``, with one memo (what
+    they share stays shared in the copies). Plain modules (``_PlainCopier``: the attributes ``nn.Module``
+    and the standard layers keep) are copied directly, skipping ``copy.deepcopy``'s generic walk,
+    which costs about 50 us per module; if any module is not plain, all go through ``owned_copy``."""
+    copier = _PlainCopier()
+    try:
+        return [copier.module(v) if isinstance(v, nn.Module) else copier.tensor(v) for v in values]
+    except _NotPlain:
+        memo: dict[int, Any] = {}
+        return [owned_copy(v) if isinstance(v, nn.Module) else copy.deepcopy(v, memo) for v in values]
+
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.memory_format, torch.layout})
+_COPY_HOOKS = ("__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__")  # (__getstate__ / __setstate__ are called)
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+@functools.lru_cache(maxsize=None)
+def _copies_itself(cls: type) -> bool:
+    """Whether ``cls`` changes how ``copy`` copies it (beyond ``__getstate__`` / ``__setstate__``)."""
+    return any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _COPY_HOOKS)
+
+
+class _NotPlain(Exception):
+    """A module ``_PlainCopier`` cannot copy as ``copy.deepcopy`` would."""
+
+
+class _PlainCopier:
+    """Copies of plain modules and tensors, each original copied once (shared stays shared). Plain:
+    ``__setstate__`` of a copy of ``__getstate__``'s dict with fresh tensors is what ``copy.deepcopy``
+    does: no copy hooks of the class's own, no hooks registered, plain Parameters and tensors without
+    gradients, and otherwise only numbers, strings and tuples, lists or sets of them."""
+
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.memo:
+            if type(t) not in (torch.Tensor, nn.Parameter) or t.grad is not None or (isinstance(t, nn.Parameter) and vars(t)):
+                raise _NotPlain
+            fresh = t.detach().clone()  # a cached non-leaf tensor's copy is detached, as owned_copy's
+            if isinstance(t, nn.Parameter):
+                fresh = nn.Parameter(fresh, requires_grad=t.requires_grad)
+            elif t.is_leaf and t.requires_grad:
+                fresh.requires_grad_(True)
+            self.memo[id(t)] = fresh
+        return self.memo[id(t)]
+
+    def module(self, module: nn.Module) -> nn.Module:
+        if id(module) not in self.memo:
+            cls = type(module)
+            state = module.__getstate__()
+            if _copies_itself(cls) or not (isinstance(state, dict) and all(key in state for key in _TABLES)):
+                raise _NotPlain
+            for key, value in state.items():
+                if type(value) not in _ATOMS:
+                    state[key] = self._value(key, value)
+            fresh = cls.__new__(cls)
+            fresh.__setstate__(state)
+            self.memo[id(module)] = fresh
+        return self.memo[id(module)]
+
+    def _value(self, key: str, value: Any) -> Any:
+        """The copy of one entry of a module's state."""
+        if key == "_modules":
+            return {name: None if m is None else self.module(m) for name, m in value.items()}
+        if key in _TABLES:
+            return {name: None if t is None else self.tensor(t) for name, t in value.items()}
+        if isinstance(value, dict):  # the hook tables
+            if value:
+                raise _NotPlain
+            return value.copy()
+        if isinstance(value, (tuple, list, set, frozenset)):
+            if not all(type(item) in _ATOMS for item in value):
+                raise _NotPlain
+            return value.copy() if isinstance(value, (list, set)) else value
+        raise _NotPlain
+
+
 def trace_graph(model: nn.Module) -> fx.Graph:
     """Symbolically trace ``model`` into a Graph whose targets refer to ``model``'s attributes."""
     try:
@@ -225,6 +305,24 @@ def _copy_training_flags(gm: fx.GraphModule, root: nn.Module, index: ModuleIndex
                 module.__dict__["training"] = flag
             else:
                 module.training = flag
+
+
+def delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """``gm.delete_all_unused_submodules()``, with its rules (used: a target, a container above one, or
+    inside a called module), in time linear in the graph (torch's tests membership in a list)."""
+    used, index = {""}, ModuleIndex(gm)
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+            parts = node.target.split(".")
+            used.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+            if node.op == "call_module":
+                try:
+                    called = index.module(node.target)
+                except AttributeError:
+                    continue
+                used.update(f"{node.target}.{name}" for name, _ in called.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name not in used]:
+        gm.delete_submodule(name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

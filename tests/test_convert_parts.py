@@ -220,3 +220,30 @@ def test_bare_modules_start_as_init_leaves_them_and_share_no_state():
     a.register_buffer("x", torch.ones(1))
     a.register_forward_hook(lambda *args: None)
     assert "x" not in b._buffers and not b._forward_hooks
+
+
+def test_unused_submodules_go_as_torch_deletes_them():
+    from torch import fx
+
+    from fxqbn.tracing import delete_unused_submodules
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Identity()))
+            self.unused = nn.Sequential(nn.Linear(2, 2))
+            self.holder = nn.Module()
+            self.holder.register_buffer("table", torch.ones(2))
+            self.holder.spare = nn.Linear(2, 2)
+            self.called_inside = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+        def forward(self, x):
+            return self.called_inside(self.used[1](self.used[0](x)) + self.holder.table)
+
+    ours, theirs = fx.symbolic_trace(Net()), fx.symbolic_trace(Net())
+    for gm in (ours, theirs):  # drop a call: its module becomes unused
+        gm.graph.eliminate_dead_code()
+    delete_unused_submodules(ours)
+    theirs.delete_all_unused_submodules()
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    assert "unused" not in dict(ours.named_modules()) and "holder.spare" not in dict(ours.named_modules())
