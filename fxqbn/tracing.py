@@ -152,19 +152,26 @@ def owned_copy(model: nn.Module) -> nn.Module:
 
     Tensors computed with autograd history that a forward cached (LeViT's attention biases after
     an eval run) cannot be deep-copied: the copy holds them detached."""
+    return _deep_copies([model])[0]
+
+
+def _deep_copies(values: list[Any]) -> list[Any]:
+    """``owned_copy`` of the modules in ``values`` (and deep copies of the rest), in one deep copy."""
     found: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for key, value in vars(module).items():
-            if key not in ("_parameters", "_modules"):
-                _non_leaf_tensors(value, found)
+    for top in values:
+        for module in top.modules() if isinstance(top, nn.Module) else ():
+            for key, value in vars(module).items():
+                if key not in ("_parameters", "_modules"):
+                    _non_leaf_tensors(value, found)
     memo: dict[int, Any] = {key: t.detach().clone() for key, t in found.items()}
     memo[id(memo)] = list(found.values())  # keep the originals alive while copying, as deepcopy does
     try:
-        return copy.deepcopy(model, memo)
+        return copy.deepcopy(values, memo)
     except Exception as exc:  # the user's model decides what deepcopy does
+        what = next((type(v).__name__ for v in values if isinstance(v, nn.Module)), "the model")
         raise FxqbnError(
             f"fxqbn works on a copy of the model so that the model itself never changes, and "
-            f"{type(model).__name__} cannot be copied: {type(exc).__name__}: {exc}. Make it copy.deepcopy-able"
+            f"{what} cannot be copied: {type(exc).__name__}: {exc}. Make it copy.deepcopy-able"
         ) from exc
 
 
@@ -172,13 +179,12 @@ def owned_copies(values: list[Any]) -> list[Any]:
     """``owned_copy`` of each module and ``copy.deepcopy`` of each tensor in ``values``, with one memo (what
     they share stays shared in the copies). Plain modules (``_PlainCopier``: the attributes ``nn.Module``
     and the standard layers keep) are copied directly, skipping ``copy.deepcopy``'s generic walk,
-    which costs about 50 us per module; if any module is not plain, all go through ``owned_copy``."""
+    which costs about 50 us per module; if any module is not plain, all are copied as ``owned_copy`` copies, in one deep copy."""
     copier = _PlainCopier()
     try:
         return [copier.module(v) if isinstance(v, nn.Module) else copier.tensor(v) for v in values]
     except _NotPlain:
-        memo: dict[int, Any] = {}
-        return [owned_copy(v) if isinstance(v, nn.Module) else copy.deepcopy(v, memo) for v in values]
+        return _deep_copies(values)
 
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.memory_format, torch.layout})

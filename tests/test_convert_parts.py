@@ -247,3 +247,37 @@ def test_unused_submodules_go_as_torch_deletes_them():
     theirs.delete_all_unused_submodules()
     assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
     assert "unused" not in dict(ours.named_modules()) and "holder.spare" not in dict(ours.named_modules())
+
+
+def _storages(module: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_owned_copies_copy_as_deepcopy_does_sharing_what_the_originals_share(hooked):
+    from fxqbn.tracing import owned_copies
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    block[1].running_mean.uniform_()
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    values = [block, shared, nn.Sequential(shared, nn.Identity()), frozen, frozen.weight, torch.ones(2)]
+    if hooked:  # a registered hook: not plain, so every value goes through deepcopy
+        block[0].register_forward_hook(lambda *args: None)
+    copies = owned_copies(values)
+    for original, copied in zip(values, copies):
+        assert type(copied) is type(original) and copied is not original
+        if isinstance(original, nn.Module):
+            assert _storages(copied).isdisjoint(_storages(original))
+            assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), copied.state_dict().values()))
+            assert [p.requires_grad for p in copied.parameters()] == [p.requires_grad for p in original.parameters()]
+            assert vars(copied).keys() == vars(original).keys()
+        else:
+            assert torch.equal(copied, original) and copied.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+    assert copies[2][0] is copies[1]  # shared stays shared
+    assert copies[4] is copies[3].weight and isinstance(copies[4], nn.Parameter)
+    assert bool(copies[0][0]._forward_hooks) == hooked
+    x = torch.randn(2, 3, 4, 4)
+    block.eval(), copies[0].eval()
+    assert torch.equal(copies[0](x), block(x))
