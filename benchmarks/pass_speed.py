@@ -1,10 +1,14 @@
 """How long fxqbn.prepare / fxqbn.convert take against torch.ao's prepare_fx / convert_fx.
 
-    python benchmarks/pass_speed.py [--sizes 100 400 1000] [--repeats 3]
+    python benchmarks/pass_speed.py [--sizes 100 400 1000] [--repeats 3] [--models chain conv]
 
-One table: for BN chains of N BatchNorms (mixing BN, BN+ReLU and adds), each tool's median time
-to prepare and to convert (MinMaxObserver, one calibration batch), the graph's node count, and
-the ratios. Each run starts after a full garbage collection; convert and convert_fx runs alternate. torch.ao gets a BN-only QConfigMapping (BatchNorm2d, nn.ReLU). Runs on one thread.
+One table: for models of N BatchNorms, each tool's median time to prepare and to convert
+(MinMaxObserver, one calibration batch), the graph's node count, and the ratios. "chain": BNs one
+after another (mixing BN, BN+ReLU and adds: BNs read each other's quantized output); "conv": each
+BN between float convs (a quantize and a dequantize per BN, as in CNNs). Each run starts after a
+full garbage collection; convert and convert_fx runs alternate (convert_fx, which works in place,
+on a copy made outside its timing). torch.ao gets a BN-only QConfigMapping (BatchNorm2d and the
+activation). Runs on one thread.
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ class BNChain(nn.Module):
         return x
 
 
+class ConvBNs(nn.Module):
+    """N (1x1 conv -> scale -> BatchNorm -> F.relu) blocks, every second one residual: each BN sits
+    between float ops, so each gets its own quantize and dequantize (torch.ao folds no conv -> BN
+    here: the scale is between them)."""
+
+    def __init__(self, n: int, channels: int = 4) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(n))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = torch.relu(bn(conv(x) * 0.5))
+            x = y + x if i % 2 else y
+        return x
+
+
+MODELS = {"chain": (BNChain, (nn.BatchNorm2d, nn.ReLU)), "conv": (ConvBNs, (nn.BatchNorm2d, torch.relu))}
+
+
 def timed(fn, repeats, setup=lambda: None):
     """Median wall time of ``fn(setup())`` over ``repeats`` runs; the setup and a full garbage
     collection happen before each run, outside the timing."""
@@ -62,11 +86,14 @@ def timed(fn, repeats, setup=lambda: None):
     return statistics.median(times), result
 
 
-def measure(n: int, repeats: int) -> list:
-    model = BNChain(n).eval()
+def measure(kind: str, n: int, repeats: int) -> list:
+    cls, observed_types = MODELS[kind]
+    model = cls(n).eval()
     x = torch.randn(1, 4, 4, 4)
     qconfig = QConfig(activation=MinMaxObserver, weight=default_weight_observer)
-    mapping = QConfigMapping().set_object_type(nn.BatchNorm2d, qconfig).set_object_type(nn.ReLU, qconfig)
+    mapping = QConfigMapping()
+    for observed_type in observed_types:
+        mapping = mapping.set_object_type(observed_type, qconfig)
 
     ours_prepare, observed = timed(lambda _: fxqbn.prepare(model, (x,), MinMaxObserver), repeats)
     ao_prepare, ao_observed = timed(lambda m: prepare_fx(m, mapping, (x,)), repeats, lambda: copy.deepcopy(model))
@@ -80,7 +107,7 @@ def measure(n: int, repeats: int) -> list:
     ours_convert, ao_convert = statistics.median(ours), statistics.median(theirs)
     nodes = len(observed.graph.nodes)
     return [
-        n, nodes,
+        kind, n, nodes,
         f"{ours_prepare * 1000:.0f}", f"{ao_prepare * 1000:.0f}", f"{ao_prepare / ours_prepare:.1f}x",
         f"{ours_convert * 1000:.0f}", f"{ao_convert * 1000:.0f}", f"{ao_convert / ours_convert:.1f}x",
     ]
@@ -90,17 +117,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 400, 1000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sys.setrecursionlimit(20000)
-    rows = [measure(n, args.repeats) for n in args.sizes]
-    headers = ["BNs", "nodes", "fxqbn prepare ms", "prepare_fx ms", "speedup",
+    rows = [measure(kind, n, args.repeats) for kind in args.models for n in args.sizes]
+    headers = ["model", "BNs", "nodes", "fxqbn prepare ms", "prepare_fx ms", "speedup",
                "fxqbn convert ms", "convert_fx ms", "speedup"]
     print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
-    small, large = rows[0], rows[-1]
-    for col, name in ((2, "prepare"), (5, "convert")):
-        growth = float(large[col]) / float(small[col])
-        print(f"fxqbn {name}: {large[0]} BNs take {growth:.1f}x the time of {small[0]} BNs ({large[0] / small[0]:.0f}x the BNs)")
+    for kind in args.models:
+        mine = [row for row in rows if row[0] == kind]
+        small, large = mine[0], mine[-1]
+        for col, name in ((3, "prepare"), (6, "convert")):
+            growth = float(large[col]) / float(small[col])
+            print(f"{kind}: fxqbn {name}: {large[1]} BNs take {growth:.1f}x the time of {small[1]} BNs ({large[1] / small[1]:.0f}x the BNs)")
 
 
 if __name__ == "__main__":

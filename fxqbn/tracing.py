@@ -9,7 +9,7 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -285,32 +285,42 @@ def build_graph_module(
         if node.op in ("call_module", "get_attr") and node.target not in attrs:
             target = str(node.target)
             attrs[target] = extra[target] if target in extra else index.attr(target)
+    for target, value in attrs.items():
+        if target in extra and isinstance(value, nn.Module):
+            _set_training(value, _flag_at(target, root, index))
     gm = fx.GraphModule(attrs, graph, class_name or type(root).__name__)
-    _copy_training_flags(gm, root, index, (t for t, value in attrs.items() if t in extra and isinstance(value, nn.Module)))
+    _copy_training_flags(gm, root, index)
     return gm
 
 
-def _copy_training_flags(gm: fx.GraphModule, root: nn.Module, index: ModuleIndex, new: Iterable[str]) -> None:
-    """The modules ``gm`` made (itself, the containers above its targets) and the ``new`` ones take the
-    training flag of ``root``'s module at the same name, or ``root``'s; the leaves it shares with
-    ``root`` have theirs already."""
+def _flag_at(name: str, root: nn.Module, index: ModuleIndex) -> bool:
+    """The training flag of ``root``'s module called ``name``, or ``root``'s when there is none."""
+    try:
+        return index.module(name).training
+    except AttributeError:
+        return root.training
+
+
+def _set_training(module: nn.Module, flag: bool) -> None:
+    if module.training != flag:
+        if "training" in module.__dict__:  # a plain attribute: nn.Module.__setattr__'s checks are not needed
+            module.__dict__["training"] = flag
+        else:
+            module.training = flag
+
+
+def _copy_training_flags(gm: fx.GraphModule, root: nn.Module, index: ModuleIndex) -> None:
+    """The modules ``gm`` made (itself, the containers above its targets) take the training flag of
+    ``root``'s module at the same name, or ``root``'s; its leaves (shared with ``root``, or new and
+    set by the caller) have theirs already."""
     made = {""}  # gm, and every container above a target ("a" and "a.b" above "a.b.c")
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             parts = str(node.target).split(".")
             made.update(".".join(parts[:k]) for k in range(1, len(parts)))
     ours = ModuleIndex(gm)
-    for name in (*made, *new):
-        try:
-            flag = index.module(name).training
-        except AttributeError:
-            flag = root.training  # a new module at a new name
-        module = ours.module(name)
-        if module.training != flag:
-            if "training" in module.__dict__:  # a plain attribute: nn.Module.__setattr__'s checks are not needed
-                module.__dict__["training"] = flag
-            else:
-                module.training = flag
+    for name in made:
+        _set_training(ours.module(name), _flag_at(name, root, index))
 
 
 def delete_unused_submodules(gm: fx.GraphModule) -> None:

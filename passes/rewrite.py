@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import fx, nn
 
 from fxqbn.backends import NATIVE, Backend, BnTensors
