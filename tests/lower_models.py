@@ -88,9 +88,16 @@ def trained(model: nn.Module, seed: int = 0) -> nn.Module:
         return estimate_bn_statistics(model, batches)
 
 
+def seeded(factory, seed: int = 0) -> nn.Module:
+    """``trained(factory())`` with the model's initial weights seeded too: the same model every call."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return trained(factory(), seed)
+
+
 def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor]]]:
     """name -> (float model in eval mode, example input), the three nets the lowering targets name."""
-    timm, mlp = trained(TimmStyleNet()), trained(MLP())
+    timm, mlp = seeded(TimmStyleNet), seeded(MLP)
     densenet, example = densenet_bc()
     return {"timm_style": (timm, timm.example()), "mlp": (mlp, mlp.example()), "densenet_bc": (densenet, example)}
 
@@ -176,5 +183,5 @@ class Sandwich(nn.Module):
 
 def timm_style_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A factory for the command: ``fxqbn convert tests/lower_models.py:timm_style_net --int8 pt2e``."""
-    model = trained(TimmStyleNet())
+    model = seeded(TimmStyleNet)
     return model, model.example()

@@ -462,3 +462,10 @@ def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
     assert "verification on a held-out batch" in result.stdout
     header = " ".join(result.stdout.split("calibration: ")[0].split())  # the header line, wrapped at 100 columns
     assert header.startswith("model: ") and header.endswith("whole-model int8 via pt2e, BNs lowered")
+
+
+def test_the_command_factory_builds_the_same_model_every_call():
+    from lower_models import timm_style_net
+
+    (a, _), (b, _) = timm_style_net(), timm_style_net()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
