@@ -480,10 +480,10 @@ def test_building_a_module_runs_each_exactness_check_once(kernels, monkeypatch):
     assert torch.equal(again(codes), native(bn, codes, qp, qp, 2, True))
 
 
+@pytest.mark.skipif(ckernels.EXT is None, reason=f"the C kernel's own check, and no C kernels in this process: {ckernels.WHY_NOT}")
+@pytest.mark.parametrize("kernels", ["c"], indirect=True)  # the C kernel's own check: not the pure-torch run
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_c_check_names_exactly_the_channels_that_differ_from_the_table(kernels, dtype):
-    if kernels != "c":
-        pytest.skip("the C kernel's own check: nothing to check without the extension")
     gen = torch.Generator().manual_seed(5)
     module = FusedBatchNorm.from_bn(random_bn(2, 70, gen), 2, False, random_qparams(gen, dtype), random_qparams(gen, dtype))
     table = module._c.table  # the bytes the kernel is checked against (blocks of 64 channels: 64 and 69 in the second)
