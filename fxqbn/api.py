@@ -125,15 +125,13 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
         observed: the result of ``prepare``, after calibration; or a GraphModule observed and
             calibrated by torch.ao's ``prepare_fx``: its observed BN / BN+ReLU patterns are
             converted, its other observers removed (listed in the report's ``dropped``).
-        inplace: rewrite ``observed`` itself (as torch.ao's ``convert_fx`` does) instead of building
-            a new GraphModule that owns copies of the float parts it keeps.
+        inplace: rewrite ``observed`` itself instead of building a new GraphModule.
         backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
             or ``"fused"`` (fxqbn's C integer kernels on plain uint8/int8 tensors, ``fxqbn.fused``).
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
-        holds its own copies of everything it keeps from the float model (with ``inplace``, what
-        ``observed`` holds: for ``prepare``'s result, its own copy of the float model).
+        holds its own copies of everything it keeps from the float model.
     """
     start = time.perf_counter()
     with _collector_paused():
@@ -185,23 +183,23 @@ def _prepared_state(observed: nn.Module) -> Prepared:
 def _install(
     observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, nn.Module], inplace: bool, index: ModuleIndex
 ) -> fx.GraphModule:
-    """The converted GraphModule: ``observed`` updated in place (its float parts are its own already:
-    ``prepare``'s copy, or what torch.ao's ``prepare_fx`` shares with its model, as ``convert_fx`` keeps
-    them), or a new one owning copies of its float parts."""
+    """The converted GraphModule: ``observed`` updated in place, or a new one; either way owning
+    copies of its float parts (a torch.ao-observed graph shares them with the model ``prepare_fx`` took)."""
     graph.lint()
-    if not inplace:
+    if inplace:
+        gm = observed
+        for target, module in new_modules.items():
+            parent, _, leaf = target.rpartition(".")
+            try:
+                index.module(parent).add_module(leaf, module)
+            except AttributeError:  # a new container
+                gm.add_submodule(target, module)
+        gm.graph = graph  # generates its code
+        delete_unused_submodules(gm)  # observers, fused activation modules
+    else:
         gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__, index=index)
-        _own_float_parts(gm, new_modules)
-        return gm
-    for target, module in new_modules.items():
-        parent, _, leaf = target.rpartition(".")
-        try:
-            index.module(parent).add_module(leaf, module)
-        except AttributeError:  # a new container
-            observed.add_submodule(target, module)
-    observed.graph = graph  # generates its code
-    delete_unused_submodules(observed)  # observers, fused activation modules
-    return observed
+    _own_float_parts(gm, new_modules)
+    return gm
 
 
 def _report(state: Prepared, converted: Converted, seconds: float) -> Report:

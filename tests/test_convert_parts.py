@@ -283,7 +283,7 @@ def test_owned_copies_copy_as_deepcopy_does_sharing_what_the_originals_share(hoo
     assert torch.equal(copies[0](x), block(x))
 
 
-def test_inplace_keeps_the_observed_models_own_float_parts_and_drops_its_observers():
+def test_inplace_rewrites_the_observed_model_with_copies_of_its_float_parts_and_drops_its_observers():
     import fxqbn
 
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1)).eval()
@@ -294,6 +294,7 @@ def test_inplace_keeps_the_observed_models_own_float_parts_and_drops_its_observe
     conv = observed.get_submodule("0")
     expected = fxqbn.convert(observed)(x)
     q = fxqbn.convert(observed, inplace=True)
-    assert q is observed and q.get_submodule("0") is conv and conv is not model[0]
+    assert q is observed and q.get_submodule("0") is not conv and conv is not model[0]
+    assert torch.equal(q.get_submodule("0").weight, conv.weight)
     assert not [name for name, _ in q.named_modules() if "observer" in name]
     assert torch.equal(q(x), expected)
