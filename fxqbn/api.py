@@ -35,7 +35,8 @@ from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
-from .tracing import build_graph_module, delete_unused_submodules, owned_copies, owned_copy, propagate_shapes, trace_graph
+from .copying import owned_copies, owned_copy
+from .tracing import build_graph_module, delete_unused_submodules, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 

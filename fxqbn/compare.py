@@ -24,7 +24,8 @@ from .backends import BACKENDS
 from .errors import FxqbnError
 from .report import Report
 from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
-from .tracing import owned_copy, trace
+from .copying import owned_copy
+from .tracing import trace
 
 __all__ = ["compare", "sqnr_db", "tensors_in"]
 

@@ -39,7 +39,7 @@ from .errors import FxqbnError
 from .backends import BACKENDS
 from .qparams import DTYPE_RANGES, QParams
 from .report import Report
-from .tracing import owned_copy
+from .copying import owned_copy
 from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]

@@ -26,7 +26,7 @@ from fxqbn.passes.lower import ROUTES
 
 from .errors import FxqbnError
 from .lower import lower
-from .tracing import owned_copy
+from .copying import owned_copy
 
 __all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
 

@@ -255,7 +255,7 @@ def _storages(module: nn.Module) -> set[int]:
 
 @pytest.mark.parametrize("hooked", [False, True])
 def test_owned_copies_copy_as_deepcopy_does_sharing_what_the_originals_share(hooked):
-    from fxqbn.tracing import owned_copies
+    from fxqbn.copying import owned_copies
 
     torch.manual_seed(0)
     shared = nn.Linear(3, 3)
