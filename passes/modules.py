@@ -60,10 +60,9 @@ class ModuleIndex:
             except AttributeError:
                 return False
             return True
-        if type(owner).__getattr__ is not nn.Module.__getattr__:  # a module that answers on its own
+        if not _tables_answer(type(owner), leaf):  # a class attribute, or a module answering on its own
             return hasattr(owner, leaf)
-        tables = (owner.__dict__, owner._parameters, owner._buffers, owner._modules)
-        return any(leaf in table for table in tables) or hasattr(type(owner), leaf)
+        return any(leaf in table for table in (owner.__dict__, owner._parameters, owner._buffers, owner._modules))
 
 
 @functools.lru_cache(maxsize=4096)
