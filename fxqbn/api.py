@@ -31,12 +31,13 @@ from fxqbn.passes.rewrite import bn_tensors
 from . import fused
 from . import nn as qnn
 from .errors import FxqbnError
+from .float_io import FloatIO
 from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .copying import owned_copies, owned_copy
-from .tracing import build_graph_module, delete_unused_submodules, propagate_shapes, trace_graph
+from .tracing import build_graph_module, delete_unused_submodules, propagate_shapes, set_training_flags, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -92,7 +93,9 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
 
 
 # What convert installs: a model holding one of these was converted already.
-_CONVERTED_MODULES = (qnn._QuantizedBatchNorm, qnn.Quantize, qnn.DeQuantize, fused.FusedBatchNorm, fused.FusedQuantize, fused.FusedDeQuantize)
+_CONVERTED_MODULES = (
+    qnn._QuantizedBatchNorm, qnn.Quantize, qnn.DeQuantize, fused.FusedBatchNorm, fused.FusedQuantize, fused.FusedDeQuantize, FloatIO,
+)
 
 
 def refuse_fxqbn_output(model: nn.Module) -> None:
@@ -132,11 +135,18 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
-        holds its own copies of everything it keeps from the float model.
+        holds its own copies of everything it keeps from the float model. A pattern between float
+        code is one ``fxqbn.float_io.FloatIO`` (quantize, quantized module, dequantize).
     """
+    return convert_laid_out(observed, inplace, backend, float_io=True)
+
+
+def convert_laid_out(observed: fx.GraphModule, inplace: bool, backend: str, float_io: bool) -> fx.GraphModule:
+    """``convert``, choosing the layout: ``float_io`` False keeps every boundary a node of its own (the
+    layout of fxqbn.save format 1 files, which ``load`` rebuilds)."""
     start = time.perf_counter()
     with _collector_paused():
-        gm, state, converted = _convert(observed, inplace, backend_named(backend))
+        gm, state, converted = _convert(observed, inplace, backend_named(backend), float_io)
     attach(gm, REPORT_KEY, _report(state, converted, time.perf_counter() - start))
     return gm
 
@@ -155,13 +165,15 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _convert(observed: fx.GraphModule, inplace: bool, chosen: Backend) -> tuple[fx.GraphModule, Prepared, Converted]:
+def _convert(observed: fx.GraphModule, inplace: bool, chosen: Backend, float_io: bool) -> tuple[fx.GraphModule, Prepared, Converted]:
     """convert's steps: read the state, refuse, read the observers, rewrite a graph, install it."""
     state = _prepared_state(observed)
     index = ModuleIndex(observed)  # observed's tree does not change until _install
     _refuse_training(index, state.patterns)
     readings = read_observers(observed, state.patterns, index)  # refuse before copying or changing anything
-    graph, converted, new_modules = rewrite_patterns(observed.graph, observed, state.patterns, readings, chosen, state.dropped, index)
+    graph, converted, new_modules = rewrite_patterns(
+        observed.graph, observed, state.patterns, readings, chosen, state.dropped, index, float_io
+    )
     gm = _install(observed, graph, new_modules, inplace, index)
     detach(gm, PREPARED_KEY)
     attach(gm, CONVERTED_KEY, converted)
@@ -195,6 +207,7 @@ def _install(
                 index.module(parent).add_module(leaf, module)
             except AttributeError:  # a new container
                 gm.add_submodule(target, module)
+        set_training_flags(new_modules, observed, index)  # index: observed's tree before the additions
         gm.graph = graph  # generates its code
         delete_unused_submodules(gm)  # observers, fused activation modules
     else:
@@ -207,8 +220,8 @@ def _report(state: Prepared, converted: Converted, seconds: float) -> Report:
     summary = ReportSummary(
         rewritten=len(converted.rewrites),
         skipped=len(state.skips),
-        quantize_nodes=len(converted.quantize_nodes),
-        dequantize_nodes=len(converted.dequantize_nodes),
+        quantize_nodes=converted.boundary_counts()[0],
+        dequantize_nodes=converted.boundary_counts()[1],
         convert_seconds=seconds,
     )
     dropped = tuple(f"{d.observer} on {d.observed}: not part of a BN pattern; removed, left float" for d in state.dropped)

@@ -59,7 +59,7 @@ def _module_state() -> dict[str, Any] | None:
 _MODULE_STATE = _module_state()
 
 
-def _bare(cls: type) -> Any:
+def bare(cls: type) -> Any:
     """A ``cls`` instance in the state ``nn.Module.__init__`` leaves, without running ``cls.__init__``:
     convert makes thousands, and ``__init__``'s ``super().__setattr__`` calls cost more than the rest."""
     module = cls.__new__(cls)
@@ -332,7 +332,7 @@ class _QuantizedBatchNorm(nn.Module):
             running_mean, running_var = _float32_copy(running_mean), _float32_copy(running_var)
             weight = None if weight is None else _float32_copy(weight)
             bias = None if bias is None else _float32_copy(bias)
-        qbn = _bare(cls)
+        qbn = bare(cls)
         qbn._setup(running_mean, running_var, weight, bias, eps, momentum, qparams.scale, qparams.zero_point)
         qbn._set_clamp(clamp)
         return qbn
@@ -432,7 +432,7 @@ class Quantize(nn.Module):
     def from_qparams(cls, qparams: QParams) -> "Quantize":
         """The boundary for ``qparams`` (valid already: a QParams checks itself), built without
         ``__init__``'s ``nn.Module.__setattr__`` calls: convert builds hundreds."""
-        q = _bare(cls)
+        q = bare(cls)
         q._buffers.update(
             scale=torch.scalar_tensor(float(qparams.scale), dtype=torch.float64),
             zero_point=torch.scalar_tensor(int(qparams.zero_point), dtype=torch.int64),

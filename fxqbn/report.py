@@ -73,8 +73,8 @@ class ReportSummary:
 
     rewritten: int
     skipped: int
-    quantize_nodes: int  # float -> quantized boundaries inserted
-    dequantize_nodes: int  # quantized -> float boundaries inserted
+    quantize_nodes: int  # float -> quantized boundaries inserted (nodes, or inside FloatIO modules; the key predates FloatIO)
+    dequantize_nodes: int  # quantized -> float boundaries inserted (the same)
     convert_seconds: float  # wall time of fxqbn.convert or fxqbn.lower (not in JSON/CSV)
     model_sqnr_db: float | None = None  # filled by fxqbn.compare: whole model output vs float
     lowered_into: str = ""  # fxqbn.lower: the int8 graph its BNs went into ("torch.ao convert_fx"); "" for convert
@@ -207,7 +207,7 @@ class Report:
             bns = "BN" if s.rewritten == 1 else "BNs"
             return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {s.skipped} skipped"]
         return [f"{s.rewritten} rewritten, {s.skipped} skipped",
-                f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize nodes inserted"]
+                f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize boundaries inserted"]
 
     def summary_lines(self, width: int | None = WIDTH) -> list[str]:
         """The totals under the table: on one line with ``width=None``, else counts on one line and

@@ -3,7 +3,7 @@
 A converted model pickled whole can only be loaded with ``weights_only=False``, which runs code
 from the file. ``save`` writes data only (tensors, numbers, strings, lists, dicts)::
 
-    {"format": "fxqbn.quantized", "version": 1, "torch": "2.13.0",
+    {"format": "fxqbn.quantized", "version": 2, "torch": "2.13.0",
      "patterns": [{"node", "module", "pattern", "status", "dtype", "input": [scale, zero_point],
                    "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
      "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
@@ -15,7 +15,9 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
 The structure of a converted model is a function of the float model, of which BatchNorms were
 rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
 float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, observers that hold
-the saved qparams instead of observing data, and the ordinary ``convert``. No calibration runs.
+the saved qparams instead of observing data, and the ordinary ``convert`` (in the file's layout: in
+format 1 files every boundary is a node, in format 2 a BN between float code is one FloatIO). No
+calibration runs.
 Everything read is checked as ``convert`` checks what it reads (``check_payload``; each quantized
 BN is rebuilt from the file's tensors; the result must equal the file's state_dict bit for bit).
 """
@@ -34,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.ao.quantization import QConfigMapping
 
-from .api import convert, get_report, prepare_owned, refuse_fxqbn_output
+from .api import convert_laid_out, get_report, prepare_owned, refuse_fxqbn_output
 from .errors import FxqbnError
 from .backends import BACKENDS
 from .qparams import DTYPE_RANGES, QParams
@@ -45,7 +47,8 @@ from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach,
 __all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]
 
 FORMAT = "fxqbn.quantized"
-VERSION = 1
+VERSION = 2  # 2: a BN between float code is one FloatIO module; 1 (still read): boundaries are nodes
+_READS = (1, 2)
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPE_RANGES}  # "quint8" -> torch.quint8
@@ -147,9 +150,10 @@ def _read(path: PathOrFile) -> dict[str, Any]:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FxqbnError(f"{where} is not an fxqbn.save file: write it with fxqbn.save (or `fxqbn convert --out`)")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in _READS:
         raise FxqbnError(
-            f"{where} is fxqbn.save format version {payload.get('version')}; this fxqbn reads version {VERSION}"
+            f"{where} is fxqbn.save format version {payload.get('version')}; this fxqbn reads versions "
+            f"{', '.join(map(str, _READS))}"
         )
     check_payload(payload, where)
     return payload
@@ -377,11 +381,8 @@ def _load_state(quantized: fx.GraphModule, state: dict[str, torch.Tensor], where
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise FxqbnError(f"the model's tensors do not match {where}: {'; '.join(problems[:3])}{more}")
-    converted = attached(quantized, CONVERTED_KEY)
-    boundary_nodes = {*converted.quantize_nodes, *converted.dequantize_nodes}
-    boundaries = {  # built from the pattern records alone: what the file says of them must agree
-        node.target: copy.deepcopy(quantized.get_submodule(node.target)) for node in quantized.graph.nodes if node.name in boundary_nodes
-    }
+    targets = attached(quantized, CONVERTED_KEY).boundary_targets(quantized.graph)
+    boundaries = copy.deepcopy({target: quantized.get_submodule(target) for target in targets})  # from the records alone; shared stay shared
     quantized.load_state_dict(state, strict=True)
     _rebuild_from_file(quantized, backend, where)
     for target, module in boundaries.items():
@@ -428,7 +429,7 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     _fill_observers(observed, plan, where)
     # a new GraphModule: modules in the same order as the saved one's
     backend = payload.get("backend", "native")
-    quantized = convert(observed, backend=backend)
+    quantized = convert_laid_out(observed, False, backend, float_io=payload["version"] >= 2)
     _check_structure(quantized, payload, where)
     _load_state(quantized, payload["state_dict"], where, backend)
     training = set(payload["training"])

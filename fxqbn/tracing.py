@@ -20,7 +20,7 @@ from fxqbn.passes.modules import ModuleIndex
 
 from .errors import FxqbnError
 
-__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "delete_unused_submodules"]
+__all__ = ["trace", "trace_graph", "build_graph_module", "propagate_shapes", "delete_unused_submodules", "set_training_flags"]
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep
 _PIPELINE = tuple(  # fxqbn's own frames around the user's code (fxqbn/models.py is user code)
@@ -163,12 +163,20 @@ def build_graph_module(
         if node.op in ("call_module", "get_attr") and node.target not in attrs:
             target = str(node.target)
             attrs[target] = extra[target] if target in extra else index.attr(target)
-    for target, value in attrs.items():
-        if target in extra and isinstance(value, nn.Module):
-            _set_training(value, _flag_at(target, root, index))
+    set_training_flags({t: v for t, v in extra.items() if t in attrs}, root, index)
     gm = fx.GraphModule(attrs, graph, class_name or type(root).__name__)
     _copy_training_flags(gm, root, index)
     return gm
+
+
+def set_training_flags(new: Mapping[str, Any], root: nn.Module, index: ModuleIndex) -> None:
+    """Each new module in ``new`` (by target), and the modules inside it, take the training flag of
+    ``root``'s module at that target (the one it replaces), or ``root``'s."""
+    for target, value in new.items():
+        if isinstance(value, nn.Module):
+            flag = _flag_at(target, root, index)
+            for module in value.modules():
+                _set_training(module, flag)
 
 
 def _flag_at(name: str, root: nn.Module, index: ModuleIndex) -> bool:

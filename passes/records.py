@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from torch import fx
+
 from fxqbn.qconfig import ActivationSpec
 from fxqbn.qparams import Observation
 
@@ -119,8 +121,26 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class Converted:
-    """What ``rewrite_patterns`` did to a graph: the rewrites and the boundary nodes it added."""
+    """What ``rewrite_patterns`` did to a graph: the rewrites and the boundaries it added (nodes, and
+    FloatIO modules holding a quantize and a dequantize each)."""
 
     rewrites: tuple[Rewrite, ...]
     quantize_nodes: tuple[str, ...]  # float -> quantized boundary nodes
     dequantize_nodes: tuple[str, ...]  # quantized -> float boundary nodes
+    float_io: tuple[str, ...] = ()  # targets of the FloatIO modules (their .quantize and .dequantize are boundaries)
+
+    def boundary_counts(self) -> tuple[int, int]:
+        """(quantize, dequantize) boundaries inserted, in nodes or inside FloatIO modules."""
+        return len(self.quantize_nodes) + len(self.float_io), len(self.dequantize_nodes) + len(self.float_io)
+
+    def boundary_targets(self, graph: fx.Graph) -> list[str]:
+        """The targets of every boundary module in ``graph`` (the converted one), in graph order."""
+        nodes = {*self.quantize_nodes, *self.dequantize_nodes}
+        ios = set(self.float_io)
+        targets = []
+        for node in graph.nodes:
+            if node.name in nodes:
+                targets.append(str(node.target))
+            elif node.op == "call_module" and node.target in ios:
+                targets += [f"{node.target}.quantize", f"{node.target}.dequantize"]
+        return targets

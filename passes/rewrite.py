@@ -17,7 +17,12 @@ After::
     y = add(dq, 1)
 
 A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them. The new graph is built in one pass over the observed one,
+dequantize/quantize pair between them. A pattern between float code (its input read by no other
+pattern, its output by none) is one node, with ``float_io``: a ``fxqbn.float_io.FloatIO`` holding
+the quantize, the quantized module and the dequantize::
+
+    bn = bn(x)                      # FloatIO(Quantize(0.02, 128, torch.quint8), BNReLU2d, DeQuantize)
+ The new graph is built in one pass over the observed one,
 which is not changed (``_Roles`` plans from the records, ``_Rewriter`` emits). The ``Backend`` record (``fxqbn.backends``) supplies the
 replacement and boundary modules; the default is the native one above.
 """
@@ -31,9 +36,11 @@ from torch import fx, nn
 
 from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
+from fxqbn.float_io import FloatIO
 from fxqbn.nn import own_many
-from fxqbn.qparams import Observation, read_many
+from fxqbn.qparams import Observation, QParams, read_many
 
+from . import emit
 from .modules import ModuleIndex
 from .new_modules import NewModules as _NewModules
 from .records import Converted, Dropped, Match, Observed, Rewrite, observer_users
@@ -89,13 +96,25 @@ def bn_tensors(root: nn.Module, match: Match, index: ModuleIndex | None = None) 
 class _Roles:
     """What each node of the observed graph is to the rewrite, by name (planning, no graph edits)."""
 
-    def __init__(self, patterns: Sequence[Observed], dropped: Sequence[Dropped]) -> None:
+    def __init__(self, patterns: Sequence[Observed], dropped: Sequence[Dropped], float_io: bool = True) -> None:
         self.pattern_of = {p.match.bn_node: p for p in patterns}  # BN node -> its pattern
         self.outputs = {p.output_observer for p in patterns}  # read as the pattern's quantized value
         self.passed = {p.input_observer for p in patterns} | {d.observer for d in dropped}  # -> their input
         self.passed -= self.outputs
         self.gone = {n for p in patterns for n in (*p.match.chain, p.match.bn.output)}  # fused into the BN
         self.bn_inputs = set(self.pattern_of)
+        self.between_float = self._between_float(patterns) if float_io else set()
+
+    def _between_float(self, patterns: Sequence[Observed]) -> set[str]:
+        """BN nodes of the patterns whose input is a float value read by no other pattern and whose
+        output no pattern reads: each becomes one FloatIO call."""
+        readers: dict[str, int] = {}
+        for p in patterns:
+            readers[p.input_observer] = readers.get(p.input_observer, 0) + 1
+        return {
+            p.match.bn_node for p in patterns
+            if readers[p.input_observer] == 1 and p.input_observer not in self.outputs and p.output_observer not in readers
+        }
 
     def statistics_only(self, node: fx.Node) -> bool:
         """A get_attr read by replaced BNs alone (F.batch_norm's statistics)."""
@@ -116,19 +135,27 @@ class _Rewriter:
         self.env: dict[str, fx.Node] = {}  # observed node name -> its float value in the new graph
         self.quantized: dict[str, fx.Node] = {}  # observer name -> new node holding the quantized value
         self.dequantized: dict[str, fx.Node] = {}  # output observer name -> its dequantize node
-        self.dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
+        self.dequantize_modules: dict[object, nn.Module] = {}  # one module, or one per qparams (fused: plain codes)
+        self.dequantizers: dict[object, str] = {}  # the same, by target, once a dequantize node uses it
         self.quantize_nodes: list[str] = []
+        self.float_io: list[str] = []  # targets of the FloatIO modules installed
+
+    def dequantize_module(self, qparams: QParams) -> tuple[object, nn.Module]:
+        """The backend's dequantize for ``qparams`` (shared where the backend allows), with its key."""
+        key = None if self.backend.dequantize_shared else qparams
+        if key not in self.dequantize_modules:
+            self.dequantize_modules[key] = self.backend.dequantize(qparams)
+        return key, self.dequantize_modules[key]
 
     def value(self, node: fx.Node) -> fx.Node:
         """``node``'s value for float code: a pattern's output is dequantized once, after it."""
         if node.name not in self.quantized or node.name in self.env:
             return self.env[node.name]
-        qparams = self.readings[node.name].qparams
-        key = None if self.backend.dequantize_shared else qparams
+        key, module = self.dequantize_module(self.readings[node.name].qparams)
         if key not in self.dequantizers:
-            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
+            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, module)
         with self.graph.inserting_after(self.quantized[node.name]):
-            self.env[node.name] = self.graph.create_node("call_module", self.dequantizers[key], (self.quantized[node.name],))
+            self.env[node.name] = emit.call_module(self.graph, self.dequantizers[key], (self.quantized[node.name],))
         self.dequantized[node.name] = self.env[node.name]
         return self.env[node.name]
 
@@ -136,29 +163,37 @@ class _Rewriter:
         """The quantized value of an input observer: another pattern's output, or a new quantize."""
         if observer.name not in self.quantized:
             boundary = self.new.add(QUANTIZE_PREFIX, self.backend.quantize(self.readings[observer.name].qparams))
-            node = self.graph.create_node("call_module", boundary, (self.env[observer.name],))  # module added later
+            node = emit.call_module(self.graph, boundary, (self.env[observer.name],))  # module added later
             self.quantized[observer.name] = node
             self.quantize_nodes.append(node.name)
         return self.quantized[observer.name]
 
-    def install(self, bn: fx.Node, pattern: Observed, qmodule: nn.Module) -> Rewrite:
-        """One pattern: its quantized module's call, reading the quantized input, named as the BN was."""
+    def install(self, bn: fx.Node, pattern: Observed, qmodule: nn.Module, between_float: bool = False) -> Rewrite:
+        """One pattern: its quantized module's call, reading the quantized input, named as the BN was;
+        ``between_float``: a FloatIO's call instead, reading and giving the float values."""
         match = pattern.match
         in_obs = bn.args[0]
         if not isinstance(in_obs, fx.Node) or in_obs.name != pattern.input_observer:
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
-        q_in = self.quantized_input(in_obs)
-        target = self.new.replace(match, qmodule)
-        self.quantized[pattern.output_observer] = self.graph.create_node("call_module", target, (q_in,), name=bn.name)
-        op = self.backend.op_for(match.rule)
-        return Rewrite(pattern, target, self.readings[in_obs.name], self.readings[pattern.output_observer], self.backend.name, op)
+        qin, qout = self.readings[in_obs.name], self.readings[pattern.output_observer]
+        if between_float:
+            boundaries = FloatIO.of(self.backend.quantize(qin.qparams), qmodule, self.dequantize_module(qout.qparams)[1])
+            target = self.new.replace(match, boundaries)
+            self.env[pattern.output_observer] = emit.call_module(self.graph, target, (self.env[in_obs.name],), name=bn.name)
+            self.float_io.append(target)
+            installed = f"{target}.bn"
+        else:
+            q_in = self.quantized_input(in_obs)
+            installed = target = self.new.replace(match, qmodule)
+            self.quantized[pattern.output_observer] = emit.call_module(self.graph, target, (q_in,), name=bn.name)
+        return Rewrite(pattern, installed, qin, qout, self.backend.name, self.backend.op_for(match.rule))
 
     def copy(self, node: fx.Node, roles: _Roles) -> None:
         """A node that is no part of a pattern: copied, or passed through (observers), or left out."""
         if node.name in roles.passed:
             self.env[node.name] = self.value(node.args[0])  # type: ignore[arg-type]
         elif node.name not in roles.gone and node.name not in roles.outputs and not roles.statistics_only(node):
-            self.env[node.name] = self.graph.node_copy(node, self.value)
+            self.env[node.name] = emit.copy_node(self.graph, node, self.value)
 
 
 def build_replacements(
@@ -186,6 +221,7 @@ def rewrite_patterns(
     backend: Backend = NATIVE,
     dropped: Sequence[Dropped] = (),
     index: ModuleIndex | None = None,
+    float_io: bool = True,
 ) -> tuple[fx.Graph, Converted, dict[str, nn.Module]]:
     """A new graph: ``graph`` with every observed pattern replaced by ``backend``'s module and the
     observers (the patterns' and ``dropped``) removed. ``graph`` and ``root`` are not changed.
@@ -193,18 +229,19 @@ def rewrite_patterns(
     Returns the new graph (its targets resolve in the returned modules first, then in ``root``), the
     record (rewrites, boundary nodes added) and the modules it needs beyond ``root``'s, by target (a
     replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
-    ``index``: ``root``'s modules, when the caller has it.
+    ``index``: ``root``'s modules, when the caller has it; ``float_io``: patterns between float code
+    become FloatIO calls (False: quantize, module and dequantize nodes, as files of format 1 hold).
     """
     index = index or ModuleIndex(root)
     qmodules = dict(zip((p.match.bn_node for p in patterns), build_replacements(root, patterns, readings, backend, index)))
-    roles, rewriter = _Roles(patterns, dropped), _Rewriter(graph, root, readings, backend, index)
+    roles, rewriter = _Roles(patterns, dropped, float_io), _Rewriter(graph, root, readings, backend, index)
     rewrites = []
     for node in graph.nodes:
         pattern = roles.pattern_of.get(node.name)
         if pattern is None:
             rewriter.copy(node, roles)
         else:
-            rewrites.append(rewriter.install(node, pattern, qmodules[node.name]))
+            rewrites.append(rewriter.install(node, pattern, qmodules[node.name], node.name in roles.between_float))
     dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
-    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes)
+    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io))
     return rewriter.graph, converted, rewriter.new.modules

@@ -42,6 +42,15 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["state"][key], value) or torch.allclose(after["state"][key], value, rtol=0, atol=0, equal_nan=True), key
 
 
+def installed(gm, name: str):
+    """The quantized module ``convert`` put in place of BN module ``name``: the module there, or, for
+    a BN between float code, the ``bn`` of the ``fxqbn.float_io.FloatIO`` there."""
+    from fxqbn.float_io import FloatIO
+
+    module = gm.get_submodule(name)
+    return module.bn if isinstance(module, FloatIO) else module
+
+
 def calls(gm, module_type) -> list:
     """The call_module nodes of ``gm`` whose module is exactly of ``module_type``."""
     modules = dict(gm.named_modules())

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, calls, randomize_bn, snapshot
+from conftest import assert_unchanged, calls, randomize_bn, snapshot, installed
 from torch import nn
 from torch.ao.quantization import (
     HistogramObserver,
@@ -136,7 +136,7 @@ def test_bn_called_twice_gets_one_quantized_module_per_call():
     rows = fxqbn.get_report(q).rows
     assert [r.status for r in rows] == ["rewritten", "rewritten"]
     assert rows[0].output_scale != rows[1].output_scale
-    assert isinstance(q.bn, fxqbn.nn.BatchNorm2d) and isinstance(q.bn_1, fxqbn.nn.BatchNorm2d)
+    assert isinstance(installed(q, "bn"), fxqbn.nn.BatchNorm2d) and isinstance(installed(q, "bn_1"), fxqbn.nn.BatchNorm2d)
     x = batches(seed=3)[0]
     assert (q(x) - model(x)).abs().max() < 0.2
 
@@ -215,7 +215,7 @@ def test_track_running_stats_false_is_skipped_and_stays_float():
     assert (rows[0].module, rows[0].status) == ("a", "skipped")
     assert "track_running_stats=False" in rows[0].reason
     assert rows[0].input_scale is None and rows[0].op == ""
-    assert type(q.a) is nn.BatchNorm2d and type(q.b) is fxqbn.nn.BatchNorm2d
+    assert type(q.a) is nn.BatchNorm2d and type(installed(q, "b")) is fxqbn.nn.BatchNorm2d
     assert "1 rewritten, 1 skipped" in str(fxqbn.get_report(q))
     assert fxqbn.get_report(q).rows[0].reason in fxqbn.get_report(q).format(width=None)  # nothing wrapped
 

@@ -190,8 +190,9 @@ def test_read_many_marks_observers_that_saw_no_data():
         assert readings[name] == read_observer(observers[name])
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("backend", ["native", "fused"])
-def test_converted_modules_keep_the_float_models_training_flags(backend):
+def test_converted_modules_keep_the_float_models_training_flags(backend, inplace):
     import fxqbn
 
     model = nn.Sequential(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
@@ -202,17 +203,20 @@ def test_converted_modules_keep_the_float_models_training_flags(backend):
     observed = fxqbn.prepare(model, (x,), MinMaxObserver)
     with torch.no_grad():
         observed(x)
-    q = fxqbn.convert(observed, backend=backend)
+    q = fxqbn.convert(observed, backend=backend, inplace=inplace)
     flags = {name: m.training for name, m in q.named_modules()}
+    io = {f"{bn}{part}": False for bn in ("0.0", "1.1") for part in ("", ".quantize", ".bn", ".dequantize")}  # FloatIOs: the BN's flag
+    if backend == "native":  # one DeQuantize serves both FloatIOs: named once
+        del io["1.1.dequantize"]
     assert {name: flag for name, flag in flags.items() if not name.startswith("fxqbn_")} == {
-        "": False, "0": False, "0.0": False, "1": True, "1.0": True, "1.1": False}  # 0.1, the ReLU, fused into 0.0
+        "": False, "0": False, "1": True, "1.0": True, **io}  # 0.1, the ReLU, fused into 0.0
     assert not any(flag for name, flag in flags.items() if name.startswith("fxqbn_"))  # boundaries: the root's flag
 
 
 def test_bare_modules_start_as_init_leaves_them_and_share_no_state():
-    from fxqbn.nn import _bare
+    from fxqbn.nn import bare
 
-    a, b, plain = _bare(nn.Module), _bare(nn.Module), nn.Module()
+    a, b, plain = bare(nn.Module), bare(nn.Module), nn.Module()
     assert vars(a) == vars(plain) and set(vars(a)) == set(vars(plain))
     assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(plain).items()}
     shared = [k for k, v in vars(a).items() if isinstance(v, (dict, set, list)) and v is vars(b)[k]]

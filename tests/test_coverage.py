@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, calls, randomize_bn, snapshot
+from conftest import assert_unchanged, calls, randomize_bn, snapshot, installed
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
 from torch.ao.quantization.quantize_fx import prepare_fx
 
 import fxqbn
+from fxqbn.float_io import FloatIO
 
 
 def convert(model, shape, qconfig=MinMaxObserver, n=4, seed=0, **kwargs):
@@ -52,12 +53,12 @@ def test_tabular_mlp_quantizes_batchnorm1d_with_relu():
     q = convert(model, (32, 8))
     (row,) = fxqbn.get_report(q).rows
     assert (row.pattern, row.op) == ("BatchNorm1d+ReLU", "quantized::batch_norm1d_relu")
-    assert type(q.bn1) is fxqbn.nn.BNReLU1d
+    assert type(q.bn1) is FloatIO and type(q.bn1.bn) is fxqbn.nn.BNReLU1d  # between two Linears
     x = torch.randn(16, 8)
     h = model.fc1(x)
     with torch.no_grad():
         xq = torch.quantize_per_tensor(h, row.input_scale, row.input_zero_point, torch.quint8)
-        assert within_one_step(q.bn1(xq).dequantize(), reference(model.bn1, h, row, relu=True), row)
+        assert within_one_step(q.bn1.bn(xq).dequantize(), reference(model.bn1, h, row, relu=True), row)
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (2, 4, 9)])
@@ -132,7 +133,7 @@ def test_affine_false_bns_are_quantized(bn_type, shape):
     model = randomize_bn(nn.Sequential(bn_type(4, affine=False), nn.ReLU())).eval()
     q = convert(model, shape)
     (row,) = fxqbn.get_report(q).rows
-    assert row.status == "rewritten" and q.get_submodule("0").weight is None
+    assert row.status == "rewritten" and installed(q, "0").weight is None
     x = torch.randn(*shape)
     assert within_one_step(q(x), reference(model[0], x, row, relu=True), row)
 

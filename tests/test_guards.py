@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_unchanged, randomize_bn, snapshot
+from conftest import assert_unchanged, randomize_bn, snapshot, installed
 from torch import nn
 from torch.ao.quantization import MinMaxObserver
 from torch.ao.quantization.observer import ObserverBase
@@ -50,7 +50,8 @@ def test_expanded_and_strided_statistics_are_materialised():
     x = torch.randn(2, 4, 5, 5)
     q_odd, q_plain = fxqbn.convert(observed_chain(odd)), fxqbn.convert(observed_chain(plain))
     assert torch.equal(q_odd(x), q_plain(x))
-    assert q_odd.bn1.weight.is_contiguous() and q_odd.bn1.running_var.is_contiguous()
+    bn1 = installed(q_odd, "bn1")
+    assert bn1.weight.is_contiguous() and bn1.running_var.is_contiguous()
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,24 @@ BAD_SCALES = [0.0, math.nan, -0.05, math.inf, 1e-45]
 BAD_ZERO_POINTS = [300, -1000, 256]
 
 
+def _boundary(module: str) -> bool:
+    """A quantize boundary: a node's module (fxqbn_quantize_<k>), or a FloatIO's."""
+    return module.startswith("fxqbn_quantize_") or module.endswith(".quantize")
+
+
+def _owner(module: str) -> str:
+    """The BN a quantized module's errors name: a FloatIO's bn is its parent; a BN called twice
+    has its second module at twice_1."""
+    return module.removesuffix(".bn").removesuffix("_1")
+
+
 @st.composite
 def corruption(draw, payload):
     """(a corrupted copy of payload, a regex the refusal must match)."""
     bad = copy.deepcopy(payload)
     state = bad["state_dict"]
-    bn_modules = sorted({key.rpartition(".")[0] for key in state if key.endswith(("zero_point", "alpha")) and "fxqbn_" not in key})
+    owners = {key.rpartition(".")[0] for key in state if key.endswith(("zero_point", "alpha"))}
+    bn_modules = sorted(m for m in owners if not _boundary(m))
     module = draw(st.sampled_from(bn_modules))
     kind = draw(st.sampled_from(["statistic", "qparams-buffer", "boundary", "record-scale", "record-zero-point",
                                  "missing-field", "mistyped-field", "row-field", "report-row"]))
@@ -58,21 +70,19 @@ def corruption(draw, payload):
         tensor = state[f"{module}.{name}"]
         channel = draw(st.integers(0, tensor.numel() - 1))
         tensor.view(-1)[channel] = draw(st.sampled_from([math.nan, math.inf, -1.0] if name == "running_var" else [math.nan, math.inf, -math.inf]))
-        owner = module.removesuffix("_1")  # a BN called twice: its second module is twice_1
-        return bad, rf"bad\.pt.*'({module}|{owner})'"
+        return bad, rf"bad\.pt.*'({module}|{_owner(module)})'"
     if kind == "qparams-buffer":
         keys = [k for k in state if k.rpartition(".")[0] == module and k.rpartition(".")[2] in ("scale", "zero_point")]
         if not keys:  # fused modules keep qparams off the state_dict: corrupt a table code instead
             codes = state[f"{module}.table"].view(torch.uint8).view(-1)  # int8 tables too: flip bits of the byte
             entry = draw(st.integers(0, codes.numel() - 1))
             codes[entry] = int(codes[entry]) ^ draw(st.sampled_from([0x80, 0x40, 0x10]))
-            owner = module.removesuffix("_1")
-            return bad, rf"bad\.pt: BatchNorm '({module}|{owner})': its table disagrees with its constants alpha and beta at channel {entry // 256} "
+            return bad, rf"bad\.pt: BatchNorm '({module}|{_owner(module)})': its table disagrees with its constants alpha and beta at channel {entry // 256} "
         key = draw(st.sampled_from(keys))
         state[key].view(-1)[0] = draw(st.sampled_from(BAD_SCALES if state[key].is_floating_point() else BAD_ZERO_POINTS))
         return bad, rf"bad\.pt is inconsistent: its state_dict's '{key}'.*module '{module}'"
     if kind == "boundary":
-        keys = [k for k in state if k.startswith("fxqbn_quantize_")]
+        keys = [k for k in state if _boundary(k.rpartition(".")[0])]
         if not keys:
             return bad, None  # fused boundaries hold no tensors
         key = draw(st.sampled_from(keys))

@@ -30,6 +30,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import fxqbn
 from fxqbn import qops
+from fxqbn.float_io import FloatIO
 
 from models import CASES, Case, randomize_batchnorms
 
@@ -211,17 +212,30 @@ def _dequantize_boundaries(gm: fx.GraphModule) -> list[fx.Node]:
     ]
 
 
+def _float_io_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Calls of ``fxqbn.float_io.FloatIO``: a BN between float code, quantize and dequantize inside."""
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], FloatIO)]
+
+
 def _assert_fxqbn_graph(result: Result, case: Case, setting: Setting) -> None:
-    """Quantized BNs read quantized values; boundaries sit exactly where float and quantized meet."""
+    """Quantized BNs read quantized values; boundaries sit exactly where float and quantized meet;
+    a BN between float code (read by no other BN, reading none) is one FloatIO call."""
     q = result.quantized
     q.graph.lint()
     modules = dict(q.named_modules())
     bn_nodes = [n for n in q.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], FXQBN_QUANTIZED_BN)]
     quantizes = _quantize_boundaries(q)
     dequantizes = _dequantize_boundaries(q)
+    float_ios = _float_io_nodes(q)
     produces_quantized = set(bn_nodes) | {node for node, _ in quantizes}
 
-    assert len(bn_nodes) == case.num_bns
+    assert len(bn_nodes) + len(float_ios) == case.num_bns
+    for node in float_ios:
+        io = modules[node.target]
+        assert isinstance(io.bn, FXQBN_QUANTIZED_BN) and isinstance(io.dequantize, FXQBN_DEQUANTIZE)
+        assert isinstance(io.quantize, FXQBN_QUANTIZE) and io.quantize.dtype == setting.dtype
+        assert not any(quantize.args[0] is node.args[0] for quantize, _ in quantizes), f"{node.name}'s input is quantized twice"
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in q.modules())
     called = {n.target for n in q.graph.nodes if n.op == "call_module"}
     assert all(name in called for name, m in modules.items() if isinstance(m, nn.ReLU)), "fused ReLU module left behind"
@@ -243,9 +257,9 @@ def _assert_fxqbn_graph(result: Result, case: Case, setting: Setting) -> None:
 
     if not case.same_boundaries:
         return
-    # As many boundaries as torch.ao's converted graph has.
-    assert len(quantizes) == len(_calls(result.oracle, "call_function", torch.quantize_per_tensor))
-    assert len(dequantizes) == len(_calls(result.oracle, "call_method", "dequantize"))
+    # As many boundaries as torch.ao's converted graph has (a FloatIO holds one of each).
+    assert len(quantizes) + len(float_ios) == len(_calls(result.oracle, "call_function", torch.quantize_per_tensor))
+    assert len(dequantizes) + len(float_ios) == len(_calls(result.oracle, "call_method", "dequantize"))
 
 
 def _assert_report(result: Result, case: Case, setting: Setting) -> None:

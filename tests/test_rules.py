@@ -15,6 +15,7 @@ from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
 from fxqbn.backends import BACKENDS, KERNELS, Kernel
+from fxqbn.float_io import FloatIO
 from fxqbn.passes import RULES, Activation, Rule, patterns
 from fxqbn.state import PREPARED_KEY, attached
 
@@ -261,7 +262,8 @@ def test_relu6_is_fused_in_every_spelling_through_every_passthrough(activation, 
     q = fxqbn.convert(observed)
     (row,) = fxqbn.get_report(q).rows
     assert (row.pattern, row.status, row.reason) == ("BatchNorm2d+ReLU6", "rewritten", "")
-    assert [n.op for n in q.graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "call_function", "output"]
+    assert [n.op for n in q.graph.nodes] == ["placeholder", "call_module", "call_function", "output"]  # FloatIO, + 1
+    assert type(q.bn) is FloatIO and type(q.bn.bn) is fxqbn.nn.BNReLU2d  # the ReLU kernel, then the clamp to 6
     with torch.no_grad():
         expected = reference(model, x, row, patterns.RELU6) + 1
         assert (q(x) - expected).abs().max() <= row.output_scale * 1.0001

@@ -73,7 +73,7 @@ def test_the_file_is_plain_data_that_weights_only_load_reads(saved):
         return value is None or isinstance(value, (str, int, float, bool, torch.Tensor))
 
     assert plain(payload)
-    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 1
+    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 2
     assert payload["report"] == fxqbn.get_report(quantized).to_dict()
     assert payload["state_dict"].keys() == quantized.state_dict().keys()
 
@@ -185,7 +185,7 @@ def test_load_refuses_files_it_did_not_write(saved, tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["version"] = 99
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads version 1"):
+    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads versions 1, 2"):
         fxqbn.load(tmp_path / "future.pt", Zoo())
     with pytest.raises(fxqbn.FxqbnError, match="expects the float torch.nn.Module, got str"):
         fxqbn.load(path, "Zoo")
@@ -246,7 +246,7 @@ def test_boundaries_are_found_by_the_conversion_record_not_by_name(tmp_path, bac
 def test_a_boundary_the_records_disagree_with_is_refused_beside_user_modules_of_such_names(tmp_path):
     model, x, _, path = _saved_named_like_boundaries(tmp_path, "native")
     payload = torch.load(path, weights_only=True)
-    payload["state_dict"]["fxqbn_quantize_1.scale"] = payload["state_dict"]["fxqbn_quantize_1.scale"] * 2
+    payload["state_dict"]["bn2.quantize.scale"] = payload["state_dict"]["bn2.quantize.scale"] * 2  # bn2: a FloatIO
     torch.save(payload, path)
-    with pytest.raises(fxqbn.FxqbnError, match="fxqbn_quantize_1"):
+    with pytest.raises(fxqbn.FxqbnError, match="'bn2.quantize.scale'"):
         fxqbn.load(path, model, (x,))
