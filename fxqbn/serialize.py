@@ -104,7 +104,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
     report = get_report(quantized)
     payload = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if attached(quantized, CONVERTED_KEY).float_io_layout else 1,  # the layout load must rebuild
         "torch": str(torch.__version__),
         "patterns": _plan(report),
         "state_dict": dict(quantized.state_dict()),

@@ -174,9 +174,15 @@ def set_training_flags(new: Mapping[str, Any], root: nn.Module, index: ModuleInd
     ``root``'s module at that target (the one it replaces), or ``root``'s."""
     for target, value in new.items():
         if isinstance(value, nn.Module):
-            flag = _flag_at(target, root, index)
-            for module in value.modules():
-                _set_training(module, flag)
+            _set_training_tree(value, _flag_at(target, root, index))
+
+
+def _set_training_tree(module: nn.Module, flag: bool) -> None:
+    """``module.train(flag)`` without its generator walk (convert's new modules are small trees)."""
+    _set_training(module, flag)
+    for child in module._modules.values():
+        if child is not None:
+            _set_training_tree(child, flag)
 
 
 def _flag_at(name: str, root: nn.Module, index: ModuleIndex) -> bool:

@@ -38,7 +38,7 @@ from fxqbn.backends import NATIVE, Backend, BnTensors
 from fxqbn.errors import FxqbnError
 from fxqbn.float_io import FloatIO
 from fxqbn.nn import own_many
-from fxqbn.qparams import Observation, QParams, read_many
+from fxqbn.qparams import Observation, read_many
 
 from . import emit
 from .modules import ModuleIndex
@@ -135,25 +135,18 @@ class _Rewriter:
         self.env: dict[str, fx.Node] = {}  # observed node name -> its float value in the new graph
         self.quantized: dict[str, fx.Node] = {}  # observer name -> new node holding the quantized value
         self.dequantized: dict[str, fx.Node] = {}  # output observer name -> its dequantize node
-        self.dequantize_modules: dict[object, nn.Module] = {}  # one module, or one per qparams (fused: plain codes)
-        self.dequantizers: dict[object, str] = {}  # the same, by target, once a dequantize node uses it
+        self.dequantizers: dict[object, str] = {}  # one module, or one per qparams (fused: plain codes)
         self.quantize_nodes: list[str] = []
         self.float_io: list[str] = []  # targets of the FloatIO modules installed
-
-    def dequantize_module(self, qparams: QParams) -> tuple[object, nn.Module]:
-        """The backend's dequantize for ``qparams`` (shared where the backend allows), with its key."""
-        key = None if self.backend.dequantize_shared else qparams
-        if key not in self.dequantize_modules:
-            self.dequantize_modules[key] = self.backend.dequantize(qparams)
-        return key, self.dequantize_modules[key]
 
     def value(self, node: fx.Node) -> fx.Node:
         """``node``'s value for float code: a pattern's output is dequantized once, after it."""
         if node.name not in self.quantized or node.name in self.env:
             return self.env[node.name]
-        key, module = self.dequantize_module(self.readings[node.name].qparams)
+        qparams = self.readings[node.name].qparams
+        key = None if self.backend.dequantize_shared else qparams
         if key not in self.dequantizers:
-            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, module)
+            self.dequantizers[key] = self.new.add(DEQUANTIZE_PREFIX, self.backend.dequantize(qparams))
         with self.graph.inserting_after(self.quantized[node.name]):
             self.env[node.name] = emit.call_module(self.graph, self.dequantizers[key], (self.quantized[node.name],))
         self.dequantized[node.name] = self.env[node.name]
@@ -177,7 +170,8 @@ class _Rewriter:
             raise FxqbnError(f"the graph changed since fxqbn.prepare: BatchNorm node '{bn.name}' no longer reads its observer")
         qin, qout = self.readings[in_obs.name], self.readings[pattern.output_observer]
         if between_float:
-            boundaries = FloatIO.of(self.backend.quantize(qin.qparams), qmodule, self.dequantize_module(qout.qparams)[1])
+            # its own dequantize: a module shared with a node's target would be named once by named_modules()
+            boundaries = FloatIO.of(self.backend.quantize(qin.qparams), qmodule, self.backend.dequantize(qout.qparams))
             target = self.new.replace(match, boundaries)
             self.env[pattern.output_observer] = emit.call_module(self.graph, target, (self.env[in_obs.name],), name=bn.name)
             self.float_io.append(target)
@@ -243,5 +237,5 @@ def rewrite_patterns(
         else:
             rewrites.append(rewriter.install(node, pattern, qmodules[node.name], node.name in roles.between_float))
     dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
-    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io))
+    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io), float_io)
     return rewriter.graph, converted, rewriter.new.modules

@@ -145,11 +145,11 @@ def test_summary_lines_fit_the_width_and_the_timing_never_moves_the_break():
     summary = ReportSummary(rewritten=1000, skipped=1000, quantize_nodes=1000, dequantize_nodes=1000, convert_seconds=12.5, model_sqnr_db=35.25)
     text = Report(rows=(), summary=summary).format("plain")
     assert text.splitlines()[-2:] == [
-        "1000 rewritten, 1000 skipped; 1000 quantize and 1000 dequantize nodes inserted",
+        "1000 rewritten, 1000 skipped; 1000 quantize and 1000 dequantize boundaries inserted",
         "model output SQNR 35.2 dB; converted in 12500 ms",
     ]
     assert Report(rows=(), summary=summary).format("plain", width=None).splitlines()[-1] == (
-        "1000 rewritten, 1000 skipped; 1000 quantize and 1000 dequantize nodes inserted; model output SQNR 35.2 dB; converted in 12500 ms"
+        "1000 rewritten, 1000 skipped; 1000 quantize and 1000 dequantize boundaries inserted; model output SQNR 35.2 dB; converted in 12500 ms"
     )
 
 
@@ -185,7 +185,7 @@ def test_summary_counts(converted):
     # x -> stem -> block -> shared (quantized hand-over), then float; bn3d from float again.
     assert (summary.quantize_nodes, summary.dequantize_nodes) == (2, 2)
     assert summary.convert_seconds > 0
-    assert "4 rewritten, 2 skipped; 2 quantize and 2 dequantize nodes inserted" in str(fxqbn.get_report(converted[2]))
+    assert "4 rewritten, 2 skipped; 2 quantize and 2 dequantize boundaries inserted" in str(fxqbn.get_report(converted[2]))
 
 
 def test_observer_ranges_are_what_the_observers_saw(converted):
