@@ -1,30 +1,34 @@
 """Rewrite observed patterns into quantized modules, with quantize/dequantize only at boundaries.
 
-Before (one pattern, input x from float code, output read by float code)::
+Before (two patterns, the first reading float code, the second reading the first and read by
+float code)::
 
     x_obs = fxqbn_observer_0(x)
-    bn = bn(x_obs)
-    drop = drop(bn)                 # Identity / eval Dropout, fused
+    bn1 = bn1(x_obs)
+    drop = drop(bn1)                # Identity / eval Dropout, fused
     relu = relu(drop)               # the activation (ReLU, ReLU6, ...), fused
-    out_obs = fxqbn_observer_1(relu)
+    mid_obs = fxqbn_observer_1(relu)
+    bn2 = bn2(mid_obs)
+    out_obs = fxqbn_observer_2(bn2)
     y = add(out_obs, 1)
 
 After::
 
     q = fxqbn_quantize_0(x)         # fxqbn.nn.Quantize(0.02, 128, torch.quint8)
-    bn = bn(q)                      # fxqbn.nn.BNReLU2d holding the output qparams
-    dq = fxqbn_dequantize_0(bn)     # fxqbn.nn.DeQuantize, one module for every such node
+    bn1 = bn1(q)                    # fxqbn.nn.BNReLU2d holding the output qparams
+    bn2 = bn2(bn1)                  # reads bn1's quantized tensor: no dequantize/quantize between
+    dq = fxqbn_dequantize_0(bn2)    # fxqbn.nn.DeQuantize, one module for every such node
     y = add(dq, 1)
 
-A pattern reading another pattern's output takes its quantized tensor directly: no
-dequantize/quantize pair between them. A pattern between float code (its input read by no other
-pattern, its output by none) is one node, with ``float_io``: a ``fxqbn.float_io.FloatIO`` holding
-the quantize, the quantized module and the dequantize::
+A pattern between float code (its input read by no other pattern, its output by none: a BN between
+convs) is one node, with ``float_io``: a ``fxqbn.float_io.FloatIO`` holding its quantize, its
+quantized module and its dequantize::
 
     bn = bn(x)                      # FloatIO(Quantize(0.02, 128, torch.quint8), BNReLU2d, DeQuantize)
- The new graph is built in one pass over the observed one,
-which is not changed (``_Roles`` plans from the records, ``_Rewriter`` emits). The ``Backend`` record (``fxqbn.backends``) supplies the
-replacement and boundary modules; the default is the native one above.
+
+The new graph is built in one pass over the observed one, which is not changed (``_Roles`` plans
+from the records, ``_Rewriter`` emits, through ``emit``). The ``Backend`` record
+(``fxqbn.backends``) supplies the replacement and boundary modules; the default is the native one above.
 """
 
 from __future__ import annotations
@@ -221,8 +225,8 @@ def rewrite_patterns(
     observers (the patterns' and ``dropped``) removed. ``graph`` and ``root`` are not changed.
 
     Returns the new graph (its targets resolve in the returned modules first, then in ``root``), the
-    record (rewrites, boundary nodes added) and the modules it needs beyond ``root``'s, by target (a
-    replaced BN's target maps to its quantized module). The caller builds or updates the GraphModule.
+    record (rewrites, boundaries added) and the modules it needs beyond ``root``'s, by target (a
+    replaced BN's target maps to its quantized module, or to the FloatIO holding it). The caller builds or updates the GraphModule.
     ``index``: ``root``'s modules, when the caller has it; ``float_io``: patterns between float code
     become FloatIO calls (False: quantize, module and dequantize nodes, as files of format 1 hold).
     """

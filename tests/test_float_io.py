@@ -57,6 +57,7 @@ def call_targets(gm):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_a_bn_between_float_code_is_a_float_io(backend):
     q = converted(backend)
+    q.graph.lint()
     (io_node,) = calls(q, FloatIO)
     assert io_node.target == "between" and io_node.args[0].target == "conv1"
     assert [user.target for user in io_node.users] == ["conv2"]  # its ReLU fused inside, its output float
