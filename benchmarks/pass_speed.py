@@ -5,7 +5,8 @@
 One table: for models of N BatchNorms, each tool's median time to prepare and to convert
 (MinMaxObserver, one calibration batch), the graph's node count, and the ratios. "chain": BNs one
 after another (mixing BN, BN+ReLU and adds: BNs read each other's quantized output); "conv": each
-BN between float convs (a quantize and a dequantize per BN, as in CNNs). Each run starts after a
+BN between float convs (its quantize and dequantize per BN: one FloatIO call in fxqbn's graph, a
+quantize, a BN and a dequantize node in torch.ao's, as in CNNs). Each run starts after a
 full garbage collection; convert and convert_fx runs alternate (convert_fx, which works in place,
 on a copy made outside its timing). torch.ao gets a BN-only QConfigMapping (BatchNorm2d and the
 activation). Runs on one thread.
@@ -55,8 +56,8 @@ class BNChain(nn.Module):
 
 class ConvBNs(nn.Module):
     """N (1x1 conv -> scale -> BatchNorm -> F.relu) blocks, every second one residual: each BN sits
-    between float ops, so each gets its own quantize and dequantize (torch.ao folds no conv -> BN
-    here: the scale is between them)."""
+    between float ops, so each gets its own quantize and dequantize (fxqbn: inside one FloatIO;
+    torch.ao folds no conv -> BN here: the scale is between them)."""
 
     def __init__(self, n: int, channels: int = 4) -> None:
         super().__init__()

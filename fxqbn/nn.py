@@ -120,10 +120,14 @@ def own_many(items: list[tuple[str, Any]]) -> list[tuple[torch.Tensor, torch.Ten
     float32 copies nobody else holds (what a quantized BN stores), one tensor operation each."""
     check_many(items)
     with torch.no_grad():  # a copy of a Parameter would otherwise record autograd history
-        return [
-            tuple(None if t is None else t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True) for t in _affine_tensors(b))
-            for _, b in items
-        ]  # type: ignore[misc]
+        return [tuple(None if t is None else _fresh32(t) for t in _affine_tensors(b)) for _, b in items]  # type: ignore[misc]
+
+
+def _fresh32(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous float32 copy of ``t`` (``clone`` when it is one already: a quarter faster)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t.clone()
+    return t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _affine_tensors(b: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
