@@ -87,6 +87,12 @@ def _plan(report: Report) -> list[dict[str, Any]]:
     ]
 
 
+def _version(converted: Any) -> int:
+    """The format whose layout ``load`` must rebuild: 2 when the model holds a FloatIO; else 1, which
+    rebuilds every boundary as a node (what a model without FloatIO has, whichever fxqbn made it)."""
+    return VERSION if converted.float_io else 1
+
+
 def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
     """Write the converted model ``quantized`` to ``path`` as data only (no pickled code).
 
@@ -104,7 +110,7 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
     report = get_report(quantized)
     payload = {
         "format": FORMAT,
-        "version": VERSION if attached(quantized, CONVERTED_KEY).float_io_layout else 1,  # the layout load must rebuild
+        "version": _version(attached(quantized, CONVERTED_KEY)),
         "torch": str(torch.__version__),
         "patterns": _plan(report),
         "state_dict": dict(quantized.state_dict()),

@@ -128,7 +128,6 @@ class Converted:
     quantize_nodes: tuple[str, ...]  # float -> quantized boundary nodes
     dequantize_nodes: tuple[str, ...]  # quantized -> float boundary nodes
     float_io: tuple[str, ...] = ()  # targets of the FloatIO modules (their .quantize and .dequantize are boundaries)
-    float_io_layout: bool = True  # False: every boundary a node, FloatIO never used (fxqbn.save format 1's layout)
 
     def boundary_counts(self) -> tuple[int, int]:
         """(quantize, dequantize) boundaries inserted, in nodes or inside FloatIO modules."""

@@ -241,5 +241,5 @@ def rewrite_patterns(
         else:
             rewrites.append(rewriter.install(node, pattern, qmodules[node.name], node.name in roles.between_float))
     dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
-    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io), float_io)
+    converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io))
     return rewriter.graph, converted, rewriter.new.modules
