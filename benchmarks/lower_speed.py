@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 import fxqbn
 from fxqbn.compare import sqnr_db
-from fxqbn.passes.spellings import BnCall, read_bn
+from fxqbn.passes import BnCall, read_bn
 from fxqbn.whole_model import ROUTES, int8_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))

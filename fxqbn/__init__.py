@@ -24,7 +24,7 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 _EXPORTS = {
     "prepare": "api.prepare",
     "convert": "api.convert",
-    "lower": "lower.lower",
+    "lower": "lowering.lower",
     "get_report": "api.get_report",
     "compare": "compare.compare",
     "save": "serialize.save",

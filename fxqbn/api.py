@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import (
-    Converted,
-    Observed,
-    Prepared,
-    Rewrite,
-    Skip,
-    adopt_observers,
-    find_patterns,
-    insert_observers,
-    is_torch_ao_observed,
-    needs_shapes,
-    read_observers,
-    rewrite_patterns,
-)
-from fxqbn.passes.modules import ModuleIndex
-from fxqbn.passes.rewrite import bn_tensors
+from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed
+from fxqbn.passes import needs_shapes, plan_patterns, rewrite_patterns
 
 from . import fused
 from . import nn as qnn
+from . import pipeline
+from .backends import backend_named
+from .copying import owned_copies, owned_copy
 from .errors import FxqbnError
 from .float_io import FloatIO
-from .backends import Backend, backend_named
 from .qconfig import ActivationConfig
-from .report import Report, ReportRow, ReportSummary, skipped_row
+from .report import Report
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
-from .copying import owned_copies, owned_copy
-from .tracing import build_graph_module, delete_unused_submodules, propagate_shapes, set_training_flags, trace_graph
+from .tracing import build_graph_module, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -76,17 +61,14 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
 def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
     """``prepare`` of a model nobody else holds (e.g. ``fxqbn.load``'s own copy): the observed
     model takes its modules, uncopied."""
-    config = ActivationConfig(qconfig)
-    skip_requested = _skip_predicate(model, skip)
+    choose = _chooser(model, ActivationConfig(qconfig), skip)
     graph = trace_graph(model)
     if needs_shapes(graph, model):
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
-    matches, skips = find_patterns(graph, model, config, skip_requested)
+    matches, skips = find_patterns(graph, model, PREPARED, choose)
     # Known now: refuse bad statistics before calibration meets them (convert checks again).
-    index = ModuleIndex(model)
-    qnn.check_many([(match.module, bn_tensors(model, match, index)) for match in matches])
+    qnn.check_many([(match.module, pipeline.bn_tensors(model, match)) for match in matches])
     observed, observers = insert_observers(graph, model, matches)
-    graph.lint()
     gm = build_graph_module(model, graph, observers)
     attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
     return gm
@@ -110,14 +92,13 @@ def refuse_fxqbn_output(model: nn.Module) -> None:
             )
 
 
-def _refuse_training(index: ModuleIndex, patterns: Iterable[Observed]) -> None:
+def _refuse_training(observed: fx.GraphModule, patterns: Iterable[Match]) -> None:
     """Refuse BN modules in training mode: their float forward uses batch statistics, not the
     running ones a quantized BN computes with (and calibration in training mode moved those)."""
-    for pattern in patterns:
-        match, name = pattern.match, pattern.match.module
-        if match.bn_module is not None and index.module(match.bn_module).training:
+    for match in patterns:
+        if match.bn.module is not None and observed.get_submodule(match.bn.module).training:
             raise FxqbnError(
-                f"BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert "
+                f"BatchNorm '{match.module}' is in training mode: call .eval() on the observed model before fxqbn.convert "
                 "(calibration in training mode moved its running statistics: prepare again from the float model)"
             )
 
@@ -143,41 +124,24 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
 
 def convert_laid_out(observed: fx.GraphModule, inplace: bool, backend: str, float_io: bool) -> fx.GraphModule:
     """``convert``, choosing the layout: ``float_io`` False keeps every boundary a node of its own (the
-    layout of fxqbn.save format 1 files, which ``load`` rebuilds)."""
-    start = time.perf_counter()
-    with _collector_paused():
-        gm, state, converted = _convert(observed, inplace, backend_named(backend), float_io)
-    attach(gm, REPORT_KEY, _report(state, converted, time.perf_counter() - start))
-    return gm
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the duration (restored after, as it was): convert
-    allocates thousands of small objects beside a large live graph, and the full collections they
-    trigger took about 40% of its time on 1,000 BNs, collecting nothing."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _convert(observed: fx.GraphModule, inplace: bool, chosen: Backend, float_io: bool) -> tuple[fx.GraphModule, Prepared, Converted]:
-    """convert's steps: read the state, refuse, read the observers, rewrite a graph, install it."""
+    layout of fxqbn.save format 1 files, which ``load`` rebuilds). The steps: read what prepare
+    recorded, refuse, read the observers, plan, build, rewrite a new graph, install it, report."""
+    start, chosen = time.perf_counter(), backend_named(backend)
     state = _prepared_state(observed)
-    index = ModuleIndex(observed)  # observed's tree does not change until _install
-    _refuse_training(index, state.patterns)
-    readings = read_observers(observed, state.patterns, index)  # refuse before copying or changing anything
-    graph, converted, new_modules = rewrite_patterns(
-        observed.graph, observed, state.patterns, readings, chosen, state.dropped, index, float_io
-    )
-    gm = _install(observed, graph, new_modules, inplace, index)
+    _refuse_training(observed, state.patterns)
+    readings = pipeline.read_observers(observed, state.patterns)  # refuse before copying or changing anything
+    plans = plan_patterns(state.patterns, readings, chosen)
+    modules = pipeline.build_modules(observed, plans, chosen)
+    graph, converted, new = rewrite_patterns(observed.graph, observed, plans, modules, chosen, state.dropped, float_io)
+    if inplace:
+        gm = pipeline.install(observed, graph, new)
+    else:
+        gm = build_graph_module(observed, graph, new, class_name=type(observed).__name__)
+    _own_float_parts(gm, new)
     detach(gm, PREPARED_KEY)
     attach(gm, CONVERTED_KEY, converted)
-    return gm, state, converted
+    attach(gm, REPORT_KEY, pipeline.report(converted, state.skips, start, state.dropped))
+    return gm
 
 
 def _prepared_state(observed: nn.Module) -> Prepared:
@@ -193,42 +157,6 @@ def _prepared_state(observed: nn.Module) -> Prepared:
     return state
 
 
-def _install(
-    observed: fx.GraphModule, graph: fx.Graph, new_modules: dict[str, nn.Module], inplace: bool, index: ModuleIndex
-) -> fx.GraphModule:
-    """The converted GraphModule: ``observed`` updated in place, or a new one; either way owning
-    copies of its float parts (a torch.ao-observed graph shares them with the model ``prepare_fx`` took).
-    ``graph`` is not linted here: ``rewrite_patterns`` emits it in one pass in the observed graph's
-    order, and the tests lint what it emits (about 4% of convert on 1,000 BNs)."""
-    if inplace:
-        gm = observed
-        for target, module in new_modules.items():
-            parent, _, leaf = target.rpartition(".")
-            try:
-                index.module(parent).add_module(leaf, module)
-            except AttributeError:  # a new container
-                gm.add_submodule(target, module)
-        set_training_flags(new_modules, observed, index)  # index: observed's tree before the additions
-        gm.graph = graph  # generates its code
-        delete_unused_submodules(gm)  # observers, fused activation modules
-    else:
-        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__, index=index)
-    _own_float_parts(gm, new_modules)
-    return gm
-
-
-def _report(state: Prepared, converted: Converted, seconds: float) -> Report:
-    summary = ReportSummary(
-        rewritten=len(converted.rewrites),
-        skipped=len(state.skips),
-        quantize_nodes=converted.boundary_counts()[0],
-        dequantize_nodes=converted.boundary_counts()[1],
-        convert_seconds=seconds,
-    )
-    dropped = tuple(f"{d.observer} on {d.observed}: not part of a BN pattern; removed, left float" for d in state.dropped)
-    return Report(rows=_rows(converted.rewrites, state.skips), summary=summary, dropped=dropped)
-
-
 def get_report(gm: nn.Module) -> Report:
     """The report ``convert`` recorded on ``gm`` (with numbers once ``fxqbn.compare`` ran)."""
     report = attached(gm, REPORT_KEY)
@@ -241,12 +169,12 @@ def _own_float_parts(gm: fx.GraphModule, ours: Iterable[str]) -> None:
     """Give ``gm`` its own copies of the modules and tensors it still shares with the float model
     (one copy per shared object, so a module called twice stays one module); ``ours`` are the
     targets of the modules convert made."""
-    ours, index = set(ours), ModuleIndex(gm)
+    ours = set(ours)
     places: list[tuple[nn.Module, str, Any]] = []  # (parent, leaf name, the shared module or tensor)
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in ours:
             parent_name, _, leaf = str(node.target).rpartition(".")
-            parent = index.module(parent_name)
+            parent = gm.get_submodule(parent_name)
             value = getattr(parent, leaf)
             if isinstance(value, (nn.Module, torch.Tensor)):
                 places.append((parent, leaf, value))
@@ -260,8 +188,9 @@ def _own_float_parts(gm: fx.GraphModule, ours: Iterable[str]) -> None:
             setattr(parent, leaf, copies[id(value)])
 
 
-def _skip_predicate(model: nn.Module, skip: Iterable[Any]) -> Callable[[str, object], bool]:
-    """(module name, module type or function) -> whether ``prepare``'s ``skip`` names it."""
+def _chooser(model: nn.Module, config: ActivationConfig, skip: Iterable[Any]) -> Callable[[str, object, object], Any]:
+    """(module name, module type or function, a fused module's BatchNorm type) -> the observer of that
+    BN's pattern, or why it stays float: ``prepare``'s ``skip`` names it, or its qconfig is None."""
     if isinstance(skip, (str, type)):
         skip = [skip]
     names, kinds = set(), set()
@@ -277,25 +206,10 @@ def _skip_predicate(model: nn.Module, skip: Iterable[Any]) -> Callable[[str, obj
         else:
             raise FxqbnError(f"skip takes module names and types, got {item!r}")
 
-    def requested(name: str, kind: object) -> bool:
-        return kind in kinds or any(name == n or name.startswith(n + ".") for n in names)
+    def choose(name: str, kind: object, component: object) -> Any:
+        if kind in kinds or component in kinds or any(name == n or name.startswith(n + ".") for n in names):
+            return "skipped on request (prepare's skip argument)"
+        spec = config.spec_for(name, kind, first_component=component)
+        return "excluded by qconfig (None for this module)" if spec is None else spec
 
-    return requested
-
-
-def _rows(rewrites: tuple[Rewrite, ...], skips: tuple[Skip, ...]) -> tuple[ReportRow, ...]:
-    rows: list[tuple[int, ReportRow]] = []
-    for rewrite in rewrites:
-        match, obs_in, obs_out = rewrite.observed.match, rewrite.input, rewrite.output
-        row = ReportRow(
-            node=match.bn_node, module=match.module, pattern=match.rule.name, op=rewrite.op,
-            status="rewritten", reason=match.note, source=match.source,
-            dtype=str(obs_out.qparams.dtype).removeprefix("torch."), observer=obs_out.observer,
-            input_scale=obs_in.qparams.scale, input_zero_point=obs_in.qparams.zero_point,
-            input_min=obs_in.min_val, input_max=obs_in.max_val,
-            output_scale=obs_out.qparams.scale, output_zero_point=obs_out.qparams.zero_point,
-            output_min=obs_out.min_val, output_max=obs_out.max_val,
-        )
-        rows.append((match.position, row))
-    rows += [(skip.position, skipped_row(skip)) for skip in skips]
-    return tuple(row for _, row in sorted(rows, key=lambda item: item[0]))
+    return choose

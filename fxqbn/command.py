@@ -31,7 +31,7 @@ from .api import convert, get_report, prepare
 from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
-from .lower import lower
+from .lowering import lower
 from .paths import calibration_files
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, WIDTH, Report
@@ -340,7 +340,7 @@ def _no_batch_norm(spec: str) -> FxqbnError:
 def _check_found(prog: str, spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
     """Refuse a model without BatchNorm, and a --skip module holding none of the model's BatchNorms."""
     found = attached(observed, PREPARED_KEY)
-    modules = [p.match.module for p in found.patterns] + [s.module for s in found.skips]
+    modules = [p.module for p in found.patterns] + [s.module for s in found.skips]
     if not modules:
         raise _no_batch_norm(spec)
     for name in skip:

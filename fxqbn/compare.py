@@ -108,7 +108,7 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
     prepared: Prepared | None = attached(float_gm, PREPARED_KEY)
     bypass = set(observer_users(prepared.patterns if prepared else ()))
     ends = _pattern_ends(float_gm, rewrites)
-    errors = {rw.observed.match.bn_node: _PatternError(rw, quantized) for rw in rewrites}
+    errors = {rw.match.bn_node: _PatternError(rw, quantized) for rw in rewrites}
     model = _PatternError(None, quantized)
     with torch.no_grad():
         for batch in _batches(inputs):
@@ -127,7 +127,7 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
 def _pattern_ends(float_gm: fx.GraphModule, rewrites: tuple[Rewrite, ...]) -> dict[str, tuple[str, str]]:
     """BN node -> (its input node, the pattern's output node) in the reference graph, from the records."""
     nodes = {node.name for node in float_gm.graph.nodes}
-    ends = {rw.observed.match.bn_node: (rw.observed.match.input_node, rw.observed.match.output_node) for rw in rewrites}
+    ends = {rw.match.bn_node: (rw.match.input_node, rw.match.output_node) for rw in rewrites}
     missing = [bn for bn, pair in ends.items() if not {bn, *pair} <= nodes]
     if missing:
         raise FxqbnError(f"the reference model has no BatchNorm node {missing[0]!r}: pass the model given to fxqbn.prepare")
@@ -143,15 +143,15 @@ class _PatternError:
         if rewrite is not None:  # the backend's boundaries around the installed module, built once
             backend = BACKENDS[rewrite.backend]
             self.pipeline = torch.nn.Sequential(
-                backend.quantize(rewrite.input.qparams), quantized.get_submodule(rewrite.qmodule),
-                backend.dequantize(rewrite.output.qparams),
+                backend.quantize(rewrite.plan.input.qparams), quantized.get_submodule(rewrite.qmodule),
+                backend.dequantize(rewrite.plan.output.qparams),
             )
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The pattern run on its float input ``x`` against its float output ``y``."""
         error = self.add_error(y, self.pipeline(x))
         if error.numel():
-            self.max_steps = max(self.max_steps, float(error.abs().max()) / self.rewrite.output.qparams.scale)
+            self.max_steps = max(self.max_steps, float(error.abs().max()) / self.rewrite.plan.output.qparams.scale)
 
     def add_error(self, reference: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
         error = got.double() - reference.double()

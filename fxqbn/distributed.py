@@ -36,7 +36,7 @@ from torch.ao.quantization.observer import (
 )
 
 from .errors import FxqbnError
-from .passes.adopt import observer_nodes
+from .passes.boundaries import observer_nodes
 from .passes.records import observer_users
 from .qparams import observer_has_data, range_holder
 from .state import PREPARED_KEY, attached

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxqbn.passes.patterns import RANK_TO_DIM
+from fxqbn.passes.records import CODES, QUANTIZED
+from fxqbn.passes.registry import RANK_TO_DIM
 
 from . import qops
 from .errors import FxqbnError
@@ -41,18 +42,20 @@ class ByRank(nn.Module):
 class LoweredBatchNorm(nn.Module):
     """An int8 BN inside a whole-model int8 graph.
 
-    kernel: the BN module; ``kernel_codes`` True when it works on plain codes (fused), False on
-        quantized tensors (native).
-    graph_codes: True when the graph holds plain codes here (PT2E), False quantized tensors (torch.ao).
+    kernel: the BN module; ``consumes``: what it takes and gives, ``QUANTIZED`` tensors (native) or
+        plain ``CODES`` (fused).
+    holds: what the graph holds here: ``CODES`` (PT2E) or ``QUANTIZED`` tensors (torch.ao).
     input_qparams / output_qparams: the qparams at the edges (input None: read off a quantized input).
     """
 
-    def __init__(self, kernel: nn.Module, kernel_codes: bool, graph_codes: bool, input_qparams: QParams | None,
+    def __init__(self, kernel: nn.Module, consumes: str, holds: str, input_qparams: QParams | None,
                  output_qparams: QParams) -> None:
         super().__init__()
-        if kernel_codes != graph_codes and input_qparams is None:
+        if {consumes, holds} - {CODES, QUANTIZED}:
+            raise FxqbnError(f"LoweredBatchNorm takes and holds {CODES!r} or {QUANTIZED!r}, got {consumes!r} and {holds!r}")
+        if consumes != holds and input_qparams is None:
             raise FxqbnError("converting between codes and quantized tensors needs the input qparams")
-        self.kernel, self.kernel_codes, self.graph_codes = kernel, kernel_codes, graph_codes
+        self.kernel, self.kernel_codes, self.graph_codes = kernel, consumes == CODES, holds == CODES
         self.input_qparams, self.output_qparams = input_qparams, output_qparams
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from torch.ao.quantization import MinMaxObserver, MovingAverageMinMaxObserver
 from .errors import FxqbnError
 
 __all__ = [
-    "QParams", "Observation", "DTYPE_RANGES",
+    "QParams", "Observation", "DTYPE_RANGES", "PLAIN_TO_QUANTIZED",
     "observer_has_data", "range_holder", "qparams_from_observer", "read_observer", "read_many",
 ]
 
@@ -20,6 +20,8 @@ DTYPE_RANGES = {
     torch.quint8: (0, 255),
     torch.qint8: (-128, 127),
 }
+
+PLAIN_TO_QUANTIZED = {torch.uint8: torch.quint8, torch.int8: torch.qint8}  # the dtype of plain codes -> their quantized dtype
 
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 

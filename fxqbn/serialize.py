@@ -291,7 +291,7 @@ def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], wh
     """Give every stored-qparams observer its saved qparams, after checking the patterns are the saved ones."""
     state = attached(observed, PREPARED_KEY)
     rows = [(s.position, (s.node, s.module, s.pattern, "skipped")) for s in state.skips]
-    rows += [(p.match.position, (p.match.bn_node, p.match.module, p.match.rule.name, "rewritten")) for p in state.patterns]
+    rows += [(p.position, (p.bn_node, p.module, p.pattern, "rewritten")) for p in state.patterns]
     rebuilt = [row for _, row in sorted(rows)]
     saved = [(row["node"], row["module"], row["pattern"], row["status"]) for row in plan]
     if rebuilt != saved:
@@ -302,7 +302,7 @@ def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], wh
     nodes = {node.name: node for node in observed.graph.nodes}
     rewritten = [row for row in plan if row["status"] == "rewritten"]
     for pattern, row in zip(state.patterns, rewritten):
-        for observer_node, key in ((pattern.input_observer, "input"), (pattern.output_observer, "output")):
+        for observer_node, key in ((pattern.boundary.input, "input"), (pattern.boundary.output, "output")):
             observer = observed.get_submodule(str(nodes[observer_node].target))
             scale, zero_point = row[key]
             qparams = (float(scale), int(zero_point))
@@ -363,10 +363,12 @@ def _rebuild_from_file(quantized: fx.GraphModule, backend: str, where: str) -> N
     """Replace each quantized BN (holding the file's tensors) with one built afresh from them and
     the pattern record's qparams: the checks ``convert`` makes, made on what the file holds."""
     for rewrite in attached(quantized, CONVERTED_KEY).rewrites:
-        match = rewrite.observed.match
+        match, plan = rewrite.match, rewrite.plan
         loaded = quantized.get_submodule(rewrite.qmodule)
         try:
-            rebuilt = BACKENDS[backend].rebuild(match.rule, loaded, rewrite.input.qparams, rewrite.output.qparams, match.module)
+            rebuilt = BACKENDS[backend].rebuild(
+                match.dim, plan.relu, loaded, plan.input.qparams, plan.output.qparams, plan.clamp, match.module
+            )
         except FxqbnError as exc:
             named = "" if f"'{match.module}'" in str(exc) else f"BatchNorm '{match.module}': "
             raise FxqbnError(f"{where}: {named}{exc}") from None

@@ -16,7 +16,7 @@ __all__ = ["PREPARED_KEY", "REPORT_KEY", "CONVERTED_KEY", "LOWERED_KEY", "attach
 PREPARED_KEY = "fxqbn_prepared"  # passes.Prepared: what convert needs from prepare
 REPORT_KEY = "fxqbn_report"  # report.Report of a converted module
 CONVERTED_KEY = "fxqbn_converted"  # passes.Converted of a converted module: its rewrites and boundary nodes
-LOWERED_KEY = "fxqbn_lowered"  # tuple of passes.lower.LowerMatch of a module fxqbn.lower returned
+LOWERED_KEY = "fxqbn_lowered"  # tuple of passes.Match (int8 graphs) of a module fxqbn.lower returned
 
 
 def attach(gm: fx.GraphModule, key: str, value: Any) -> None:

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxqbn.passes.lower import ROUTES
+from fxqbn.passes import AO_INT8, PT2E_INT8
 
 from .errors import FxqbnError
-from .lower import lower
+from .lowering import lower
 from .copying import owned_copy
 
 __all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
+
+ROUTES = {"ao": AO_INT8.name, "pt2e": PT2E_INT8.name}  # `--int8 ROUTE` -> the int8 graphs it makes
 
 # Warnings torch.ao emits on every call of prepare_fx / convert_fx (regexes matched at the message start).
 _AO_WARNINGS = (

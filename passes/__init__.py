@@ -1,28 +1,40 @@
-"""fxqbn's graph passes (installed as ``fxqbn.passes``).
+"""fxqbn's graph passes (installed as ``fxqbn.passes``): one pipeline for every kind of graph.
 
-The pipeline, one module a step, records flowing one way:
+    graph --match--> Match / Skip --observe (fxqbn.prepare)--> Match + Boundary
+          --plan--> Plan --rewrite (with the backend's modules)--> new graph + Rewrite --> report rows
 
-* ``spellings``: every way a graph spells a BatchNorm, an activation, a pass-through op, as data;
-* ``patterns``: the rules (BN kind, dim, activation) and the activations, as data;
-* ``match``: graph -> ``Match`` / ``Skip`` records; never edits the graph;
-* ``observe``: inserts observers for the matches -> ``Observed`` records;
-* ``rewrite``: replaces observed patterns with quantized modules -> ``Rewrite`` records;
-* ``adopt``: finds the observed patterns in a graph torch.ao's ``prepare_fx`` observed;
-* ``lower`` / ``lower_rewrite``: the same for whole-model int8 graphs (``fxqbn.lower``).
+One module a step, frozen records flowing one way:
+
+* ``registry``: every spelling of a BatchNorm, an activation, a pass-through, and the rules, as data;
+* ``reading``: one call of a spelling, normalised into a ``BnCall`` (or why it cannot be);
+* ``boundaries``: the kinds of graph (traced by fxqbn.prepare, observed by torch.ao, int8 by torch.ao
+  or PT2E) and how each marks a pattern's edges (``Boundary``): the one thing that differs;
+* ``match``: graph -> ``Match`` / ``Skip`` records, for every kind; never edits the graph;
+* ``observe``: puts observers around the matches (fxqbn.prepare), or finds torch.ao's;
+* ``plan``: each match with its qparams -> ``Plan`` (kernel variant, clamp, op name);
+* ``rewrite``: a new graph, each planned pattern one call of its int8 module.
+
+The passes import no backend: a backend (``fxqbn.backends``) is handed to them.
 """
 
-from .adopt import adopt_observers, is_torch_ao_observed
+from .base import ensures
+from .boundaries import AO_INT8, AO_OBSERVED, PREPARED, PT2E_INT8, GraphKind, int8_kind
 from .match import find_patterns, needs_shapes
-from .observe import insert_observers
-from .patterns import ACTIVATIONS, RULES, Activation, Rule, activation_for, find_rule, rule_for
-from .records import Converted, Dropped, Match, Observed, Prepared, Rewrite, Skip, observer_users
-from .rewrite import build_replacements, read_observers, rewrite_patterns
-from .spellings import ACTIVATION_SPELLINGS, BN_SPELLINGS, PASSTHROUGH_SPELLINGS, BnCall
+from .observe import adopt_observers, insert_observers, is_torch_ao_observed
+from .plan import plan_patterns
+from .reading import BnCall
+from .records import CODES, FLOAT, QUANTIZED, Boundary, Converted, Dropped, Match, Plan, Prepared, Rewrite, Skip, observer_users
+from .registry import (
+    ACTIVATIONS, BN_SPELLINGS, CLAMP_SPELLINGS, NO_ACTIVATION, PASSTHROUGH_SPELLINGS, RELU, RELU6, RULES, Activation,
+    BnSpelling, Rule, find_rule, passthrough_input, read_activation, read_bn,
+)
+from .rewrite import rewrite_patterns
 
 __all__ = [
-    "RULES", "Rule", "ACTIVATIONS", "Activation", "rule_for", "find_rule", "activation_for",
-    "BN_SPELLINGS", "ACTIVATION_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall",
-    "Match", "Skip", "Observed", "Dropped", "Prepared", "Rewrite", "Converted", "observer_users",
-    "find_patterns", "needs_shapes", "insert_observers", "read_observers", "build_replacements", "rewrite_patterns",
-    "adopt_observers", "is_torch_ao_observed",
+    "RULES", "Rule", "ACTIVATIONS", "Activation", "NO_ACTIVATION", "RELU", "RELU6", "find_rule",
+    "BN_SPELLINGS", "BnSpelling", "CLAMP_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall", "read_bn", "read_activation",
+    "passthrough_input", "GraphKind", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind",
+    "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
+    "observer_users", "find_patterns", "needs_shapes", "insert_observers", "adopt_observers", "is_torch_ao_observed",
+    "plan_patterns", "rewrite_patterns", "ensures",
 ]

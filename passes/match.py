@@ -1,213 +1,242 @@
-"""Matching: find every BatchNorm in a traced graph and decide, with a reason, what becomes of it.
+"""Matching: find every BatchNorm of a graph and decide, with a reason, what becomes of it.
 
-A BatchNorm is any spelling ``passes.spellings`` reads (a BatchNorm module, SyncBatchNorm,
-torch.ao's fused BNReLU, ``F.batch_norm``, the ATen forms), normalised into one ``BnCall``; the
-activation after it (through Identity / eval Dropout) is read as its float clamp. Matching reads the
-graph (and, for ranks, the ``tensor_meta`` that shape propagation left on its nodes) and never edits it.
+One matcher for every kind of graph (``passes.boundaries.GraphKind``): a BatchNorm is any spelling of
+``passes.registry`` (read into one ``BnCall``); the activation after it (through Identity / eval
+Dropout) is read as its float clamp; the kind says how the pattern's edges are marked (``Boundary``)
+and what it may fuse. Matching reads the graph (and, for ranks, the ``tensor_meta`` / ``val`` left on
+its nodes) and never edits it.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-import os
-import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
-from fxqbn.qconfig import ActivationConfig
+from fxqbn.qconfig import ActivationSpec
+from fxqbn.source import source_of
 
-from . import patterns
-from .graph_facts import rank as _rank
-from .graph_facts import tensor_problem as _tensor_problem
-from .patterns import MODULE_KINDS, NO_ACTIVATION, RANK_TO_DIM, Activation, activation_for
-from .records import Match, Skip
-from .spellings import MOMENTUM_ARG, BnCall, activation_name, passthrough_input, read_activation, read_bn
+from . import registry
+from .boundaries import GraphKind
+from .graph_facts import rank, tensor_problem
+from .reading import BnCall
+from .records import FLOAT, Boundary, Match, Skip
+from .registry import NO_ACTIVATION, RANK_TO_DIM, Activation, BnSpelling
 
-__all__ = ["find_patterns", "source_of", "needs_shapes"]
+__all__ = ["find_patterns", "needs_shapes", "Choose"]
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__))) + os.sep,)  # torch/
-
-SkipPredicate = Callable[[str, object], bool]  # (module name, module type or function) -> skip?
-
-
-def source_of(node: fx.Node) -> str:
-    """``file.py:123`` of the innermost user frame in the node's recorded stack trace, or ""."""
-    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-    user = [(path, line) for path, line in frames if not os.path.abspath(path).startswith(_LIBRARY_DIRS)]
-    if not user:
-        return ""
-    path, line = user[-1]
-    return f"{os.path.basename(path)}:{line}"
+# (module name, module type or function, the type of a fused module's BatchNorm or None) -> the observer
+# for a pattern, or why the BN stays float (fxqbn.prepare's skip argument and qconfig).
+Choose = Callable[[str, object, object], "ActivationSpec | str"]
 
 
-def _bn_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    """The BatchNorm-like module ``node`` calls (any _BatchNorm, torch.ao's fused BNReLU); None otherwise."""
-    module = modules.get(str(node.target)) if node.op == "call_module" else None
-    return module if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in MODULE_KINDS else None
+def _is_bn_module(module: object) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 def needs_shapes(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether some BN's kernel dim depends on its input's rank (F.batch_norm, SyncBatchNorm, ATen forms)."""
     modules = dict(root.named_modules(remove_duplicate=False))
-    for node in graph.nodes:
-        module = _bn_module(node, modules)
-        if module is not None and MODULE_KINDS.get(type(module), ("", 0))[1] is None:
-            return True
-        if module is None and node.op == "call_function" and isinstance(read_bn(node, modules), BnCall):
-            return True
-    return False
+    return any(
+        spelling is not None and spelling.dim is None and not isinstance(spelling.read(n, _module(n, modules)), str)
+        for n in graph.nodes for spelling in (registry.bn_spelling(n, modules),)
+    )
 
 
+def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(str(node.target)) if node.op == "call_module" else None
+
+
+@dataclass(frozen=True)
 class _Chain:
-    """What follows a BN output: the nodes to fuse (pass-throughs, then the activation) and its Activation."""
+    """What follows a BN output: the nodes fused (pass-throughs, the activation), the clamp, a note."""
 
-    def __init__(self, nodes: tuple[str, ...] = (), activation: Activation = NO_ACTIVATION, note: str = "") -> None:
-        self.nodes, self.activation, self.note = nodes, activation, note
+    nodes: tuple[str, ...] = ()
+    clamp: tuple[float, float] | None = None
+    note: str = ""
 
 
-def _activation_chain(output: fx.Node, modules: dict[str, nn.Module]) -> _Chain:
-    """The activation to fuse after ``output`` (through pass-throughs, each the only user of the
-    value before it), or none, with a note when an activation is left unfused."""
+def _walk(output: fx.Node, modules: dict[str, nn.Module], any_clamp: bool, clamp: tuple[float, float] | None = None) -> tuple[_Chain, fx.Node]:
+    """The chain after a BN output and the node it ends on. Each node is its predecessor's only user:
+    pass-throughs, then one activation; int8 graphs (``any_clamp``) take any constant clamp and
+    pass-throughs after it, observed graphs only an activation of the rules, fusing pass-throughs
+    only before one (a note says why an activation was left unfused). ``clamp``: one inside the BN."""
     value, passed = output, []
     while True:
         users = list(value.users)
-        calls = [read_activation(u, modules) for u in users]
-        found = [c for c in calls if c is not None and c.input == value.name]
-        if len(users) != 1:
-            if not found:
-                return _Chain()
-            what = activation_name(found[0].lo, found[0].hi)
-            return _Chain(note=f"{what} not fused: the BN output has {len(users)} users")
-        if passthrough_input(users[0], modules) is value:
+        found = [c for c in (registry.read_activation(u, modules) for u in users) if c is not None and c.input == value.name]
+        if len(users) == 1 and registry.passthrough_input(users[0], modules) is value:
             passed.append(users[0].name)
-            value = users[0]
-            continue
-        if not found:
-            return _Chain()
-        activation = activation_for(found[0].lo, found[0].hi)
-        if activation is None:
-            return _Chain(note=f"{activation_name(found[0].lo, found[0].hi)} not fused: no rule has that activation")
-        return _Chain((*passed, users[0].name), activation)
+        elif len(users) == 1 and found and clamp is None and (any_clamp or registry.activation_for(found[0].lo, found[0].hi)):
+            passed.append(users[0].name)
+            clamp = (found[0].lo, found[0].hi)
+            if not any_clamp:
+                return _Chain(tuple(passed), clamp), users[0]
+        elif any_clamp:
+            return _Chain(tuple(passed), clamp), value
+        else:
+            return _Chain(note=_unfused(users, found)), output
+        value = users[0]
+
+
+def _unfused(users: list[fx.Node], found: list) -> str:
+    """Why the activation after a BN (if any) is not fused, in an observed graph."""
+    if not found:
+        return ""
+    what = registry.activation_name(found[0].lo, found[0].hi)
+    if len(users) != 1:
+        return f"{what} not fused: the BN output has {len(users)} users"
+    return f"{what} not fused: no rule has that activation"
+
+
+def _activation(clamp: tuple[float, float] | None) -> Activation:
+    """The Activation of a float clamp: a named one of the table, or an unnamed constant clamp."""
+    if clamp is None:
+        return NO_ACTIVATION
+    return registry.activation_for(*clamp) or Activation(registry.activation_name(*clamp), *clamp)
 
 
 class _Matcher:
-    def __init__(self, root: nn.Module, config: ActivationConfig, skip: SkipPredicate, refuse_training: bool) -> None:
-        self.root = root
-        self.refuse_training = refuse_training
-        self.config = config
-        self.skip_requested = skip
+    def __init__(self, graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Choose | None) -> None:
+        self.graph, self.root, self.kind, self.choose = graph, root, kind, choose
         self.modules = dict(root.named_modules(remove_duplicate=False))
+        self.modules.setdefault("", root)
+        self.nodes = {node.name: node for node in graph.nodes}
+
+    def skip(self, position: int, node: fx.Node, module: str, pattern: str, reason: str) -> Skip:
+        return Skip(position=position, node=node.name, module=module, pattern=pattern, reason=reason, source=source_of(node))
 
     def match(self, position: int, node: fx.Node) -> Match | Skip | None:
-        module = _bn_module(node, self.modules)
+        module = _module(node, self.modules)
+        spelling = registry.bn_spelling(node, self.modules)
+        if spelling is None:
+            if _is_bn_module(module):
+                name = type(module).__name__
+                return self.skip(position, node, str(node.target), name, f"no quantized rule for {name}")
+            return None
+        dim = self._dim(node, spelling)
+        names = self._names(node, module, spelling, dim)
+        chosen = self._chosen(position, node, module, spelling, names)
+        if isinstance(chosen, Skip):
+            return chosen
+        if isinstance(dim, str) or (dim is None and self.kind.needs_dim):
+            return self.skip(position, node, *names, dim if isinstance(dim, str) else _rank_reason(None, names[1]))
+        return self._pattern(position, node, spelling, dim, names, *chosen)
+
+    def _dim(self, node: fx.Node, spelling: BnSpelling) -> int | None | str:
+        """The kernel dim: the spelling's, checked against the input's rank where the graph shows it
+        (None: it does not, and the spelling fixes none), or why no kernel takes that rank."""
+        value = node.args[0] if node.args else node.kwargs.get("input")
+        found = rank(value) if isinstance(value, fx.Node) else None
+        if found is None:
+            return spelling.dim
+        dim = RANK_TO_DIM.get(found)
+        if dim is None or (spelling.dim is not None and spelling.dim != dim):
+            return _rank_reason(found, spelling.name)
+        return dim
+
+    def _names(self, node: fx.Node, module: nn.Module | None, spelling: BnSpelling, dim: object) -> tuple[str, str]:
+        """(module, pattern) as a skip of this BN is reported: observed graphs name rules, int8 graphs spellings."""
         if module is not None:
-            return self._match_module(position, node, module)
-        if node.op == "call_function":
-            call = read_bn(node, self.modules)
-            if call is not None:
-                return self._match_functional(position, node, call)
-        return None
+            return str(node.target), type(module).__name__
+        owner = _statistics_owner(node) or node.name
+        if self.kind.holds == FLOAT:
+            return owner, f"F.batch_norm{dim}d" if isinstance(dim, int) else "F.batch_norm"
+        return owner, spelling.name
+
+    def _chosen(self, position, node, module, spelling, names) -> tuple[BnCall, ActivationSpec | None] | Skip:
+        """The BN's record and observer, once the user's choices (``choose``: skip, qconfig) and its state allow it."""
+        name, pattern = names
+        spec = None
+        if self.choose is not None:
+            spec = self.choose(name, type(module) if module is not None else spelling.target, _component(module))
+            if isinstance(spec, str):
+                return self.skip(position, node, name, pattern, spec)
+        bn = module[0] if isinstance(module, nn.Sequential) else module
+        if self.kind.refuse_training and bn is not None and bn.training and bn.running_mean is not None:
+            raise FxqbnError(self.kind.refuse_training.format(name=name))
+        call = spelling.read(node, module)
+        if isinstance(call, str):
+            return self.skip(position, node, name, pattern, call)
+        problem = tensor_problem(operator.attrgetter(call.running_mean)(self.root))
+        if problem and self.kind.refuse_training:
+            who = f"BatchNorm '{name}'" if module is not None else f"F.batch_norm node '{node.name}' ({name})"
+            raise FxqbnError(f"{who} {problem}")
+        return self.skip(position, node, name, pattern, problem) if problem else (call, spec)
+
+    def _pattern(self, position, node, spelling: BnSpelling, dim, names, call: BnCall, spec) -> Match | Skip:
+        inner = (spelling.inner.lo, spelling.inner.hi) if spelling.inner.name else None
+        if inner is not None and not self.kind.any_clamp:
+            chain, end = _Chain(clamp=inner), self.nodes[call.output]
+        else:
+            chain, end = _walk(self.nodes[call.output], self.modules, self.kind.any_clamp, inner)
+        boundary = None
+        if self.kind.boundary is not None:
+            boundary = self.kind.boundary(self.graph, self.modules, call, end, chain.clamp)
+            if isinstance(boundary, str):
+                return self.skip(position, node, *names, boundary)
+        if self.kind.holds != FLOAT:
+            return self._int8_match(position, node, call, dim, chain, boundary)
+        return self._rule_match(position, node, spelling, call, dim, chain, boundary, names[1], spec)
+
+    def _rule_match(self, position, node, spelling, call, dim, chain: _Chain, boundary, pattern, spec) -> Match | Skip:
+        """Observed graphs: the rule for (kind, dim, activation); without one, the BN alone, with a note."""
+        activation, note = _activation(chain.clamp), chain.note
+        rule = registry.find_rule(spelling.kind, dim, activation)
+        if rule is None and activation != NO_ACTIVATION and not spelling.inner.name:
+            note = f"{activation.name} not fused: no rule for {spelling.kind} {dim}d + {activation.name}"
+            chain, rule, activation = _Chain(), registry.find_rule(spelling.kind, dim, NO_ACTIVATION), NO_ACTIVATION
+        if rule is None:
+            return self.skip(position, node, call.owner or node.name, pattern, f"no quantized rule for {pattern} ({dim}d)")
+        observer = spec if boundary is None else self._observer(boundary)
+        return Match(
+            position=position, bn=call, pattern=rule.name, dim=dim, activation=activation, chain=chain.nodes,
+            module=call.owner or node.name, rule=rule, boundary=boundary, observer=observer,
+            momentum=self._momentum(node, spelling, call), source=source_of(node), note=note,
+        )
+
+    def _int8_match(self, position, node, call, dim, chain: _Chain, boundary: Boundary) -> Match:
+        """Int8 graphs: whatever clamp the pattern computes, in code space; named by spelling."""
+        activation = _activation(boundary.clamp)
+        return Match(
+            position=position, bn=call, pattern=call.spelling + (f"+{activation.name}" if activation.name else ""),
+            dim=dim, activation=activation, chain=chain.nodes, module=call.owner, boundary=boundary, source=source_of(node),
+        )
+
+    def _observer(self, boundary: Boundary) -> ActivationSpec:
+        """The observer spec of a pattern torch.ao observed: its output observer's kind and dtype."""
+        observer = self.modules[str(self.nodes[boundary.output].target)]
+        return ActivationSpec(factory=type(observer), dtype=observer.dtype)
+
+    def _momentum(self, node: fx.Node, spelling: BnSpelling, call: BnCall) -> float | None:
+        if call.module is not None:
+            return self.modules[call.module].momentum
+        at = spelling.momentum_arg
+        value = node.args[at] if len(node.args) > at else node.kwargs.get("momentum", 0.1)
+        return float(value) if isinstance(value, (int, float)) else None
 
     def hidden(self, position: int, node: fx.Node) -> list[Skip]:
         """The BNs inside a module the tracer kept as one node (e.g. a block timm declares
         untraceable): skipped, as nothing of the graph reaches them."""
-        module = self.modules.get(str(node.target)) if node.op == "call_module" else None
-        if module is None or _bn_module(node, self.modules) is not None:
+        module = _module(node, self.modules)
+        if module is None or _is_bn_module(module) or registry.bn_spelling(node, self.modules) is not None:
             return []
         where = f"inside {type(module).__name__} '{node.target}', which the tracer keeps as one call (a leaf module)"
-        inside = sorted((name, type(bn).__name__) for name, bn in module.named_modules() if name and isinstance(bn, nn.modules.batchnorm._BatchNorm))
-        return [self._skip(position, node, f"{node.target}.{name}", kind, f"{where}: kept float") for name, kind in inside]
+        inside = sorted((name, type(bn).__name__) for name, bn in module.named_modules() if name and _is_bn_module(bn))
+        return [self.skip(position, node, f"{node.target}.{name}", kind, f"{where}: kept float") for name, kind in inside]
 
-    def _skip(self, position: int, node: fx.Node, name: str, pattern: str, reason: str) -> Skip:
-        return Skip(position=position, node=node.name, module=name, pattern=pattern, reason=reason, source=source_of(node))
 
-    def _refuse_training_mode(self, name: str, bn: nn.Module) -> None:
-        if not bn.training:
-            return
-        if self.refuse_training:
-            raise FxqbnError(
-                f"BatchNorm '{name}' is in training mode: calibrating it would overwrite its running "
-                "statistics. Call model.eval() before fxqbn.prepare"
-            )
-        raise FxqbnError(f"BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert")
+def _rank_reason(found: int | None, pattern: str) -> str:
+    return f"its input has rank {found}: no int8 {pattern} kernel takes it (2 to 5 dims)"
 
-    def _match_module(self, position: int, node: fx.Node, module: nn.Module) -> Match | Skip:
-        name, kind = str(node.target), type(module)
-        if kind not in MODULE_KINDS:
-            return self._skip(position, node, name, kind.__name__, f"no quantized rule for {kind.__name__}")
-        bn = module[0] if MODULE_KINDS[kind][0] == "BNReLU" else module
-        component = type(bn) if bn is not module else None  # torch.ao's fused BNReLU: its BatchNorm's type
-        if self.skip_requested(name, kind) or (component is not None and self.skip_requested(name, component)):
-            return self._skip(position, node, name, kind.__name__, "skipped on request (prepare's skip argument)")
-        activation = self.config.spec_for(name, kind, first_component=component)
-        if activation is None:
-            return self._skip(position, node, name, kind.__name__, "excluded by qconfig (None for this module)")
-        if bn.running_mean is None or bn.running_var is None:
-            return self._skip(position, node, name, kind.__name__, "track_running_stats=False: normalises with batch statistics")
-        self._refuse_training_mode(name, bn)
-        call = read_bn(node, self.modules)
-        if not isinstance(call, BnCall):
-            return self._skip(position, node, name, kind.__name__, str(call))
-        self._check_tensors(f"BatchNorm '{name}'", call, name)
-        return self._match(position, node, call, MODULE_KINDS[kind], kind.__name__, activation, bn.momentum)
 
-    def _match_functional(self, position: int, node: fx.Node, call: BnCall | str) -> Match | Skip:
-        value = node.args[0] if node.args else node.kwargs.get("input")
-        rank = _rank(value) if isinstance(value, fx.Node) else None
-        dim = RANK_TO_DIM.get(rank) if rank is not None else None
-        pattern = f"F.batch_norm{dim}d" if dim else "F.batch_norm"
-        if isinstance(call, str):
-            owner = _statistics_owner(node)
-            return self._skip(position, node, owner or node.name, pattern, call)
-        name = call.owner or node.name
-        if self.skip_requested(name, F.batch_norm):
-            return self._skip(position, node, name, pattern, "skipped on request (prepare's skip argument)")
-        activation = self.config.spec_for(name, F.batch_norm)
-        if activation is None:
-            return self._skip(position, node, name, pattern, "excluded by qconfig (None for this module)")
-        self._check_tensors(f"F.batch_norm node '{node.name}' ({name})", call, name)
-        at = MOMENTUM_ARG[call.spelling]
-        momentum = node.args[at] if len(node.args) > at else node.kwargs.get("momentum", 0.1)
-        momentum = float(momentum) if isinstance(momentum, (int, float)) else None
-        return self._match(position, node, call, ("F.batch_norm", None), pattern, activation, momentum)
-
-    def _check_tensors(self, who: str, call: BnCall, name: str) -> None:
-        """Refuse statistics the kernel cannot take (dtype, device), naming ``who``; their values are
-        checked by ``prepare`` for the matches (a BN torch.ao left unobserved is not refused)."""
-        problem = _tensor_problem(operator.attrgetter(call.running_mean)(self.root))
-        if problem:
-            raise FxqbnError(f"{who} {problem}")
-
-    def _match(self, position, node, call, kind_dim, pattern, activation, momentum) -> Match | Skip:
-        kind, dim = kind_dim
-        rank = _rank(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if dim is None:
-            dim = RANK_TO_DIM.get(rank) if rank is not None else None
-            if dim is None:
-                return self._skip(position, node, call.owner or node.name, pattern, f"input rank {rank} unknown or unsupported (2 to 5 dims)")
-        chain = _Chain(activation=patterns.RELU) if kind == "BNReLU" else _activation_chain(self._node(call.output, node), self.modules)
-        rule = patterns.find_rule(kind, dim, chain.activation)
-        note = chain.note
-        if rule is None and chain.activation != NO_ACTIVATION and kind != "BNReLU":
-            note = f"{chain.activation.name} not fused: no rule for {kind} {dim}d + {chain.activation.name}"
-            chain, rule = _Chain(), patterns.find_rule(kind, dim, NO_ACTIVATION)
-        if rule is None:
-            return self._skip(position, node, call.owner or node.name, pattern, f"no quantized rule for {pattern} ({dim}d)")
-        return Match(
-            rule=rule, position=position, bn=call, chain=chain.nodes, module=call.owner or node.name,
-            activation=activation, momentum=momentum, source=source_of(node), note=note,
-        )
-
-    @staticmethod
-    def _node(name: str, near: fx.Node) -> fx.Node:
-        """The node called ``name`` in ``near``'s graph (the BN itself, or its getitem 0)."""
-        if near.name == name:
-            return near
-        return next(user for user in near.users if user.name == name)
+def _component(module: nn.Module | None) -> type | None:
+    """The type of the BatchNorm inside torch.ao's fused BNReLU module; None for anything else."""
+    return type(module[0]) if isinstance(module, nn.Sequential) and len(module) and _is_bn_module(module[0]) else None
 
 
 def _statistics_owner(node: fx.Node) -> str:
@@ -218,23 +247,16 @@ def _statistics_owner(node: fx.Node) -> str:
     return ""
 
 
-def find_patterns(
-    graph: fx.Graph,
-    root: nn.Module,
-    config: ActivationConfig,
-    skip: SkipPredicate = lambda name, kind: False,
-    refuse_training: bool = True,
-) -> tuple[list[Match], list[Skip]]:
-    """Every BatchNorm call in ``graph`` (whose targets resolve in ``root``), in graph order:
-    matched, or skipped with a reason. A BN whose dim the input's rank decides (``F.batch_norm``,
-    SyncBatchNorm) needs ``tensor_meta`` on its input (``fxqbn.tracing.propagate_shapes``).
+def find_patterns(graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Choose | None = None) -> tuple[list[Match], list[Skip]]:
+    """Every BatchNorm call in ``graph`` (whose targets resolve in ``root``), in graph order: matched,
+    or skipped with a reason. ``kind`` says what kind of graph it is; ``choose`` gives the observer of
+    each BN of a graph fxqbn.prepare traced (or why it stays float). A BN whose dim the input's rank
+    decides needs ``tensor_meta`` (``fxqbn.tracing.propagate_shapes``) or ``val`` (torch.export) on its input.
 
-    Raises FxqbnError for a matched BN that must not be calibrated (training mode; with
-    ``refuse_training`` False, for a graph someone else calibrated, the message says to call
-    .eval() before convert), whose statistics are not float32 on the CPU, or whose qconfig cannot
-    drive a quantized BN.
+    Raises FxqbnError, in observed graphs, for a matched BN that must not be calibrated or converted
+    (training mode) or whose statistics are not float32 on the CPU.
     """
-    matcher = _Matcher(root, config, skip, refuse_training)
+    matcher = _Matcher(graph, root, kind, choose)
     matches: list[Match] = []
     skips: list[Skip] = []
     for position, node in enumerate(graph.nodes):

@@ -1,4 +1,4 @@
-"""Insert activation observers around matched patterns.
+"""Observers around matched patterns: fxqbn.prepare inserts them; a graph torch.ao observed has them.
 
 Each pattern gets one observer on its input and one on its output (after the fused ReLU).
 An input that is already observed with the same dtype (another pattern's output, or a value
@@ -10,15 +10,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import fx, nn
 
 from fxqbn.errors import FxqbnError
 
-from .records import Match, Observed
+from .base import ensures
+from .boundaries import AO_OBSERVED, observer_nodes
+from .graph_facts import describe
+from .match import find_patterns
+from .records import Boundary, Dropped, Match, Prepared, observer_users
 
-__all__ = ["insert_observers", "check_calibration_input", "OBSERVER_PREFIX"]
+__all__ = ["insert_observers", "adopt_observers", "is_torch_ao_observed", "check_calibration_input", "OBSERVER_PREFIX"]
 
 OBSERVER_PREFIX = "fxqbn_observer_"
 
@@ -55,21 +60,21 @@ class _Observers:
             self._count += 1
         target = f"{OBSERVER_PREFIX}{self._count}"
         self._count += 1
-        observer = match.activation.factory()
+        observer = match.observer.factory()
         where = f"observer '{target}' ({role} of BatchNorm '{match.module}', node '{match.bn_node}')"
         observer.register_forward_pre_hook(functools.partial(check_calibration_input, where))
         self.modules[target] = observer
         with self.graph.inserting_after(value):
             node = self.graph.call_module(target, (value,))
-        self.dtype_of[node.name] = match.activation.dtype
-        self.by_value[(value.name, match.activation.dtype)] = node
+        self.dtype_of[node.name] = match.observer.dtype
+        self.by_value[(value.name, match.observer.dtype)] = node
         return node
 
     def for_input(self, bn: fx.Node, match: Match) -> fx.Node:
         """The observer on ``bn``'s input, shared when one with the same dtype exists."""
         value = bn.args[0]
         assert isinstance(value, fx.Node)
-        dtype = match.activation.dtype
+        dtype = match.observer.dtype
         if self.dtype_of.get(value.name) == dtype:
             return value  # already an observer: another pattern's output
         observer = self.by_value.get((value.name, dtype)) or self.add(value, match, "input")
@@ -85,9 +90,10 @@ class _Observers:
 
 def insert_observers(
     graph: fx.Graph, root: nn.Module, matches: Sequence[Match]
-) -> tuple[tuple[Observed, ...], dict[str, nn.Module]]:
+) -> tuple[tuple[Match, ...], dict[str, nn.Module]]:
     """Add observer nodes for ``matches`` (in graph order) to ``graph``, whose targets resolve in
-    ``root``. Returns the records and the new observer modules by target, for the GraphModule.
+    ``root``. Returns the matches with their observer ``Boundary`` and the new observer modules by
+    target, for the GraphModule.
     """
     nodes = {node.name: node for node in graph.nodes}
     observers = _Observers(graph, root)
@@ -96,5 +102,26 @@ def insert_observers(
         bn = nodes[match.bn_node]
         input_observer = observers.for_input(bn, match)
         output_observer = observers.for_output(nodes[match.output_node], match)
-        observed.append(Observed(match, input_observer.name, output_observer.name))
+        observed.append(replace(match, boundary=Boundary(input=input_observer.name, output=output_observer.name)))
+    ensures(graph)
     return tuple(observed), observers.modules
+
+
+def adopt_observers(gm: fx.GraphModule) -> Prepared:
+    """The observed BN patterns of a graph torch.ao's ``prepare_fx`` observed (each with its observer
+    ``Boundary``), the BNs it did not observe (as skips), and its other observers (``Dropped``: on a
+    conv, an add, ...; ``convert`` removes them with a word in the report). The graph is not edited."""
+    matches, skips = find_patterns(gm.graph, gm, AO_OBSERVED)
+    used = observer_users(matches)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    dropped = tuple(
+        Dropped(observer=name, observed=describe(nodes[name].args[0]))
+        for name in observer_nodes(gm)
+        if name not in used and isinstance(nodes[name].args[0], fx.Node)
+    )
+    return Prepared(patterns=tuple(matches), skips=tuple(skips), dropped=dropped)
+
+
+def is_torch_ao_observed(gm: nn.Module) -> bool:
+    """Whether ``gm`` is a GraphModule with observer or fake-quant call_module nodes."""
+    return isinstance(gm, fx.GraphModule) and bool(observer_nodes(gm))

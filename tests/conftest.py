@@ -69,3 +69,13 @@ def calibrate():
 
 
 __all__ = ["randomize_bn", "snapshot", "assert_unchanged", "calls", "copy"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _every_pass_lints_the_graph_it_leaves():
+    """``fxqbn.passes.base.LINT``: off in production, on for the whole suite (every emitted graph is linted)."""
+    from fxqbn.passes import base
+
+    base.LINT = True
+    yield
+    base.LINT = False

@@ -1,6 +1,5 @@
-"""The shortcuts convert takes on large graphs give what the plain ways give: module lookups
-(``passes.modules.ModuleIndex``), BN statistics checked and copied together (``fxqbn.nn.own_many``)
-and observers read together (``fxqbn.qparams.read_many``)."""
+"""The shortcuts convert takes on large graphs give what the plain ways give: BN statistics checked
+and copied together (``fxqbn.nn.own_many``) and observers read together (``fxqbn.qparams.read_many``)."""
 
 import operator
 
@@ -13,74 +12,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from fxqbn.backends import BnTensors
 from fxqbn.errors import FxqbnError
 from fxqbn.nn import _float32_copy, check_many, check_statistics, own_many
-from fxqbn.passes.modules import ModuleIndex
 from fxqbn.qparams import read_many, read_observer
-
-
-class _Answers(nn.Module):
-    """Answers attributes on its own, as some wrappers do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(2, 2)
-
-    def __getattr__(self, name: str):
-        if name == "virtual":
-            return self.inner
-        return super().__getattr__(name)
-
-
-class _WithProperty(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("stored", torch.ones(2))
-        self.plain = 3
-
-    @property
-    def computed(self) -> torch.Tensor:
-        return self.stored * 2
-
-
-def _tree() -> nn.Module:
-    root = nn.Module()
-    root.blocks = nn.ModuleList([nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()) for _ in range(2)])
-    root.answers = _Answers()
-    root.prop = _WithProperty()
-    root.shared = root.blocks[0]  # one module under two names
-    root.register_parameter("p", nn.Parameter(torch.zeros(1)))
-    return root
-
-
-TARGETS = [
-    "blocks", "blocks.0", "blocks.1.0", "blocks.1.0.running_mean", "blocks.0.0.weight", "shared.0.bias",
-    "answers", "answers.inner", "answers.virtual", "answers.inner.weight", "prop.stored", "prop.computed",
-    "prop.plain", "p", "blocks.0.0.training", "missing", "blocks.7", "blocks.0.0.missing", "prop.plain.real",
-]
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_module_index_answers_as_getattr_does(target):
-    root = _tree()
-    index = ModuleIndex(root)
-    assert index.module("") is root
-    try:
-        expected = operator.attrgetter(target)(root)
-    except AttributeError:
-        expected = AttributeError
-    assert index.has(target) == (expected is not AttributeError)
-    if expected is AttributeError:
-        with pytest.raises(AttributeError):
-            index.attr(target)
-    else:
-        assert index.attr(target) is expected or (isinstance(expected, torch.Tensor) and torch.equal(index.attr(target), expected))
-    try:
-        module = root.get_submodule(target)
-    except AttributeError:
-        with pytest.raises(AttributeError):
-            index.module(target)
-    else:
-        assert index.module(target) is module
-        assert index.module(target) is module  # remembered, still the same
 
 
 def _bn(gen: torch.Generator, channels: int, dtype: torch.dtype, affine: bool, bias_only: bool = False) -> BnTensors:

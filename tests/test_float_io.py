@@ -72,7 +72,7 @@ def test_only_a_bn_between_float_code_is_a_float_io(backend):
     assert sorted(str(u.target).rstrip("0123456789") for u in targets["head"].users) == ["fxqbn_dequantize_", "tail"]
     converted_record = attached(q, CONVERTED_KEY)
     assert converted_record.float_io == ("between",)
-    assert [rw.qmodule for rw in converted_record.rewrites if rw.observed.match.module == "between"] == ["between.bn"]
+    assert [rw.qmodule for rw in converted_record.rewrites if rw.match.module == "between"] == ["between.bn"]
     summary = fxqbn.get_report(q).summary  # a FloatIO's boundaries are counted with the nodes
     assert (summary.quantize_nodes, summary.dequantize_nodes) == (1 + 2, 1 + 4)
 

@@ -23,9 +23,9 @@ from fxqbn import cli
 from fxqbn.compare import sqnr_db
 from fxqbn.fused import FusedBatchNorm
 from fxqbn.lowered import ByRank
-from fxqbn.passes.lower import _is_dequantize, _is_quantize, find_lowerable, graph_route
-from fxqbn.passes.lower_rewrite import LOWERED_PREFIX
-from fxqbn.passes.spellings import passthrough_input, read_activation, read_bn
+from fxqbn.passes import QUANTIZED, find_patterns, int8_kind, passthrough_input, read_activation, read_bn
+from fxqbn.passes.boundaries import _is_dequantize, _is_quantize
+from fxqbn.passes.rewrite import LOWERED_PREFIX
 from fxqbn.whole_model import import_pt2e, int8_model
 
 try:
@@ -44,9 +44,22 @@ def codes_of(value: torch.Tensor) -> torch.Tensor:
     return (value.int_repr() if value.is_quantized else value).to(torch.int32)
 
 
+def find_lowerable(gm: fx.GraphModule):
+    """The matches and skips of ``gm``'s BNs, as fxqbn.lower finds them."""
+    return find_patterns(gm.graph, gm, int8_kind(gm.graph))
+
+
+def graph_holds(gm: fx.GraphModule) -> str:
+    """What ``gm`` holds between its int8 ops (QUANTIZED when it has none left: nothing is sandwiched)."""
+    try:
+        return int8_kind(gm.graph).holds
+    except fxqbn.FxqbnError:
+        return QUANTIZED
+
+
 def sandwiched_float_bns(gm: fx.GraphModule) -> list[str]:
     """BN nodes still computing in float between a dequantize and a quantize (the structure lowering removes)."""
-    route, modules, found = graph_route(gm.graph), dict(gm.named_modules()), []
+    route, modules, found = graph_holds(gm), dict(gm.named_modules()), []
     for node in gm.graph.nodes:
         call = read_bn(node, modules)
         if call is None or isinstance(call, str) or not _is_dequantize(node.args[0], route):
@@ -70,12 +83,12 @@ def reference_codes(gm: fx.GraphModule, match, x: torch.Tensor) -> torch.Tensor:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             interpreter.env[node] = interpreter.run_node(node)
-    dequantize = nodes[match.dequantize]
+    dequantize = nodes[match.boundary.input]
     interpreter.env[dequantize.args[0]] = x
-    order = [dequantize.name, *reversed(match.nodes)]
+    order = [dequantize.name, *match.nodes, *match.boundary.between]
     for name in order:
         interpreter.env[nodes[name]] = interpreter.run_node(nodes[name])
-    return codes_of(interpreter.env[nodes[match.output]])
+    return codes_of(interpreter.env[nodes[match.boundary.output]])
 
 
 # -- one pattern, every spelling -------------------------------------------------------------------
@@ -102,11 +115,11 @@ def test_one_pattern_becomes_one_int8_bn_within_one_step(route, dim, activation,
     expected, actual = codes_of(gm(x)), codes_of(lowered(x))
     assert torch.equal(expected, reference_codes(gm, match, x))
     assert (actual - expected).abs().max() <= 1
-    lo, hi = match.codes
+    lo, hi = match.boundary.codes
     assert int(actual.min()) >= lo and int(actual.max()) <= hi  # the activation's clamp holds exactly
     (row,) = fxqbn.get_report(lowered).rows
     assert row.status == "rewritten" and row.node == match.bn.node and row.module == "bn"
-    assert row.pattern.endswith(f"+{match.activation}") if match.activation else "+" not in row.pattern
+    assert row.pattern.endswith(f"+{match.activation.name}") if match.activation.name else "+" not in row.pattern
     assert row.output_scale == model.qout[0] and row.output_zero_point == model.qout[1]
 
 
@@ -140,7 +153,7 @@ def test_any_clamp_is_exact_in_code_space(lo, width, scale, zp, backend):
     expected, actual = codes_of(gm(x)), codes_of(lowered(x))
     assert (actual - expected).abs().max() <= 1
     (match,), _ = find_lowerable(gm)
-    assert int(actual.min()) >= match.codes[0] and int(actual.max()) <= match.codes[1]
+    assert int(actual.min()) >= match.boundary.codes[0] and int(actual.max()) <= match.boundary.codes[1]
 
 
 @settings(max_examples=30, deadline=None)
@@ -179,11 +192,11 @@ def test_the_clamp_inside_the_kernel_equals_the_kernel_then_the_clamp_bit_for_bi
     (match,), _ = find_lowerable(gm)
     lowered, unclamped = fxqbn.lower(gm, backend=backend), fxqbn.lower(fx.symbolic_trace(plain), backend=backend)
     x = model.codes(SHAPES[dim])
-    assert torch.equal(codes_of(lowered(x)), codes_of(unclamped(x)).clamp(*match.codes))
+    assert torch.equal(codes_of(lowered(x)), codes_of(unclamped(x)).clamp(*match.boundary.codes))
     module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
     if backend == "fused" and route == "pt2e":  # plain codes in and out: the kernel itself, its bounds the match's
         kernels = list(module.kernels.values()) if isinstance(module, ByRank) else [module]
-        assert all(isinstance(k, FusedBatchNorm) and k.bounds == match.codes for k in kernels)
+        assert all(isinstance(k, FusedBatchNorm) and k.bounds == match.boundary.codes for k in kernels)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -371,9 +384,9 @@ def check_each_bn_within_one_step(int8, lowered, matches, inputs):
     Record(int8).run(*inputs)
     nodes = {n.name: n for n in int8.graph.nodes}
     for match in matches:
-        x = recorded[nodes[match.dequantize].args[0].name]
+        x = recorded[nodes[match.boundary.input].args[0].name]
         module = lowered.get_submodule(LOWERED_PREFIX + match.bn.node)
-        assert (codes_of(module(x)) - codes_of(recorded[match.output])).abs().max() <= 1, match.bn.node
+        assert (codes_of(module(x)) - codes_of(recorded[match.boundary.output])).abs().max() <= 1, match.bn.node
 
 
 @pytest.mark.skipif(bool(PT2E_MISSING), reason=PT2E_MISSING or "-")

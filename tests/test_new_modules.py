@@ -1,8 +1,8 @@
-"""passes.new_modules: the targets both rewrites give the modules they add."""
+"""passes.rewrite.NewModules: the targets a rewrite gives the modules it adds."""
 
 from torch import nn
 
-from fxqbn.passes.new_modules import NewModules
+from fxqbn.passes.rewrite import NewModules
 
 
 def root():

@@ -1,4 +1,5 @@
-"""The pattern table and ReLU spellings: what gets fused, what does not and why, numbers vs float."""
+"""ReLU spellings: what gets fused, what does not and why, numbers vs float (the tables themselves:
+tests/test_registry.py)."""
 
 import pytest
 import torch
@@ -10,9 +11,7 @@ from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
 from fxqbn.float_io import FloatIO
-from fxqbn.backends import BACKENDS
-from fxqbn.passes import ACTIVATION_SPELLINGS, RULES, Activation, Rule, rule_for
-from fxqbn.passes import patterns
+from fxqbn.passes import RELU
 
 SPELLINGS = {  # name -> function applying ReLU to the BN output in forward
     "nn.ReLU": lambda self, y: self.relu(y),
@@ -60,33 +59,6 @@ def float_reference(bn, x, row, relu):
     y = bn(xq)
     y = torch.relu(y) if relu else y
     return torch.quantize_per_tensor(y, row.output_scale, row.output_zero_point, dtype).dequantize()
-
-
-def test_every_rule_is_consistent_and_reachable():
-    names = [rule.name for rule in RULES]
-    assert len(names) == len(set(names))
-    for rule in RULES:
-        assert patterns.find_rule(rule.kind, rule.dim, rule.activation) is rule
-        stem = f"F.batch_norm{rule.dim}d" if rule.kind == "F.batch_norm" else f"BNReLU{rule.dim}d" if rule.prefused else f"BatchNorm{rule.dim}d"
-        assert rule.name == stem + (f"+{rule.activation.name}" if rule.activation.name and not rule.prefused else "")
-    for target, dim in ((nn.BatchNorm2d, None), (F.batch_norm, 3), (nni.BNReLU2d, None)):  # the lookup fxqbn.lower uses
-        assert rule_for(target, True, dim).activation == patterns.RELU
-
-
-def test_every_rule_has_a_module_and_an_op_on_every_backend():
-    """The registry is complete: a rule whose activation some backend cannot compute fails here."""
-    for rule in RULES:
-        for backend in BACKENDS.values():
-            assert rule.activation.name in backend.kernels, (rule.name, backend.name)
-            assert backend.op_for(rule)
-    missing = Rule(kind="BatchNorm", dim=2, activation=Activation("ReLU1", 0.0, 1.0))
-    with pytest.raises(fxqbn.FxqbnError, match=r"backend 'native' has no kernel for BatchNorm2d\+ReLU1 .*KERNELS"):
-        BACKENDS["native"].op_for(missing)
-
-
-def test_every_spelling_is_tested():
-    relu_spellings = [s for s in ACTIVATION_SPELLINGS if s[2] is ACTIVATION_SPELLINGS[0][2] and "aten" not in str(s[1])]
-    assert len(SPELLINGS) == len(relu_spellings) + 2  # + the inplace variants of nn.ReLU and F.relu
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

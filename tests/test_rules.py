@@ -14,9 +14,10 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
-from fxqbn.backends import BACKENDS, KERNELS, Kernel
+from fxqbn.backends import BACKENDS
 from fxqbn.float_io import FloatIO
-from fxqbn.passes import RULES, Activation, Rule, patterns
+from fxqbn.passes import RULES, Activation
+from fxqbn.passes import registry as patterns
 from fxqbn.state import PREPARED_KEY, attached
 
 SHAPES = {1: (6, 4), 2: (2, 4, 5, 5), 3: (2, 4, 3, 4, 4)}
@@ -114,8 +115,8 @@ def test_bn_relu6_equals_torch_ao_quantizing_bn_then_relu6(dim, dtype):
 
 def test_a_new_activation_is_one_table_entry_plus_its_kernel_mapping(monkeypatch):
     relu1 = Activation("ReLU1", 0.0, 1.0)  # hardtanh(0, 1) / clamp(0, 1), in any spelling
-    monkeypatch.setattr(patterns, "RULES", RULES + (Rule(kind="BatchNorm", dim=2, activation=relu1),))
-    monkeypatch.setitem(KERNELS, "ReLU1", Kernel(relu=True, clamp=True))
+    monkeypatch.setattr(patterns, "ACTIVATIONS", patterns.ACTIVATIONS + (relu1,))
+    monkeypatch.setattr(patterns, "RULES", patterns.derive_rules())
 
     class Net(nn.Module):
         def __init__(self):
@@ -321,7 +322,7 @@ def test_the_aten_forms_of_torch_export_graphs_are_matched_like_f_batch_norm(dec
     exported = (program.run_decompositions() if decomposed else program).module()
     observed = fxqbn.prepare(exported, (x,), MinMaxObserver)
     (pattern,) = attached(observed, PREPARED_KEY).patterns
-    assert pattern.match.momentum == pytest.approx(0.3)  # each spelling's momentum from its own position
+    assert pattern.momentum == pytest.approx(0.3)  # each spelling's momentum from its own position
     with torch.no_grad():
         observed(x)
     q = fxqbn.convert(observed)
