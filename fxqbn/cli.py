@@ -27,10 +27,10 @@ from . import __version__
 from .paths import calibration_files, clash, output_problem
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, FORMATS, column_names
+from .requests import BUILTIN_MODEL, UsageError, first_line, model_file, usage
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-BUILTIN_MODEL = "fxqbn.models:densenet_bc"
 # The choices, named here without torch; tests check them against the tables they name.
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
 DTYPES = ("quint8", "qint8")  # fxqbn.command.DTYPES: name -> torch dtype
@@ -41,26 +41,13 @@ EXIT_STATUS = ("exit status: 0 done; 1 fxqbn refused the model or the data (e.g.
                "130 interrupted")
 
 
-class UsageError(Exception):
-    """The command line is wrong: exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def usage(prog: str, message: str) -> UsageError:
-    return UsageError(f"{prog}: error: {message}")
-
-
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
-
-
-def first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -224,12 +211,6 @@ def run_report(args: argparse.Namespace, progress: Progress) -> int:
     with progress.step("loading PyTorch"):
         from .command import report_command
     return report_command(args, progress)
-
-
-def model_file(spec: str | None) -> str | None:
-    """The file MODEL names (``path/to/file.py:factory``), or None for ``package.module:factory``."""
-    target = (spec or "").rpartition(":")[0]
-    return target if target.endswith(".py") or "/" in target or os.sep in target else None
 
 
 def _check_file(prog: str, path: str, what: str) -> None:

@@ -28,13 +28,13 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 from . import distributed
 from .api import convert, get_report, prepare
-from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .lower import lower
 from .paths import calibration_files
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, WIDTH, Report
+from .requests import BUILTIN_MODEL, first_line, model_file, usage
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
 from .whole_model import int8_model
