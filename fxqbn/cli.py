@@ -10,7 +10,8 @@ no BatchNorm, inputs or calibration batches the model does not take, an unreadab
 interrupted (Ctrl-C). Errors are one line on stderr; ``--debug`` adds the Python traceback.
 
 This module imports no torch: ``--help``, ``--version`` and usage errors answer at once, and every
-path is checked before any work. ``fxqbn.command`` does the work.
+path is checked before any work. It parses the command line into records (``fxqbn.requests``);
+``fxqbn.command`` does the work they ask for.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from . import __version__
 from .paths import calibration_files, clash, output_problem
 from .progress import Progress
 from .report import COLUMNS, DEFAULT_COLUMNS, FORMATS, column_names
+from .requests import BUILTIN_MODEL, ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table, UsageError, first_line, model_file, usage
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-BUILTIN_MODEL = "fxqbn.models:densenet_bc"
 # The choices, named here without torch; tests check them against the tables they name.
 OBSERVERS = ("histogram", "minmax")  # fxqbn.command.OBSERVERS: name -> torch.ao observer class
 DTYPES = ("quint8", "qint8")  # fxqbn.command.DTYPES: name -> torch dtype
@@ -41,26 +42,13 @@ EXIT_STATUS = ("exit status: 0 done; 1 fxqbn refused the model or the data (e.g.
                "130 interrupted")
 
 
-class UsageError(Exception):
-    """The command line is wrong: exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def usage(prog: str, message: str) -> UsageError:
-    return UsageError(f"{prog}: error: {message}")
-
-
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
-
-
-def first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -169,15 +157,14 @@ def _add_convert(commands: "argparse._SubParsersAction", common: argparse.Argume
                    "default: the factory's example inputs")
     _add_calibration(c)
     _add_quantization(c)
-    outputs = [  # files the command writes: each checked before any work
-        c.add_argument("--out", metavar="PATH", type=_output_path, help="save the converted model with fxqbn.save (load with fxqbn.load)"),
-        c.add_argument("--torchscript", metavar="PATH", type=_output_path, help="save the converted model compiled with torch.jit.script"),
-        c.add_argument("--report", metavar="PATH", type=_output_path, help="write the report, in --format, to PATH"),
-    ]
+    # files the command writes: each checked before any work
+    c.add_argument("--out", metavar="PATH", type=_output_path, help="save the converted model with fxqbn.save (load with fxqbn.load)")
+    c.add_argument("--torchscript", metavar="PATH", type=_output_path, help="save the converted model compiled with torch.jit.script")
+    c.add_argument("--report", metavar="PATH", type=_output_path, help="write the report, in --format, to PATH")
     c.add_argument("--verify", action="store_true",
                    help="run float and quantized models on a held-out batch: output SQNR, max error, latency "
                    "(implied with no MODEL and no --calib)")
-    c.set_defaults(run=run_convert, outputs=tuple(action.dest for action in outputs))
+    c.set_defaults(run=run_convert)
 
 
 def _add_calibration(c: argparse.ArgumentParser) -> None:
@@ -211,25 +198,29 @@ def _add_quantization(c: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace, progress: Progress) -> int:
+    """Check MODEL's file and what the outputs would overwrite, then convert as the records ask."""
     _check_model_file(args.model)
-    _check_clashes(args)
-    _check_int8(args)
+    outputs = Outputs(args.out, args.torchscript, args.report)
+    _check_clashes(outputs, args.model, args.calib)
+    request = ConvertRequest(  # refuses --out and --skip with --int8
+        args.model, Data(tuple(args.input_shape or ()), args.calib, args.calib_batches, args.seed),
+        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip)),
+        outputs, _table(args), args.verify, args.quiet,
+    )
     with progress.step("loading PyTorch"):
         from .command import convert_command
-    return convert_command(args, progress)
+    return convert_command(request, progress)
 
 
 def run_report(args: argparse.Namespace, progress: Progress) -> int:
     _check_file("fxqbn report", args.path, "")
     with progress.step("loading PyTorch"):
         from .command import report_command
-    return report_command(args, progress)
+    return report_command(ReportRequest(args.path, _table(args), args.quiet), progress)
 
 
-def model_file(spec: str | None) -> str | None:
-    """The file MODEL names (``path/to/file.py:factory``), or None for ``package.module:factory``."""
-    target = (spec or "").rpartition(":")[0]
-    return target if target.endswith(".py") or "/" in target or os.sep in target else None
+def _table(args: argparse.Namespace) -> Table:
+    return Table(args.format, args.columns, args.wide)
 
 
 def _check_file(prog: str, path: str, what: str) -> None:
@@ -244,22 +235,14 @@ def _check_model_file(spec: str | None) -> None:
         _check_file("fxqbn convert", path, "model file ")
 
 
-def _check_clashes(args: argparse.Namespace) -> None:
+def _check_clashes(outputs: Outputs, model: str | None, calib: str | None) -> None:
     """Two outputs naming one file, or an output that is the model file or the calibration file."""
-    outputs = {f"--{name}": getattr(args, name) for name in args.outputs if getattr(args, name) is not None}
-    inputs = {"MODEL's file": model_file(args.model) or "", "--calib": args.calib or ""}
-    if args.calib is not None and os.path.isdir(args.calib):  # the folder's files are read, so not written
-        inputs.update({f"a file of --calib {args.calib}": path for path in calibration_files(args.calib)})
-    problem = clash(outputs, {what: path for what, path in inputs.items() if path})
+    inputs = {"MODEL's file": model_file(model) or "", "--calib": calib or ""}
+    if calib is not None and os.path.isdir(calib):  # the folder's files are read, so not written
+        inputs.update({f"a file of --calib {calib}": path for path in calibration_files(calib)})
+    problem = clash(outputs.named(), {what: path for what, path in inputs.items() if path})
     if problem is not None:
         raise usage("fxqbn convert", problem)
-
-
-def _check_int8(args: argparse.Namespace) -> None:
-    """--out and --skip belong to the BN-only conversion: refused with --int8."""
-    if args.int8 and (args.out or args.skip):
-        raise usage("fxqbn convert", f"argument --int8: {'--out' if args.out else '--skip'} is not supported with --int8 "
-                    "(fxqbn.save stores BN-only conversions; --skip names BNs for fxqbn.prepare)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,11 @@
 """The work behind ``fxqbn convert`` and ``fxqbn report``: load the model and data, calibrate, convert, verify, write.
 
-``fxqbn.cli`` parses the command line without importing torch and calls ``convert_command`` /
-``report_command`` here; this module imports torch.
+``fxqbn.cli`` parses the command line without importing torch into the records of ``fxqbn.requests``
+and calls ``convert_command`` / ``report_command`` here with them; this module imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import importlib.util
@@ -28,13 +27,13 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 from . import distributed
 from .api import convert, get_report, prepare
-from .cli import BUILTIN_MODEL, first_line, model_file, usage
 from .compare import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .lowering import lower
 from .paths import calibration_files
 from .progress import Progress
-from .report import COLUMNS, DEFAULT_COLUMNS, WIDTH, Report
+from .report import Report
+from .requests import ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table, first_line, model_file, usage
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
 from .whole_model import int8_model
@@ -44,11 +43,12 @@ __all__ = ["convert_command", "report_command", "verify", "Verification"]
 OBSERVERS = {"histogram": HistogramObserver, "minmax": MinMaxObserver}
 DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
 LATENCY_RUNS = 20
+PROG = "fxqbn convert"  # the usage errors found here are convert's
 
 # -- loading the model and the data ----------------------------------------------------------------
 
 
-def _import_target(prog: str, target: str) -> Any:
+def _import_target(target: str) -> Any:
     """The module named by MODEL's part before the colon: a .py file, or an importable module."""
     if model_file(f"{target}:") is not None:  # fxqbn.cli checked that the file exists
         path = os.path.abspath(target)
@@ -67,26 +67,26 @@ def _import_target(prog: str, target: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
-            raise usage(prog, f"no module named {exc.name!r} (MODEL is path/to/file.py:factory or package.module:factory)") from None
+            raise usage(PROG, f"no module named {exc.name!r} (MODEL is path/to/file.py:factory or package.module:factory)") from None
         raise FxqbnError(f"importing {target} failed: {first_line(exc)}") from exc
     except Exception as exc:
         raise FxqbnError(f"importing {target} failed: {first_line(exc)}") from exc
 
 
-def _load_factory(prog: str, spec: str) -> Callable[[], Any]:
+def _load_factory(spec: str) -> Callable[[], Any]:
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise usage(prog, f"MODEL {spec!r} must be path/to/file.py:factory or package.module:factory")
-    obj = _import_target(prog, target)
+        raise usage(PROG, f"MODEL {spec!r} must be path/to/file.py:factory or package.module:factory")
+    obj = _import_target(target)
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             close = difflib.get_close_matches(part, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise usage(prog, f"{target} has no attribute {part!r}{hint}")
+            raise usage(PROG, f"{target} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise usage(prog, f"{spec} is not callable ({type(obj).__name__}): name a function returning an nn.Module")
+        raise usage(PROG, f"{spec} is not callable ({type(obj).__name__}): name a function returning an nn.Module")
     return obj
 
 
@@ -151,15 +151,15 @@ def _read_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]
 # -- quantization choices ---------------------------------------------------------------------------
 
 
-def _qconfig(prog: str, model: nn.Module, observer: str, dtype: str, skip: Sequence[str]) -> Any:
+def _qconfig(model: nn.Module, asked: Quantization) -> Any:
     """The activation observer for ``prepare``, after checking that every ``--skip`` module exists."""
     names = [name for name, _ in model.named_modules() if name]
-    for name in skip:
+    for name in asked.skip:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise usage(prog, f"argument --skip: the model has no module {name!r}{hint}")
-    return OBSERVERS[observer].with_args(dtype=DTYPES[dtype], qscheme=torch.per_tensor_affine, reduce_range=False)
+            raise usage(PROG, f"argument --skip: the model has no module {name!r}{hint}")
+    return OBSERVERS[asked.observer].with_args(dtype=DTYPES[asked.dtype], qscheme=torch.per_tensor_affine, reduce_range=False)
 
 
 # -- verification ----------------------------------------------------------------------------------
@@ -260,50 +260,40 @@ class Calibration:
         return {**data, "ranks": self.ranks.to_dict(len(self.batches))} if self.ranks is not None else data
 
 
-def _calibration(args: argparse.Namespace, example: tuple[Any, ...], verify: bool) -> Calibration:
-    if args.calib is not None:
-        batches = [b for path in calibration_files(args.calib) for b in _read_calibration(path, len(example))]
+def _calibration(data: Data, example: tuple[Any, ...], verify: bool) -> Calibration:
+    """--calib's batches or random ones, the last held out when ``verify``."""
+    if data.calib is not None:
+        batches = [b for path in calibration_files(data.calib) for b in _read_calibration(path, len(example))]
         if not verify:
-            return Calibration(batches, None, args.calib)
+            return Calibration(batches, None, data.calib)
         if len(batches) < 2:
-            raise FxqbnError(f"--verify needs a batch held out of calibration: {args.calib} holds 1 batch; save a list of at least 2")
-        return Calibration(batches[:-1], batches[-1], args.calib)
+            raise FxqbnError(f"--verify needs a batch held out of calibration: {data.calib} holds 1 batch; save a list of at least 2")
+        return Calibration(batches[:-1], batches[-1], data.calib)
     if not all(isinstance(x, torch.Tensor) for x in example):
         raise FxqbnError("random calibration needs tensor inputs: pass --calib FILE with real batches")
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = [tuple(torch.randn(*x.shape, generator=gen, dtype=x.dtype) for x in example) for _ in range(args.calib_batches + 1)]
+    gen = torch.Generator().manual_seed(data.seed)
+    batches = [tuple(torch.randn(*x.shape, generator=gen, dtype=x.dtype) for x in example) for _ in range(data.calib_batches + 1)]
     return Calibration(batches[:-1], batches[-1] if verify else None, "random")  # same batches either way
 
 
 def _render(
-    args: argparse.Namespace, spec: str, example: tuple[Any, ...], report: Report, calibration: Calibration,
-    checked: Verification | None,
+    request: ConvertRequest, example: tuple[Any, ...], report: Report, calibration: Calibration, checked: Verification | None,
 ) -> tuple[str, list[str]]:
     """(what goes to stdout and --report, lines for stderr) in the chosen --format."""
-    written = [f"{what}: {path}" for what, path in (("saved", args.out), ("torchscript", args.torchscript), ("report", args.report)) if path]
-    if args.format == "json":
+    table, written = request.table, request.outputs.written()
+    if table.format == "json":
         document: dict[str, Any] = {
-            "model": spec, "inputs": [list(x.shape) for x in example if isinstance(x, torch.Tensor)],
-            **_settings(args), "calibration": calibration.to_dict(), "report": report.to_dict(),
+            "model": request.spec, "inputs": [list(x.shape) for x in example if isinstance(x, torch.Tensor)],
+            **request.quantization.settings(), "calibration": calibration.to_dict(), "report": report.to_dict(),
         }
         if checked is not None:
             document["verification"] = checked.to_dict()
         return json.dumps(document, indent=2), written
-    width = None if args.wide else WIDTH
-    how = f"whole-model int8 via {args.int8}, BNs lowered" if args.int8 else f"{args.observer} observer, {args.dtype}"
-    header = [f"model: {spec}, input {_shapes(example)}, {how}", calibration.note]
+    header = [f"model: {request.spec}, input {_shapes(example)}, {request.quantization.describe()}", calibration.note]
     footer = checked.lines() if checked is not None else []
-    if args.format == "csv":  # the table stays a table: the other lines go to stderr
-        return _table(args, report), [*header, *footer, *written]
-    return "\n".join([*_wrap(header, width), _table(args, report), *_wrap(footer, width)]), written
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes,
-    and --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
-    if args.int8:
-        return {"int8": args.int8}
-    return {"observer": args.observer, "dtype": args.dtype, "skip": args.skip}
+    if table.format == "csv":  # the table stays a table: the other lines go to stderr
+        return _table(table, report), [*header, *footer, *written]
+    return "\n".join([*_wrap(header, table.width), _table(table, report), *_wrap(footer, table.width)]), written
 
 
 def _wrap(lines: list[str], width: int | None) -> list[str]:
@@ -313,22 +303,22 @@ def _wrap(lines: list[str], width: int | None) -> list[str]:
     return [part for line in lines for part in textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False)]
 
 
-def _table(args: argparse.Namespace, report: Report) -> str:
+def _table(table: Table, report: Report) -> str:
     """The report in --format, with --columns / --wide for the tables."""
-    if args.format in ("json", "csv"):
-        return report.format(args.format).rstrip("\n")
-    columns = COLUMNS if args.wide and args.columns == DEFAULT_COLUMNS else args.columns
-    return report.format(args.format, columns=columns, width=None if args.wide else WIDTH)
+    if table.format in ("json", "csv"):
+        return report.format(table.format).rstrip("\n")
+    return report.format(table.format, columns=table.shown, width=table.width)
 
 
-def _model_and_inputs(prog: str, args: argparse.Namespace, spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
-    model, example = _build_model(spec, _load_factory(prog, spec))
-    if args.input_shape:
-        gen = torch.Generator().manual_seed(args.seed)
-        example = tuple(torch.randn(*shape, generator=gen) for shape in args.input_shape)
+def _model_and_inputs(spec: str, data: Data) -> tuple[nn.Module, tuple[Any, ...]]:
+    """MODEL's module and its inputs: random ones of --input-shape, or the factory's; run once to check they fit."""
+    model, example = _build_model(spec, _load_factory(spec))
+    if data.input_shapes:
+        gen = torch.Generator().manual_seed(data.seed)
+        example = tuple(torch.randn(*shape, generator=gen) for shape in data.input_shapes)
     elif example is None:
-        raise usage(prog, f"{spec} returned no example inputs: give their shapes with --input-shape, e.g. --input-shape 1,3,224,224")
-    _run(model, example, "--input-shape" if args.input_shape else "the example input")
+        raise usage(PROG, f"{spec} returned no example inputs: give their shapes with --input-shape, e.g. --input-shape 1,3,224,224")
+    _run(model, example, "--input-shape" if data.input_shapes else "the example input")
     return model, example
 
 
@@ -337,7 +327,7 @@ def _no_batch_norm(spec: str) -> FxqbnError:
                       "on module statistics)")
 
 
-def _check_found(prog: str, spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
+def _check_found(spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
     """Refuse a model without BatchNorm, and a --skip module holding none of the model's BatchNorms."""
     found = attached(observed, PREPARED_KEY)
     modules = [p.module for p in found.patterns] + [s.module for s in found.skips]
@@ -346,7 +336,7 @@ def _check_found(prog: str, spec: str, observed: nn.Module, skip: Sequence[str])
     for name in skip:
         if not any(m == name or m.startswith(name + ".") for m in modules):
             held = sorted({m.split(".")[0] for m in modules})
-            raise usage(prog, f"argument --skip: module {name!r} holds no BatchNorm; the BatchNorms are in "
+            raise usage(PROG, f"argument --skip: module {name!r} holds no BatchNorm; the BatchNorms are in "
                         f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}")
 
 
@@ -362,73 +352,82 @@ def _calibrate(observed: nn.Module, calibration: Calibration, progress: Progress
     return replace(calibration, ranks=ranks)
 
 
-def _quantize(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
+def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
               progress: Progress, spec: str) -> tuple[nn.Module | None, Calibration]:
     """The converted model (None on a torchrun rank other than 0: rank 0 converts) and the calibration done."""
-    if args.int8:
-        return _whole_model_int8(args, model, example, calibration, progress, spec), calibration
-    prog = "fxqbn convert"
-    qconfig = _qconfig(prog, model, args.observer, args.dtype, args.skip)
+    if asked.int8:
+        return _whole_model_int8(asked, model, example, calibration, progress, spec), calibration
+    qconfig = _qconfig(model, asked)
     with progress.step("tracing"):
-        observed = prepare(model, example, qconfig, skip=args.skip)
-    _check_found(prog, spec, observed, args.skip)
+        observed = prepare(model, example, qconfig, skip=asked.skip)
+    _check_found(spec, observed, asked.skip)
     calibration = _calibrate(observed, calibration, progress)
     if calibration.ranks is not None and calibration.ranks.rank != 0:
         return None, calibration
     with progress.step("converting"):
-        return convert(observed, backend=args.backend or "native"), calibration
+        return convert(observed, backend=asked.backend or "native"), calibration
 
 
-def _whole_model_int8(args: argparse.Namespace, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
+def _whole_model_int8(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
                       progress: Progress, spec: str) -> nn.Module:
     """--int8 ao|pt2e: the whole model to int8 (torch.ao FX or torchao PT2E), then its BNs lowered (fxqbn.lower)."""
     if distributed.is_launched():
         raise FxqbnError("fxqbn convert --int8 calibrates in one process: run it without torchrun")
-    with progress.step(f"quantizing the whole model to int8 ({args.int8}), calibrating on {len(calibration.batches)} batches"):
-        int8 = int8_model(model, example, calibration.batches, args.int8)
+    with progress.step(f"quantizing the whole model to int8 ({asked.int8}), calibrating on {len(calibration.batches)} batches"):
+        int8 = int8_model(model, example, calibration.batches, asked.int8)
     with progress.step("lowering the BatchNorms"):
-        lowered = lower(int8, backend=args.backend)
+        lowered = lower(int8, backend=asked.backend)
     if not get_report(lowered).rows:  # the report lists every BN, lowered, already int8 or left float
         raise _no_batch_norm(spec)
     return lowered
 
 
-def convert_command(args: argparse.Namespace, progress: Progress) -> int:
+def _verify(int8: bool, model: nn.Module, quantized: nn.Module, held_out: tuple[Any, ...] | None,
+            progress: Progress) -> Verification | None:
+    """--verify on the held-out batch (None without one); it fills the report's per-BN error columns (not ``int8``'s)."""
+    if held_out is None:
+        return None
+    with progress.step("verifying"):
+        checked = verify(model, quantized, held_out)
+        if not int8:  # lowered graphs have no BN-only pipeline to compare per BN
+            compare(model, quantized, [held_out])
+    return checked
+
+
+def _write(outputs: Outputs, quantized: nn.Module, example: tuple[Any, ...], progress: Progress) -> None:
+    """--out and --torchscript (--report is written with the text)."""
+    if outputs.out:
+        with progress.step(f"saving {outputs.out}"):
+            save(quantized, outputs.out)
+    if outputs.torchscript:
+        with progress.step("compiling TorchScript"):
+            _write_torchscript(quantized, example, outputs.torchscript)
+
+
+def convert_command(request: ConvertRequest, progress: Progress) -> int:
     """``fxqbn convert``: the command line is checked already (``fxqbn.cli``)."""
-    spec = args.model or BUILTIN_MODEL
-    with progress.step(f"building {spec}"):
-        model, example = _model_and_inputs("fxqbn convert", args, spec)
-    verify_it = args.verify or (args.model is None and args.calib is None)  # `fxqbn convert` alone verifies
-    calibration = _calibration(args, example, verify_it)
-    quantized, calibration = _quantize(args, model, example, calibration, progress, spec)
+    with progress.step(f"building {request.spec}"):
+        model, example = _model_and_inputs(request.spec, request.data)
+    calibration = _calibration(request.data, example, request.verifies)
+    quantized, calibration = _quantize(request.quantization, model, example, calibration, progress, request.spec)
     if quantized is None:
         return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
-    checked = None
-    if calibration.held_out is not None:
-        with progress.step("verifying"):
-            checked = verify(model, quantized, calibration.held_out)
-            if not args.int8:  # lowered graphs have no BN-only pipeline to compare per BN
-                compare(model, quantized, [calibration.held_out])  # fills the report's per-BN error columns
-    if args.out:
-        with progress.step(f"saving {args.out}"):
-            save(quantized, args.out)
-    if args.torchscript:
-        with progress.step("compiling TorchScript"):
-            _write_torchscript(quantized, example, args.torchscript)
-    text, side = _render(args, spec, example, get_report(quantized), calibration, checked)
-    if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
+    checked = _verify(bool(request.quantization.int8), model, quantized, calibration.held_out, progress)
+    _write(request.outputs, quantized, example, progress)
+    text, side = _render(request, example, get_report(quantized), calibration, checked)
+    if request.outputs.report:
+        with open(request.outputs.report, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    if not args.quiet:
+    if not request.quiet:
         print(text)
         for line in side:
             print(line, file=sys.stderr)
     return 0
 
 
-def report_command(args: argparse.Namespace, progress: Progress) -> int:
+def report_command(request: ReportRequest, progress: Progress) -> int:
     """``fxqbn report PATH`` (``fxqbn.cli`` checked that PATH is a file)."""
-    report = load_report(args.path)
-    if not args.quiet:
-        print(_table(args, report))
+    report = load_report(request.path)
+    if not request.quiet:
+        print(_table(request.table, report))
     return 0

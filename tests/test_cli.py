@@ -230,6 +230,60 @@ def test_console_script_is_the_same_main():
     assert script.value == "fxqbn.cli:main" and script.load() is cli.main
 
 
+# -- the records: cli.py parses the command line into them, command.py works from them ----------------
+
+
+def test_the_command_line_becomes_typed_records(work, monkeypatch):
+    from fxqbn import command
+    from fxqbn.requests import ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table
+
+    asked = []
+    monkeypatch.setattr(command, "convert_command", lambda request, progress: asked.append(request) or 0)
+    monkeypatch.setattr(command, "report_command", lambda request, progress: asked.append(request) or 0)
+    assert cli.main(["convert", "m.py:two", "--input-shape", "2,3,4,4", "--input-shape", "1,3,4,4", "--calib", "calib.pt",
+                     "--seed", "3", "--observer", "minmax", "--dtype", "qint8", "--backend", "fused", "--skip", "a",
+                     "--skip", "b", "--out", "q.pt", "--report", "r.csv", "--format", "csv", "--columns", "bn,op", "--wide",
+                     "--verify", "--quiet"]) == 0
+    assert cli.main(["convert"]) == 0
+    assert cli.main(["report", "calib.pt", "--format", "json"]) == 0
+    assert asked == [
+        ConvertRequest("m.py:two", Data(((2, 3, 4, 4), (1, 3, 4, 4)), "calib.pt", 8, 3),
+                       Quantization("minmax", "qint8", "fused", None, ("a", "b")), Outputs("q.pt", None, "r.csv"),
+                       Table("csv", ("bn", "op"), True), verify=True, quiet=True),
+        ConvertRequest(),
+        ReportRequest("calib.pt", Table("json")),
+    ]
+    assert (asked[0].spec, asked[0].verifies, asked[1].spec, asked[1].verifies) == ("m.py:two", True, cli.BUILTIN_MODEL, True)
+    assert asked[0].outputs.named() == {"--out": "q.pt", "--report": "r.csv"}
+    assert asked[0].outputs.written() == ["saved: q.pt", "report: r.csv"]
+
+
+def test_records_refuse_what_the_command_line_refuses():
+    from fxqbn.requests import ConvertRequest, Data, Outputs, Quantization, Table, UsageError
+
+    with pytest.raises(UsageError, match=r"^fxqbn convert: error: argument --int8: --out is not supported with --int8"):
+        ConvertRequest(quantization=Quantization(int8="ao", skip=("a",)), outputs=Outputs(out="q.pt"))
+    with pytest.raises(UsageError, match=r"^fxqbn convert: error: argument --int8: --skip is not supported with --int8"):
+        ConvertRequest(quantization=Quantization(int8="pt2e", skip=("a",)))
+    for bad in (lambda: Data(calib_batches=0), lambda: Data(input_shapes=((1, 0),)), lambda: Table("xml"), lambda: Table(columns=("colour",))):
+        with pytest.raises(ValueError):
+            bad()
+    assert Table(wide=True).shown == tuple(fxqbn.report.COLUMNS) and Table(wide=True).width is None
+
+
+def test_command_does_not_import_cli():
+    """One direction: cli.py imports command.py (lazily); both import the torch-free requests.py."""
+    import ast
+
+    from fxqbn import command, requests
+
+    def imported(module):
+        return {node.module for node in ast.walk(ast.parse(open(module.__file__).read())) if isinstance(node, ast.ImportFrom)}
+
+    assert "cli" not in imported(command) and "requests" in imported(command)
+    assert not {"cli", "command"} & imported(requests)
+
+
 # -- options -------------------------------------------------------------------------------------
 
 
