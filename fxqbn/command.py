@@ -29,7 +29,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from . import distributed
 from .api import convert, get_report, prepare
 from .cli import BUILTIN_MODEL, first_line, model_file, usage
-from .compare import compare, sqnr_db, tensors_in
+from .comparing import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .lower import lower
 from .paths import calibration_files
