@@ -37,7 +37,7 @@ from .qconfig import ActivationConfig
 from .report import Report, ReportRow, ReportSummary, skipped_row
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .copying import owned_copies, owned_copy
-from .tracing import build_graph_module, delete_unused_submodules, propagate_shapes, set_training_flags, trace_graph
+from .tracing import build_graph_module, propagate_shapes, set_training_flags, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
 
@@ -202,17 +202,17 @@ def _install(
     order, and the tests lint what it emits (about 4% of convert on 1,000 BNs)."""
     if inplace:
         gm = observed
+        set_training_flags(new_modules, observed)  # from observed's tree before the additions
         for target, module in new_modules.items():
             parent, _, leaf = target.rpartition(".")
             try:
                 index.module(parent).add_module(leaf, module)
             except AttributeError:  # a new container
                 gm.add_submodule(target, module)
-        set_training_flags(new_modules, observed, index)  # index: observed's tree before the additions
         gm.graph = graph  # generates its code
-        delete_unused_submodules(gm)  # observers, fused activation modules
+        gm.delete_all_unused_submodules()  # observers, fused activation modules
     else:
-        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__, index=index)
+        gm = build_graph_module(observed, graph, new_modules, class_name=type(observed).__name__)
     _own_float_parts(gm, new_modules)
     return gm
 

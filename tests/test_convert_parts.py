@@ -211,46 +211,6 @@ def test_converted_modules_keep_the_float_models_training_flags(backend, inplace
     assert not any(flag for name, flag in flags.items() if name.startswith("fxqbn_"))  # boundaries: the root's flag
 
 
-def test_bare_modules_start_as_init_leaves_them_and_share_no_state():
-    from fxqbn.nn import bare
-
-    a, b, plain = bare(nn.Module), bare(nn.Module), nn.Module()
-    assert vars(a) == vars(plain) and set(vars(a)) == set(vars(plain))
-    assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(plain).items()}
-    shared = [k for k, v in vars(a).items() if isinstance(v, (dict, set, list)) and v is vars(b)[k]]
-    assert not shared
-    a.register_buffer("x", torch.ones(1))
-    a.register_forward_hook(lambda *args: None)
-    assert "x" not in b._buffers and not b._forward_hooks
-
-
-def test_unused_submodules_go_as_torch_deletes_them():
-    from torch import fx
-
-    from fxqbn.tracing import delete_unused_submodules
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.used = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Identity()))
-            self.unused = nn.Sequential(nn.Linear(2, 2))
-            self.holder = nn.Module()
-            self.holder.register_buffer("table", torch.ones(2))
-            self.holder.spare = nn.Linear(2, 2)
-            self.called_inside = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-
-        def forward(self, x):
-            return self.called_inside(self.used[1](self.used[0](x)) + self.holder.table)
-
-    ours, theirs = fx.symbolic_trace(Net()), fx.symbolic_trace(Net())
-    for gm in (ours, theirs):  # drop a call: its module becomes unused
-        gm.graph.eliminate_dead_code()
-    delete_unused_submodules(ours)
-    theirs.delete_all_unused_submodules()
-    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
-    assert "unused" not in dict(ours.named_modules()) and "holder.spare" not in dict(ours.named_modules())
-
-
 def _storages(module: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
@@ -265,7 +225,7 @@ def test_owned_copies_copy_as_deepcopy_does_sharing_what_the_originals_share(hoo
     block[1].running_mean.uniform_()
     frozen = nn.Linear(3, 3).requires_grad_(False)
     values = [block, shared, nn.Sequential(shared, nn.Identity()), frozen, frozen.weight, torch.ones(2)]
-    if hooked:  # a registered hook: not plain, so every value goes through deepcopy
+    if hooked:  # a registered hook is copied too
         block[0].register_forward_hook(lambda *args: None)
     copies = owned_copies(values)
     for original, copied in zip(values, copies):
