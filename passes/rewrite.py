@@ -175,7 +175,7 @@ class _Rewriter:
         qin, qout = self.readings[in_obs.name], self.readings[pattern.output_observer]
         if between_float:
             # its own dequantize: a module shared with a node's target would be named once by named_modules()
-            boundaries = FloatIO.of(self.backend.quantize(qin.qparams), qmodule, self.backend.dequantize(qout.qparams))
+            boundaries = FloatIO(self.backend.quantize(qin.qparams), qmodule, self.backend.dequantize(qout.qparams))
             target = self.new.replace(match, boundaries)
             self.env[pattern.output_observer] = emit.call_module(self.graph, target, (self.env[in_obs.name],), name=bn.name)
             self.float_io.append(target)
