@@ -211,6 +211,22 @@ def test_converted_modules_keep_the_float_models_training_flags(backend, inplace
     assert not any(flag for name, flag in flags.items() if name.startswith("fxqbn_"))  # boundaries: the root's flag
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_boundary_modules_between_bns_take_the_roots_flag(backend, inplace):
+    """BN -> BN: the quantize before and the dequantize after are modules of the root's own."""
+    import fxqbn
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    observed = fxqbn.prepare(model, (x,), MinMaxObserver)
+    with torch.no_grad():
+        observed(x)
+    q = fxqbn.convert(observed, backend=backend, inplace=inplace)
+    boundaries = {name: m.training for name, m in q.named_modules() if name.startswith("fxqbn_")}
+    assert boundaries and not any(boundaries.values())
+
+
 def _storages(module: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
