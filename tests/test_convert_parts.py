@@ -276,3 +276,16 @@ def test_inplace_rewrites_the_observed_model_with_copies_of_its_float_parts_and_
     assert torch.equal(q.get_submodule("0").weight, conv.weight)
     assert not [name for name, _ in q.named_modules() if "observer" in name]
     assert torch.equal(q(x), expected)
+
+
+def test_owned_copies_detach_a_non_leaf_tensor():
+    """A tensor with autograd history (a forward's cached result) is copied detached, not refused."""
+    from fxqbn.copying import owned_copies
+
+    weight = torch.ones(3, requires_grad=True)
+    cached = weight * 2
+    holder = nn.Module()
+    holder.cache = cached
+    copy_of_tensor, copy_of_module = owned_copies([cached, holder])
+    assert torch.equal(copy_of_tensor, cached) and copy_of_tensor.is_leaf and not copy_of_tensor.requires_grad
+    assert torch.equal(copy_of_module.cache, cached) and copy_of_module.cache.is_leaf
