@@ -26,7 +26,7 @@ import torch
 from tabulate import tabulate
 
 import fxqbn
-from fxqbn.compare import sqnr_db
+from fxqbn.comparing import sqnr_db
 from fxqbn.passes import BnCall, read_bn
 from fxqbn.whole_model import ROUTES, int8_model
 

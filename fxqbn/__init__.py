@@ -14,8 +14,6 @@ import torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
@@ -26,7 +24,7 @@ _EXPORTS = {
     "convert": "api.convert",
     "lower": "lowering.lower",
     "get_report": "api.get_report",
-    "compare": "compare.compare",
+    "compare": "comparing.compare",
     "save": "serialize.save",
     "load": "serialize.load",
     "load_report": "serialize.load_report",
@@ -56,14 +54,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-class _Package(types.ModuleType):
-    """Keeps ``fxqbn.compare`` the function when the submodule of that name is first imported."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name, name) != name:
-            return  # the import system binding fxqbn.compare (the module): it stays in sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

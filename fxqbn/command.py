@@ -27,7 +27,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 
 from . import distributed
 from .api import convert, get_report, prepare
-from .compare import compare, sqnr_db, tensors_in
+from .comparing import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
 from .lowering import lower
 from .paths import calibration_files

@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import bare
-
 __all__ = ["FloatIO"]
 
 
@@ -27,13 +25,6 @@ class FloatIO(nn.Module):
     def __init__(self, quantize: nn.Module, bn: nn.Module, dequantize: nn.Module) -> None:
         super().__init__()
         self.quantize, self.bn, self.dequantize = quantize, bn, dequantize
-
-    @classmethod
-    def of(cls, quantize: nn.Module, bn: nn.Module, dequantize: nn.Module) -> "FloatIO":
-        """The same, built without ``__init__``'s ``nn.Module.__setattr__`` calls (convert builds hundreds)."""
-        module = bare(cls)
-        module._modules.update(quantize=quantize, bn=bn, dequantize=dequantize)
-        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.bn(self.quantize(x)))

@@ -289,12 +289,11 @@ class FusedBatchNorm(nn.Module):
         self.register_buffer("alpha", alpha.to(_F32).contiguous())
         self.register_buffer("beta", beta.to(_F32).contiguous())
         self.register_buffer("table", table.to(codes).contiguous())
-        # Plain attributes, none a parameter, buffer or submodule, set in one step (nn.Module.__setattr__ checks each).
-        vars(self).update(
-            dim=dim, relu=relu, kernel=kernel, num_features=alpha.numel(), input_qparams=qin, output_qparams=qout,
-            bounds=(lo, hi), _zin=qin.zero_point, _zout=qout.zero_point, _lo=lo, _hi=hi,
-            _code_lo=DTYPE_RANGES[qin.dtype][0], _codes=codes, _ranks=RANKS[dim],  # what forward takes
-        )
+        self.dim, self.relu, self.kernel, self.num_features = dim, relu, kernel, alpha.numel()
+        self.input_qparams, self.output_qparams, self.bounds = qin, qout, (lo, hi)
+        # what forward takes
+        self._zin, self._zout, self._lo, self._hi = qin.zero_point, qout.zero_point, lo, hi
+        self._code_lo, self._codes, self._ranks = DTYPE_RANGES[qin.dtype][0], codes, RANKS[dim]
         self._derive(name if saved else None)
 
     def _derive(self, saved: str | None = None) -> None:
@@ -308,13 +307,11 @@ class FusedBatchNorm(nn.Module):
             table_channels = c_kernel.table_channels.tolist()
         else:
             table_channels = list(range(self.num_features)) if found is None else []
-        vars(self).update(  # plain attributes, as in _setup
-            _torch_table=found is None,  # the torch path gathers from the table
-            _torch_a=found[0] if found is not None else self.alpha.clone(),
-            _torch_b=found[1] if found is not None else self.beta.clone(),
-            _table_offsets=torch.arange(self.num_features) * 256 - self._code_lo,
-            _c=c_kernel, table_channels=table_channels,
-        )
+        self._torch_table = found is None  # the torch path gathers from the table
+        self._torch_a = found[0] if found is not None else self.alpha.clone()
+        self._torch_b = found[1] if found is not None else self.beta.clone()
+        self._table_offsets = torch.arange(self.num_features) * 256 - self._code_lo
+        self._c, self.table_channels = c_kernel, table_channels
 
     def _c_kernel(self) -> _CKernel | None:
         """The C kernel, running the table in the channels where its affine map differs from the table
@@ -367,10 +364,7 @@ class FusedBatchNorm(nn.Module):
         bounds = code_bounds(output_qparams, relu, clamp)
         alpha, beta = fold(bn, input_qparams, output_qparams)
         table = native_table(bn, dim, relu, input_qparams, output_qparams, bounds)
-        module = cls.__new__(cls)  # __init__ without its second check of the arguments
-        nn.Module.__init__(module)
-        module._setup(dim, alpha, beta, table, input_qparams, output_qparams, bounds, relu, kernel, name, saved=False)
-        return module
+        return cls(dim, alpha, beta, table, input_qparams, output_qparams, bounds, relu, kernel, name=name)
 
     # -- forward -------------------------------------------------------------------------------------
     @torch.jit.unused

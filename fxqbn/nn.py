@@ -48,28 +48,6 @@ def _float32_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
-def _module_state() -> dict[str, Any] | None:
-    """What ``nn.Module.__init__`` puts in a module's ``__dict__``, when it is only flags and empty
-    containers (copied afresh for each new module); None otherwise (then ``__init__`` runs)."""
-    state = vars(nn.Module())
-    plain = all(v is None or isinstance(v, (bool, dict, set, list)) for v in state.values())
-    return state if plain and not any(state.get(k) for k in ("_parameters", "_buffers", "_modules")) else None
-
-
-_MODULE_STATE = _module_state()
-
-
-def bare(cls: type) -> Any:
-    """A ``cls`` instance in the state ``nn.Module.__init__`` leaves, without running ``cls.__init__``:
-    convert makes thousands, and ``__init__``'s ``super().__setattr__`` calls cost more than the rest."""
-    module = cls.__new__(cls)
-    if _MODULE_STATE is None:
-        nn.Module.__init__(module)
-    else:
-        module.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in _MODULE_STATE.items()})
-    return module
-
-
 def _first_bad(values: torch.Tensor, bad: torch.Tensor) -> str:
     channel = int(bad.nonzero()[0].item())
     return f"[{channel}] = {values[channel].item()!r}"
@@ -208,29 +186,26 @@ class _QuantizedBatchNorm(nn.Module):
         scale: float,
         zero_point: int,
     ) -> None:
-        """Register the given tensors (taken as they are, not copied). Called on a fresh module only:
-        it fills the module's tables directly (``nn.Module.__setattr__`` costs more than the rest of
-        ``convert`` per BN on large models)."""
+        """Register the given tensors (taken as they are, not copied), replacing what ``__init__`` registered."""
         affine = weight is not None
         device = running_mean.device
         if affine:
             bias = bias if bias is not None else torch.zeros_like(weight)
-            params = {"weight": nn.Parameter(weight, requires_grad=False), "bias": nn.Parameter(bias, requires_grad=False)}
+            weight, bias = nn.Parameter(weight, requires_grad=False), nn.Parameter(bias, requires_grad=False)
             unit_weight = zero_bias = None
         else:  # what the kernel gets for an affine=False BN: not saved, rebuilt on construction
-            params = {"weight": None, "bias": None}
             unit_weight, zero_bias = torch.ones_like(running_mean), torch.zeros_like(running_mean)
-        self._parameters.update(params)
-        self._buffers.update(
-            _unit_weight=unit_weight, _zero_bias=zero_bias, running_mean=running_mean, running_var=running_var,
-            scale=torch.scalar_tensor(float(scale), dtype=torch.float64, device=device),
-            zero_point=torch.scalar_tensor(int(zero_point), dtype=torch.int64, device=device),
-        )
-        self._non_persistent_buffers_set.update(("_unit_weight", "_zero_bias"))
-        self.__dict__.update(
-            num_features=running_mean.numel(), eps=float(eps), momentum=momentum, affine=affine,
-            _scale=float(scale), _zero_point=int(zero_point), _has_clamp=False, _clamp_lo=0.0, _clamp_hi=0.0,
-        )
+        self.register_parameter("weight", weight)
+        self.register_parameter("bias", bias)
+        self.register_buffer("_unit_weight", unit_weight, persistent=False)
+        self.register_buffer("_zero_bias", zero_bias, persistent=False)
+        self.register_buffer("running_mean", running_mean)
+        self.register_buffer("running_var", running_var)
+        self.register_buffer("scale", torch.scalar_tensor(float(scale), dtype=torch.float64, device=device))
+        self.register_buffer("zero_point", torch.scalar_tensor(int(zero_point), dtype=torch.int64, device=device))
+        self.num_features, self.eps, self.momentum, self.affine = running_mean.numel(), float(eps), momentum, affine
+        self._scale, self._zero_point = float(scale), int(zero_point)
+        self._has_clamp, self._clamp_lo, self._clamp_hi = False, 0.0, 0.0
 
     def _set_clamp(self, clamp: tuple[float, float] | None) -> None:
         """A quantized clamp of the output to the float bounds (lo, hi) after the kernel (e.g. ReLU6)."""
@@ -238,7 +213,7 @@ class _QuantizedBatchNorm(nn.Module):
             lo, hi = float(clamp[0]), float(clamp[1])
             if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise FxqbnError(f"{type(self).__name__} clamp must be finite bounds lo <= hi, got {clamp!r}")
-            self.__dict__.update(_has_clamp=True, _clamp_lo=lo, _clamp_hi=hi)
+            self._has_clamp, self._clamp_lo, self._clamp_hi = True, lo, hi
 
     # -- qparams ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -336,7 +311,7 @@ class _QuantizedBatchNorm(nn.Module):
             running_mean, running_var = _float32_copy(running_mean), _float32_copy(running_var)
             weight = None if weight is None else _float32_copy(weight)
             bias = None if bias is None else _float32_copy(bias)
-        qbn = bare(cls)
+        qbn = cls(running_mean.numel(), eps, momentum, weight is not None, device=running_mean.device)
         qbn._setup(running_mean, running_var, weight, bias, eps, momentum, qparams.scale, qparams.zero_point)
         qbn._set_clamp(clamp)
         return qbn
@@ -434,15 +409,8 @@ class Quantize(nn.Module):
 
     @classmethod
     def from_qparams(cls, qparams: QParams) -> "Quantize":
-        """The boundary for ``qparams`` (valid already: a QParams checks itself), built without
-        ``__init__``'s ``nn.Module.__setattr__`` calls: convert builds hundreds."""
-        q = bare(cls)
-        q._buffers.update(
-            scale=torch.scalar_tensor(float(qparams.scale), dtype=torch.float64),
-            zero_point=torch.scalar_tensor(int(qparams.zero_point), dtype=torch.int64),
-        )
-        q.__dict__.update(dtype=qparams.dtype, _scale=float(qparams.scale), _zero_point=int(qparams.zero_point))
-        return q
+        """The boundary for ``qparams``."""
+        return cls(qparams.scale, qparams.zero_point, qparams.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

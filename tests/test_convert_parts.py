@@ -143,44 +143,20 @@ def test_converted_modules_keep_the_float_models_training_flags(backend, inplace
     assert not any(flag for name, flag in flags.items() if name.startswith("fxqbn_"))  # boundaries: the root's flag
 
 
-def test_bare_modules_start_as_init_leaves_them_and_share_no_state():
-    from fxqbn.nn import bare
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_boundary_modules_between_bns_take_the_roots_flag(backend, inplace):
+    """BN -> BN: the quantize before and the dequantize after are modules of the root's own."""
+    import fxqbn
 
-    a, b, plain = bare(nn.Module), bare(nn.Module), nn.Module()
-    assert vars(a) == vars(plain) and set(vars(a)) == set(vars(plain))
-    assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(plain).items()}
-    shared = [k for k, v in vars(a).items() if isinstance(v, (dict, set, list)) and v is vars(b)[k]]
-    assert not shared
-    a.register_buffer("x", torch.ones(1))
-    a.register_forward_hook(lambda *args: None)
-    assert "x" not in b._buffers and not b._forward_hooks
-
-
-def test_unused_submodules_go_as_torch_deletes_them():
-    from torch import fx
-
-    from fxqbn.tracing import delete_unused_submodules
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.used = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Identity()))
-            self.unused = nn.Sequential(nn.Linear(2, 2))
-            self.holder = nn.Module()
-            self.holder.register_buffer("table", torch.ones(2))
-            self.holder.spare = nn.Linear(2, 2)
-            self.called_inside = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-
-        def forward(self, x):
-            return self.called_inside(self.used[1](self.used[0](x)) + self.holder.table)
-
-    ours, theirs = fx.symbolic_trace(Net()), fx.symbolic_trace(Net())
-    for gm in (ours, theirs):  # drop a call: its module becomes unused
-        gm.graph.eliminate_dead_code()
-    delete_unused_submodules(ours)
-    theirs.delete_all_unused_submodules()
-    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
-    assert "unused" not in dict(ours.named_modules()) and "holder.spare" not in dict(ours.named_modules())
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    observed = fxqbn.prepare(model, (x,), MinMaxObserver)
+    with torch.no_grad():
+        observed(x)
+    q = fxqbn.convert(observed, backend=backend, inplace=inplace)
+    boundaries = {name: m.training for name, m in q.named_modules() if name.startswith("fxqbn_")}
+    assert boundaries and not any(boundaries.values())
 
 
 def _storages(module: nn.Module) -> set[int]:
@@ -197,7 +173,7 @@ def test_owned_copies_copy_as_deepcopy_does_sharing_what_the_originals_share(hoo
     block[1].running_mean.uniform_()
     frozen = nn.Linear(3, 3).requires_grad_(False)
     values = [block, shared, nn.Sequential(shared, nn.Identity()), frozen, frozen.weight, torch.ones(2)]
-    if hooked:  # a registered hook: not plain, so every value goes through deepcopy
+    if hooked:  # a registered hook is copied too
         block[0].register_forward_hook(lambda *args: None)
     copies = owned_copies(values)
     for original, copied in zip(values, copies):
@@ -232,3 +208,16 @@ def test_inplace_rewrites_the_observed_model_with_copies_of_its_float_parts_and_
     assert torch.equal(q.get_submodule("0").weight, conv.weight)
     assert not [name for name, _ in q.named_modules() if "observer" in name]
     assert torch.equal(q(x), expected)
+
+
+def test_owned_copies_detach_a_non_leaf_tensor():
+    """A tensor with autograd history (a forward's cached result) is copied detached, not refused."""
+    from fxqbn.copying import owned_copies
+
+    weight = torch.ones(3, requires_grad=True)
+    cached = weight * 2
+    holder = nn.Module()
+    holder.cache = cached
+    copy_of_tensor, copy_of_module = owned_copies([cached, holder])
+    assert torch.equal(copy_of_tensor, cached) and copy_of_tensor.is_leaf and not copy_of_tensor.requires_grad
+    assert torch.equal(copy_of_module.cache, cached) and copy_of_module.cache.is_leaf

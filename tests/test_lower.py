@@ -20,7 +20,7 @@ from torch import fx, nn
 
 import fxqbn
 from fxqbn import cli
-from fxqbn.compare import sqnr_db
+from fxqbn.comparing import sqnr_db
 from fxqbn.fused import FusedBatchNorm
 from fxqbn.lowered import ByRank
 from fxqbn.passes import QUANTIZED, find_patterns, int8_kind, passthrough_input, read_activation, read_bn

@@ -12,8 +12,8 @@ import fxqbn
 assert "torch" not in sys.modules, "import fxqbn imported torch"
 assert fxqbn.__version__
 from fxqbn import *  # every name in __all__ resolves
-import fxqbn.compare  # importing the submodule of the same name does not replace the function
-assert fxqbn.compare is sys.modules["fxqbn.compare"].compare
+import fxqbn.comparing, fxqbn.command, fxqbn.whole_model  # importing every submodule leaves the function
+assert fxqbn.compare is sys.modules["fxqbn.comparing"].compare and callable(fxqbn.compare)
 assert isinstance(fxqbn.nn, type(sys)) and fxqbn.nn.__name__ == "fxqbn.nn"
 print(sorted(fxqbn.__all__))
 """
