@@ -23,7 +23,10 @@ from .match import find_patterns, needs_shapes
 from .observe import adopt_observers, insert_observers, is_torch_ao_observed
 from .plan import plan_patterns
 from .reading import BnCall
-from .records import CODES, FLOAT, QUANTIZED, Boundary, Converted, Dropped, Match, Plan, Prepared, Rewrite, Skip, observer_users
+from .records import (
+    CODES, FLOAT, QUANTIZED, Boundary, Converted, Dropped, Found, Match, Observed, Plan, Prepared, Rewrite, Rewritten, Skip,
+    observer_users,
+)
 from .registry import (
     ACTIVATIONS, BN_SPELLINGS, CLAMP_SPELLINGS, NO_ACTIVATION, PASSTHROUGH_SPELLINGS, RELU, RELU6, RULES, Activation,
     BnSpelling, Rule, find_rule, passthrough_input, read_activation, read_bn,
@@ -35,6 +38,6 @@ __all__ = [
     "BN_SPELLINGS", "BnSpelling", "CLAMP_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall", "read_bn", "read_activation",
     "passthrough_input", "GraphKind", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind",
     "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
-    "observer_users", "find_patterns", "needs_shapes", "insert_observers", "adopt_observers", "is_torch_ao_observed",
+    "observer_users", "Found", "Observed", "Rewritten", "find_patterns", "needs_shapes", "insert_observers", "adopt_observers", "is_torch_ao_observed",
     "plan_patterns", "rewrite_patterns", "ensures",
 ]

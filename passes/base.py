@@ -1,5 +1,5 @@
 """What every graph pass shares, in the manner of torch.fx's ``PassBase``: a pass returns a result
-record (never a bare tuple), and ``ensures`` checks the graph it leaves.
+record (``passes.records``: ``Found``, ``Observed``, ``Rewritten``), and ``ensures`` checks the graph it leaves.
 
 ``LINT`` is off in production (a lint of a large graph costs as much as the rewrite) and switched on
 for the whole test suite (tests/conftest.py), so that every graph a pass emits is linted there.

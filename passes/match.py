@@ -24,7 +24,7 @@ from . import registry
 from .boundaries import GraphKind
 from .graph_facts import rank, tensor_problem
 from .reading import BnCall
-from .records import FLOAT, Boundary, Match, Skip
+from .records import FLOAT, Boundary, Found, Match, Skip
 from .registry import NO_ACTIVATION, RANK_TO_DIM, Activation, BnSpelling
 
 __all__ = ["find_patterns", "needs_shapes", "Choose"]
@@ -247,7 +247,7 @@ def _statistics_owner(node: fx.Node) -> str:
     return ""
 
 
-def find_patterns(graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Choose | None = None) -> tuple[list[Match], list[Skip]]:
+def find_patterns(graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Choose | None = None) -> Found:
     """Every BatchNorm call in ``graph`` (whose targets resolve in ``root``), in graph order: matched,
     or skipped with a reason. ``kind`` says what kind of graph it is; ``choose`` gives the observer of
     each BN of a graph fxqbn.prepare traced (or why it stays float). A BN whose dim the input's rank
@@ -265,4 +265,4 @@ def find_patterns(graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Cho
             (matches if isinstance(found, Match) else skips).append(found)
         else:
             skips.extend(matcher.hidden(position, node))
-    return matches, skips
+    return Found(matches, skips)

@@ -21,7 +21,7 @@ from .base import ensures
 from .boundaries import AO_OBSERVED, observer_nodes
 from .graph_facts import describe
 from .match import find_patterns
-from .records import Boundary, Dropped, Match, Prepared, observer_users
+from .records import Boundary, Dropped, Match, Observed, Prepared, observer_users
 
 __all__ = ["insert_observers", "adopt_observers", "is_torch_ao_observed", "check_calibration_input", "OBSERVER_PREFIX"]
 
@@ -88,9 +88,7 @@ class _Observers:
         return observer
 
 
-def insert_observers(
-    graph: fx.Graph, root: nn.Module, matches: Sequence[Match]
-) -> tuple[tuple[Match, ...], dict[str, nn.Module]]:
+def insert_observers(graph: fx.Graph, root: nn.Module, matches: Sequence[Match]) -> Observed:
     """Add observer nodes for ``matches`` (in graph order) to ``graph``, whose targets resolve in
     ``root``. Returns the matches with their observer ``Boundary`` and the new observer modules by
     target, for the GraphModule.
@@ -104,7 +102,7 @@ def insert_observers(
         output_observer = observers.for_output(nodes[match.output_node], match)
         observed.append(replace(match, boundary=Boundary(input=input_observer.name, output=output_observer.name)))
     ensures(graph)
-    return tuple(observed), observers.modules
+    return Observed(tuple(observed), observers.modules)
 
 
 def adopt_observers(gm: fx.GraphModule) -> Prepared:

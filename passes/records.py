@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import fx
 
@@ -20,7 +21,7 @@ from .registry import Activation, Rule
 
 __all__ = [
     "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
-    "observer_users",
+    "observer_users", "Found", "Observed", "Rewritten",
 ]
 
 # What a graph holds at a BN pattern's edges.
@@ -183,3 +184,28 @@ class Converted:
             elif node.op == "call_module" and node.target in ios:
                 targets += [f"{node.target}.quantize", f"{node.target}.dequantize"]
         return targets
+
+
+# What each pass returns (named, and unpackable as the tuples they are).
+
+
+class Found(NamedTuple):
+    """``match.find_patterns``: every BN of a graph, matched or skipped, each in graph order."""
+
+    matches: list[Match]
+    skips: list[Skip]
+
+
+class Observed(NamedTuple):
+    """``observe.insert_observers``: the matches with their observer boundaries, the observers by target."""
+
+    patterns: tuple[Match, ...]
+    modules: dict
+
+
+class Rewritten(NamedTuple):
+    """``rewrite.rewrite_patterns``: the new graph, what it did, the modules it needs beyond the root's."""
+
+    graph: fx.Graph
+    converted: Converted
+    modules: dict

@@ -55,7 +55,7 @@ from fxqbn.float_io import FloatIO
 from fxqbn.qparams import QParams
 
 from .base import ensures
-from .records import FLOAT, Converted, Dropped, Match, Plan, Rewrite
+from .records import FLOAT, Converted, Dropped, Match, Plan, Rewrite, Rewritten
 
 __all__ = ["Boundaries", "rewrite_patterns", "NewModules", "QUANTIZE_PREFIX", "DEQUANTIZE_PREFIX", "LOWERED_PREFIX"]
 
@@ -232,7 +232,7 @@ class _Rewriter:
 def rewrite_patterns(
     graph: fx.Graph, root: nn.Module, plans: Sequence[Plan], modules: Sequence[nn.Module], backend: Boundaries,
     dropped: Sequence[Dropped] = (), float_io: bool = True,
-) -> tuple[fx.Graph, Converted, dict[str, nn.Module]]:
+) -> Rewritten:
     """A new graph: ``graph`` with each planned pattern replaced by a call of its module (``modules``, in
     the plans' order), observers (the patterns' and ``dropped``) removed, and ``backend``'s boundaries
     where float and int8 values meet. ``graph`` and ``root`` are not changed.
@@ -253,4 +253,4 @@ def rewrite_patterns(
             rewrites.append(rewriter.install(node, plan, built[node.name], node.name in roles.between_float))
     dequantize_nodes = tuple(n.name for n in rewriter.dequantized.values())
     converted = Converted(tuple(rewrites), tuple(rewriter.quantize_nodes), dequantize_nodes, tuple(rewriter.float_io))
-    return ensures(rewriter.graph), converted, rewriter.new.modules
+    return Rewritten(ensures(rewriter.graph), converted, rewriter.new.modules)

@@ -1,5 +1,5 @@
 """Every rule on every backend (parametrised over RULES x BACKENDS, so a new rule is tested without a
-new test), ReLU6 against torch.ao, a new activation as one table entry, and in-repo models that
+new test), ReLU6 against torch.ao (a new activation as one table entry: tests/test_registry.py), and in-repo models that
 mimic timm's BatchNormAct2d, MobileNetV2's inverted residual and a DDP-trained model."""
 
 import math
@@ -16,7 +16,7 @@ from torch.ao.quantization import MinMaxObserver
 import fxqbn
 from fxqbn.backends import BACKENDS
 from fxqbn.float_io import FloatIO
-from fxqbn.passes import RULES, Activation
+from fxqbn.passes import RULES
 from fxqbn.passes import registry as patterns
 from fxqbn.state import PREPARED_KEY, attached
 
@@ -111,33 +111,6 @@ def test_bn_relu6_equals_torch_ao_quantizing_bn_then_relu6(dim, dtype):
             fxqbn.QParams(0.03, 5, dtype), qout, "bn",
         )
         assert torch.equal(ours(x).int_repr(), theirs.int_repr())
-
-
-def test_a_new_activation_is_one_table_entry_plus_its_kernel_mapping(monkeypatch):
-    relu1 = Activation("ReLU1", 0.0, 1.0)  # hardtanh(0, 1) / clamp(0, 1), in any spelling
-    monkeypatch.setattr(patterns, "ACTIVATIONS", patterns.ACTIVATIONS + (relu1,))
-    monkeypatch.setattr(patterns, "RULES", patterns.derive_rules())
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return F.hardtanh(self.bn(x), 0.0, 1.0) * 2
-
-    model = randomize_bn(Net()).eval()
-    observed, x = calibrate(model, SHAPES[2])
-    outs = []
-    for backend in BACKENDS:
-        q = fxqbn.convert(observed, backend=backend)
-        (row,) = fxqbn.get_report(q).rows
-        assert (row.pattern, row.status) == ("BatchNorm2d+ReLU1", "rewritten")
-        xq = torch.quantize_per_tensor(x, row.input_scale, row.input_zero_point, torch.quint8).dequantize()
-        y = torch.quantize_per_tensor(model.bn(xq).clamp(0, 1), row.output_scale, row.output_zero_point, torch.quint8)
-        outs.append(q(x))
-        assert (outs[-1] - y.dequantize() * 2).abs().max() <= 2 * row.output_scale * 1.0001
-    assert torch.equal(*outs)
 
 
 # -- models that mimic the real ones ------------------------------------------------------------------
