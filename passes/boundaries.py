@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxqbn import qops
@@ -37,7 +38,7 @@ from .reading import BnCall
 from .records import CODES, FLOAT, QUANTIZED, Boundary
 from .registry import PASSTHROUGH_SPELLINGS, activation_spellings, passthrough_input, read_activation
 
-__all__ = ["GraphKind", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind", "observer_nodes"]
+__all__ = ["GraphKind", "Int8Ops", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind", "observer_nodes"]
 
 Modules = dict[str, nn.Module]
 
@@ -52,6 +53,7 @@ class GraphKind:
     any_clamp: bool = False  # fuse any constant clamp (int8 graphs clamp codes), not only the rules' activations
     needs_dim: bool = True  # refuse a BN whose input rank the graph does not show (int8 graphs pick a kernel by rank)
     refuse_training: str = ""  # the FxqbnError for a matched BN in training mode ("": skip it, with the reason)
+    ops: "Int8Ops | None" = None  # int8 graphs: how they spell quantize and dequantize
 
 
 # -- observed graphs -------------------------------------------------------------------------------
@@ -95,7 +97,108 @@ def _observer_names(graph: fx.Graph, modules: Modules) -> list[str]:
     return [n.name for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), kinds)]
 
 
-# -- int8 graphs: their quantize and dequantize ops ------------------------------------------------
+# -- int8 graphs: how each spells its quantize and dequantize ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Ops:
+    """How one kind of int8 graph spells the ops around a float BN."""
+
+    is_quantize: Callable[[fx.Node], bool]
+    is_dequantize: Callable[[fx.Node], bool]
+    qparams: Callable[[fx.Node, nn.Module], "tuple[QParams, tuple[int, int]] | str"]  # of a quantize / dequantize, and its code range
+    input_qparams: Callable[[fx.Node, nn.Module, QParams], "QParams | None | str"]  # of the value a dequantize reads (None: unknown)
+    code: Callable[[float, fx.Node, QParams], int]  # the code the graph's own quantize gives a value
+    absorbs_after: bool  # the graph runs pass-throughs and activations on the quantize's int8 output
+
+
+def _value(root: nn.Module, value: object) -> object:
+    """A number, or the number a get_attr node's one-element tensor holds."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        value = operator.attrgetter(str(value.target))(root)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def _checked(node: fx.Node, scale: object, zero_point: object, dtype: object, qmin: object, qmax: object) -> tuple[QParams, tuple[int, int]] | str:
+    """(qparams, code range) of constant per-tensor qparams, or why they are not."""
+    if dtype is None or not isinstance(scale, float) or not isinstance(zero_point, int):
+        return f"{node.name} is not a per-tensor uint8/int8 quantization with constant qparams"
+    try:
+        qparams = QParams(scale, zero_point, dtype)
+    except FxqbnError as exc:
+        return f"{node.name}: {exc}"
+    lo, hi = DTYPE_RANGES[dtype]
+    return qparams, (lo if qmin is None else max(lo, qmin), hi if qmax is None else min(hi, qmax))
+
+
+def _positional(node: fx.Node, root: nn.Module, count: int) -> list | str:
+    args = [_value(root, a) for a in node.args[1:]]
+    if node.kwargs or len(args) < count:
+        return f"{node.name} passes its qparams as keywords: unsupported spelling"
+    return args[:count]
+
+
+# torch.ao convert_fx: x.dequantize() / torch.dequantize(x); torch.quantize_per_tensor(x, scale, zero_point, dtype)
+
+
+def _ao_quantize(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.quantize_per_tensor
+
+
+def _ao_dequantize(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "dequantize") or (
+        node.op == "call_function" and node.target is torch.dequantize and len(node.args) == 1
+    )
+
+
+def _ao_qparams(node: fx.Node, root: nn.Module) -> tuple[QParams, tuple[int, int]] | str:
+    args = _positional(node, root, 3)
+    return args if isinstance(args, str) else _checked(node, *args, None, None)
+
+
+# torch.ao ops whose quantized output keeps its input's qparams: (node.op, target); modules by type.
+# Every activation (a clamp) and pass-through spelling does; so do max-pools and the ops that only move
+# or reshape values.
+_KEEPS_QPARAMS = frozenset({
+    *activation_spellings(), *((op, target) for op, target, _ in PASSTHROUGH_SPELLINGS),
+    *(("call_module", t) for t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten)),
+    *(("call_function", f) for f in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten)),
+    *(("call_method", m) for m in ("flatten", "view", "reshape", "contiguous", "permute")),
+})
+
+
+def _ao_input_qparams(dequantize: fx.Node, root: nn.Module, output: QParams) -> QParams | None:
+    """The qparams of the quint8 value a torch.ao dequantize reads, when the graph shows them: the output
+    of a quantize or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the
+    output's), through ops that keep their input's qparams (max-pool, ReLU, Identity, flatten, ...)."""
+    node = dequantize.args[0]
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node):
+        target = type(root.get_submodule(str(node.target))) if node.op == "call_module" else node.target
+        if (node.op, target) not in _KEEPS_QPARAMS:
+            break
+        node = node.args[0]
+    if isinstance(node, fx.Node) and _ao_quantize(node):
+        found = _ao_qparams(node, root)
+        return None if isinstance(found, str) else found[0]
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
+        if isinstance(scale, float) and isinstance(zero_point, int):
+            try:
+                return QParams(scale, zero_point, output.dtype)
+            except FxqbnError:
+                return None
+    return None
+
+
+def _ao_code(value: float, quantize: fx.Node, qparams: QParams) -> int:
+    x = torch.tensor([value], dtype=torch.float32)
+    return int(qops.codes(qops.quantize(x, qparams.scale, qparams.zero_point, qparams.dtype))[0])
+
+
+# torchao convert_pt2e: quantized_decomposed.(de)quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
 
 
 @functools.cache
@@ -111,109 +214,40 @@ def _pt2e_ops() -> tuple[frozenset[object], frozenset[object]]:
     )
 
 
-def _is_dequantize(node: fx.Node, holds: str) -> bool:
-    if holds == CODES:
-        return node.op == "call_function" and node.target in _pt2e_ops()[1]
-    return (node.op == "call_method" and node.target == "dequantize") or (
-        node.op == "call_function" and node.target is torch.dequantize and len(node.args) == 1
-    )
+def _pt2e_qparams(node: fx.Node, root: nn.Module) -> tuple[QParams, tuple[int, int]] | str:
+    args = _positional(node, root, 5)
+    if isinstance(args, str):
+        return args
+    scale, zero_point, qmin, qmax, dtype = args
+    return _checked(node, scale, zero_point, PLAIN_TO_QUANTIZED.get(dtype), qmin, qmax)
 
 
-def _is_quantize(node: fx.Node, holds: str) -> bool:
-    if holds == CODES:
-        return node.op == "call_function" and node.target in _pt2e_ops()[0]
-    return node.op == "call_function" and node.target is torch.quantize_per_tensor
-
-
-def _value(root: nn.Module, value: object) -> object:
-    """A number, or the number a get_attr node's one-element tensor holds."""
-    if isinstance(value, fx.Node) and value.op == "get_attr":
-        value = operator.attrgetter(str(value.target))(root)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value
-
-
-def _qparams(node: fx.Node, root: nn.Module, holds: str) -> tuple[QParams, tuple[int, int]] | str:
-    """(qparams, code range) of a quantize or dequantize node, or why they cannot be read."""
-    args = [_value(root, a) for a in node.args[1:]]
-    if node.kwargs or len(args) < (5 if holds == CODES else 3):
-        return f"{node.name} passes its qparams as keywords: unsupported spelling"
-    if holds == CODES:
-        scale, zero_point, qmin, qmax, dtype = args[:5]
-        dtype = PLAIN_TO_QUANTIZED.get(dtype)
-    else:
-        scale, zero_point, dtype = args[:3]
-        qmin = qmax = None
-    if dtype is None or not isinstance(scale, float) or not isinstance(zero_point, int):
-        return f"{node.name} is not a per-tensor uint8/int8 quantization with constant qparams"
-    try:
-        qparams = QParams(scale, zero_point, dtype)
-    except FxqbnError as exc:
-        return f"{node.name}: {exc}"
-    lo, hi = DTYPE_RANGES[dtype]
-    return qparams, (lo if qmin is None else max(lo, qmin), hi if qmax is None else min(hi, qmax))
-
-
-# torch.ao ops whose quantized output keeps its input's qparams: (node.op, target); modules by type.
-# Every activation (a clamp) and pass-through spelling does; so do max-pools and the ops that only move
-# or reshape values.
-_KEEPS_QPARAMS = frozenset({
-    *activation_spellings(), *((op, target) for op, target, _ in PASSTHROUGH_SPELLINGS),
-    *(("call_module", t) for t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten)),
-    *(("call_function", f) for f in (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
-                                     torch.nn.functional.max_pool3d, torch.flatten)),
-    *(("call_method", m) for m in ("flatten", "view", "reshape", "contiguous", "permute")),
-})
-
-
-def _ao_input_qparams(node: fx.Node, root: nn.Module, output: QParams) -> QParams | None:
-    """The qparams of a torch.ao quantized value, when the graph shows them: the output of a quantize
-    or of a quantized module (its ``scale``/``zero_point``; the dtype is assumed the output's), through
-    ops that keep their input's qparams (max-pool, ReLU, Identity, flatten, ...)."""
-    while node.args and isinstance(node.args[0], fx.Node):
-        target = type(root.get_submodule(str(node.target))) if node.op == "call_module" else node.target
-        if (node.op, target) not in _KEEPS_QPARAMS:
-            break
-        node = node.args[0]
-    if _is_quantize(node, QUANTIZED):
-        found = _qparams(node, root, QUANTIZED)
-        return None if isinstance(found, str) else found[0]
-    if node.op == "call_module":
-        module = root.get_submodule(str(node.target))
-        scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
-        if isinstance(scale, float) and isinstance(zero_point, int):
-            try:
-                return QParams(scale, zero_point, output.dtype)
-            except FxqbnError:
-                return None
-    return None
-
-
-def _input_qparams(dequantize: fx.Node, root: nn.Module, holds: str, qout: QParams) -> QParams | None | str:
-    if holds == QUANTIZED:
-        x = dequantize.args[0]
-        return _ao_input_qparams(x, root, qout) if isinstance(x, fx.Node) else None
-    found = _qparams(dequantize, root, holds)
+def _pt2e_input_qparams(dequantize: fx.Node, root: nn.Module, output: QParams) -> QParams | str:
+    found = _pt2e_qparams(dequantize, root)
     if isinstance(found, str):
         return found
-    if found[0].dtype != qout.dtype:
-        return f"its input is {found[0].dtype} and its output {qout.dtype}: the int8 kernels keep the dtype"
+    if found[0].dtype != output.dtype:
+        return f"its input is {found[0].dtype} and its output {output.dtype}: the int8 kernels keep the dtype"
     return found[0]
 
 
-def _code(value: float, quantize: fx.Node, holds: str, qparams: QParams) -> int:
-    """The code the graph's own quantize gives ``value`` (so clamping codes equals clamping floats)."""
+def _pt2e_code(value: float, quantize: fx.Node, qparams: QParams) -> int:
+    qmin, qmax, dtype = quantize.args[3:6]
     x = torch.tensor([value], dtype=torch.float32)
-    if holds == CODES:
-        qmin, qmax, dtype = quantize.args[3:6]
-        return int(qops.quantize_decomposed(x, qparams.scale, qparams.zero_point, qmin, qmax, dtype)[0])
-    return int(qops.codes(qops.quantize(x, qparams.scale, qparams.zero_point, qparams.dtype))[0])
+    return int(qops.quantize_decomposed(x, qparams.scale, qparams.zero_point, qmin, qmax, dtype)[0])
+
+
+AO_OPS = Int8Ops(_ao_quantize, _ao_dequantize, _ao_qparams, _ao_input_qparams, _ao_code, absorbs_after=True)
+PT2E_OPS = Int8Ops(
+    lambda n: n.op == "call_function" and n.target in _pt2e_ops()[0],
+    lambda n: n.op == "call_function" and n.target in _pt2e_ops()[1],
+    _pt2e_qparams, _pt2e_input_qparams, _pt2e_code, absorbs_after=False,
+)
 
 
 def _after(quantize: fx.Node, modules: Modules, clamp: tuple[float, float] | None) -> tuple[list[str], tuple[float, float] | None]:
-    """torch.ao graphs run activations on quint8 tensors after the quantize: the pass-throughs and one
-    activation that alone read its output, which the int8 BN absorbs (nodes, the clamp then)."""
+    """The pass-throughs and one activation that alone read the quantize's int8 output (torch.ao runs
+    them on quint8 tensors), which the int8 BN absorbs: (nodes, the clamp then)."""
     value, nodes = quantize, []
     while len(value.users) == 1:
         user = next(iter(value.users))
@@ -227,36 +261,40 @@ def _after(quantize: fx.Node, modules: Modules, clamp: tuple[float, float] | Non
     return nodes, clamp
 
 
-def _int8(holds: str) -> Callable[..., Boundary | str]:
-    """The boundary finder of int8 graphs holding ``holds``: a dequantize feeds the BN, a quantize reads
+def _codes(codes: tuple[int, int], clamp: tuple[float, float] | None, ops: Int8Ops, quantize: fx.Node, qout: QParams) -> tuple[int, int]:
+    """The output code range narrowed to the activation's clamp, as the graph's own quantize codes its bounds."""
+    if clamp is None:
+        return codes
+    lo = codes[0] if clamp[0] == -math.inf else ops.code(clamp[0], quantize, qout)
+    hi = codes[1] if clamp[1] == math.inf else ops.code(clamp[1], quantize, qout)
+    return max(codes[0], lo), min(codes[1], hi)
+
+
+def _int8(holds: str, ops: Int8Ops) -> Callable[..., Boundary | str]:
+    """The boundary finder of int8 graphs spelled with ``ops``: a dequantize feeds the BN, a quantize reads
     the chain's end; (graph, modules, call, end, clamp) -> Boundary, or why the BN is no such sandwich."""
 
     def boundary(graph: fx.Graph, modules: Modules, call: BnCall, end: fx.Node, clamp: tuple[float, float] | None) -> Boundary | str:
         root = modules[""]
         x = next(n for n in graph.nodes if n.name == call.input)
-        if not _is_dequantize(x, holds):
+        if not ops.is_dequantize(x):
             return f"its input {describe(x)} is float, not a dequantize: there is no int8 value to read"
         users = list(end.users)
         if len(users) != 1:
             return f"its output {end.name} has {len(users)} users; lowering needs exactly one, a quantize"
         quantize = users[0]
-        if not (_is_quantize(quantize, holds) and quantize.args[0] is end):
+        if not (ops.is_quantize(quantize) and quantize.args[0] is end):
             return f"its output reaches {describe(quantize)} in float, not a per-tensor quantize: nothing to lower into"
-        after, clamp = _after(quantize, modules, clamp) if holds == QUANTIZED else ([], clamp)
-        out = _qparams(quantize, root, holds)
+        after, clamp = _after(quantize, modules, clamp) if ops.absorbs_after else ([], clamp)
+        out = ops.qparams(quantize, root)
         if isinstance(out, str):
             return out
-        qout, codes = out
-        qin = _input_qparams(x, root, holds, qout)
+        qin = ops.input_qparams(x, root, out[0])
         if isinstance(qin, str):
             return qin
-        if clamp is not None:
-            lo = codes[0] if clamp[0] == -math.inf else _code(clamp[0], quantize, holds, qout)
-            hi = codes[1] if clamp[1] == math.inf else _code(clamp[1], quantize, holds, qout)
-            codes = (max(codes[0], lo), min(codes[1], hi))
         return Boundary(
             input=x.name, output=after[-1] if after else quantize.name, holds=holds, between=(quantize.name, *after),
-            input_qparams=qin, output_qparams=qout, codes=codes, clamp=clamp,
+            input_qparams=qin, output_qparams=out[0], codes=_codes(out[1], clamp, ops, quantize, out[0]), clamp=clamp,
         )
 
     return boundary
@@ -271,19 +309,16 @@ AO_OBSERVED = GraphKind(
     name="torch.ao prepare_fx", holds=FLOAT, boundary=_ao_observed,
     refuse_training="BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert",
 )
-AO_INT8 = GraphKind(name="torch.ao convert_fx", holds=QUANTIZED, boundary=_int8(QUANTIZED), any_clamp=True, needs_dim=False)
-PT2E_INT8 = GraphKind(name="torchao convert_pt2e", holds=CODES, boundary=_int8(CODES), any_clamp=True, needs_dim=False)
+AO_INT8 = GraphKind(name="torch.ao convert_fx", holds=QUANTIZED, boundary=_int8(QUANTIZED, AO_OPS), any_clamp=True, needs_dim=False, ops=AO_OPS)
+PT2E_INT8 = GraphKind(name="torchao convert_pt2e", holds=CODES, boundary=_int8(CODES, PT2E_OPS), any_clamp=True, needs_dim=False, ops=PT2E_OPS)
 
 
 def int8_kind(graph: fx.Graph) -> GraphKind:
-    """``PT2E_INT8`` for a graph holding PT2E's quantize/dequantize ops, ``AO_INT8`` for torch.ao's;
-    FxqbnError for neither."""
-    quantize, dequantize = _pt2e_ops()
-    targets = {node.target for node in graph.nodes if node.op == "call_function"}
-    if targets & (quantize | dequantize):
-        return PT2E_INT8
-    if torch.quantize_per_tensor in targets or any(n.op == "call_method" and n.target == "dequantize" for n in graph.nodes):
-        return AO_INT8
+    """The kind of a whole-model int8 graph: ``PT2E_INT8`` where PT2E's quantize/dequantize ops are,
+    else ``AO_INT8`` where torch.ao's are; FxqbnError for neither."""
+    for kind in (PT2E_INT8, AO_INT8):
+        if any(kind.ops.is_quantize(n) or kind.ops.is_dequantize(n) for n in graph.nodes):
+            return kind
     raise FxqbnError(
         "fxqbn.lower expects a model converted to int8 by torch.ao convert_fx or torchao convert_pt2e; "
         "this graph has no quantize/dequantize nodes: quantize the whole model first"

@@ -23,8 +23,8 @@ from fxqbn import cli
 from fxqbn.comparing import sqnr_db
 from fxqbn.fused import FusedBatchNorm
 from fxqbn.lowered import ByRank
-from fxqbn.passes import QUANTIZED, find_patterns, int8_kind, passthrough_input, read_activation, read_bn
-from fxqbn.passes.boundaries import _is_dequantize, _is_quantize
+from fxqbn.passes import find_patterns, int8_kind, passthrough_input, read_activation, read_bn
+from fxqbn.passes.boundaries import AO_OPS
 from fxqbn.passes.rewrite import LOWERED_PREFIX
 from fxqbn.whole_model import import_pt2e, int8_model
 
@@ -49,25 +49,25 @@ def find_lowerable(gm: fx.GraphModule):
     return find_patterns(gm.graph, gm, int8_kind(gm.graph))
 
 
-def graph_holds(gm: fx.GraphModule) -> str:
-    """What ``gm`` holds between its int8 ops (QUANTIZED when it has none left: nothing is sandwiched)."""
+def graph_ops(gm: fx.GraphModule):
+    """How ``gm`` spells its quantize and dequantize (torch.ao's when it has none left: nothing is sandwiched)."""
     try:
-        return int8_kind(gm.graph).holds
+        return int8_kind(gm.graph).ops
     except fxqbn.FxqbnError:
-        return QUANTIZED
+        return AO_OPS
 
 
 def sandwiched_float_bns(gm: fx.GraphModule) -> list[str]:
     """BN nodes still computing in float between a dequantize and a quantize (the structure lowering removes)."""
-    route, modules, found = graph_holds(gm), dict(gm.named_modules()), []
+    ops, modules, found = graph_ops(gm), dict(gm.named_modules()), []
     for node in gm.graph.nodes:
         call = read_bn(node, modules)
-        if call is None or isinstance(call, str) or not _is_dequantize(node.args[0], route):
+        if call is None or isinstance(call, str) or not ops.is_dequantize(node.args[0]):
             continue
         value = next(n for n in gm.graph.nodes if n.name == call.output)
         while len(value.users) == 1:
             user = next(iter(value.users))
-            if _is_quantize(user, route):
+            if ops.is_quantize(user):
                 found.append(node.name)
                 break
             if passthrough_input(user, modules) is not value and read_activation(user, modules) is None:
