@@ -186,7 +186,7 @@ class _QuantizedBatchNorm(nn.Module):
         scale: float,
         zero_point: int,
     ) -> None:
-        """Register the given tensors (taken as they are, not copied), replacing what ``__init__`` registered."""
+        """Register the given tensors (taken as they are, not copied), through nn.Module's API."""
         affine = weight is not None
         device = running_mean.device
         if affine:
@@ -311,7 +311,8 @@ class _QuantizedBatchNorm(nn.Module):
             running_mean, running_var = _float32_copy(running_mean), _float32_copy(running_var)
             weight = None if weight is None else _float32_copy(weight)
             bias = None if bias is None else _float32_copy(bias)
-        qbn = cls(running_mean.numel(), eps, momentum, weight is not None, device=running_mean.device)
+        qbn = cls.__new__(cls)  # nn.Module's own initial state, then the given tensors (not __init__'s placeholders)
+        nn.Module.__init__(qbn)
         qbn._setup(running_mean, running_var, weight, bias, eps, momentum, qparams.scale, qparams.zero_point)
         qbn._set_clamp(clamp)
         return qbn

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.ao.quantization import MinMaxObserver, MovingAverageMinMaxObserver
 
 from .errors import FxqbnError
 
@@ -110,86 +109,16 @@ def read_observer(observer: torch.nn.Module) -> Observation:
     )
 
 
-# Observers whose calculate_qparams is torch.ao's min/max formula, computed here for many at once.
-_MIN_MAX_OBSERVERS = (MinMaxObserver, MovingAverageMinMaxObserver)
-
-
-def _min_max_key(observer: torch.nn.Module) -> tuple | None:
-    """What the min/max formula depends on besides the range; None when the observer is not eligible."""
-    if type(observer) not in _MIN_MAX_OBSERVERS or observer.qscheme not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return None
-    buffers = observer._buffers  # nn.Module.__getattr__ per buffer costs more than the formula
-    if buffers["min_val"].numel() != 1 or buffers["max_val"].numel() != 1 or observer.dtype not in DTYPE_RANGES:
-        return None
-    if buffers["eps"].numel() != 1:
-        return None
-    return (observer.qscheme, observer.dtype, observer.quant_min, observer.quant_max, observer.has_customized_qrange)
-
-
-def _min_max_qparams(key: tuple, min_val: torch.Tensor, max_val: torch.Tensor, eps_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.ao's ``UniformQuantizationObserverBase._calculate_qparams`` for per-tensor schemes, on
-    stacked ranges (and each observer's eps): the same float32 operations element by element, so the same bits."""
-    qscheme, dtype, quant_min, quant_max, customized = key
-    min_neg = torch.min(min_val, torch.zeros_like(min_val))
-    max_pos = torch.max(max_val, torch.zeros_like(max_val))
-    if qscheme == torch.per_tensor_symmetric:
-        max_pos = torch.max(-min_neg, max_pos)
-        scale = torch.max(max_pos / (float(quant_max - quant_min) / 2), eps_t)
-        midpoint = (quant_min + quant_max) // 2 if customized else 128
-        zero_point = torch.full_like(scale, midpoint if dtype == torch.quint8 else 0, dtype=torch.int64)
-    else:
-        scale = torch.max((max_pos - min_neg) / float(quant_max - quant_min), eps_t)
-        zero_point = quant_min - torch.round(min_neg / scale).to(torch.int)
-        zero_point = torch.clamp(zero_point, quant_min, quant_max)
-    return scale, zero_point
-
-
 def read_many(observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
-    """``read_observer`` for many observers: MinMax-style ones in one vectorised computation per
-    configuration, the others one by one. A failure is returned, not raised; an observer that never
-    saw data (``observer_has_data``) maps to None."""
-    groups: dict[tuple, list[str]] = {}
+    """``read_observer`` of each observer: an observer that never saw data (``observer_has_data``) maps to
+    None, and a failure is returned, not raised, so that the caller can name every idle observer at once."""
     result: dict[str, Observation | FxqbnError | None] = {}
     for name, observer in observers.items():
-        key = _min_max_key(observer)
-        if key is not None:
-            groups.setdefault(key, []).append(name)
-        elif not observer_has_data(observer):
-            result[name] = None
-        else:
-            try:
-                result[name] = read_observer(observer)
-            except FxqbnError as exc:
-                result[name] = exc
-    for key, names in groups.items():
-        result.update(_read_group(key, {name: observers[name] for name in names}))
-    return {name: result[name] for name in observers}
-
-
-def _one_each(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One-element tensors (0-d or 1-d) as one 1-d tensor, in one tensor operation when their ranks agree."""
-    ranks = {t.dim() for t in tensors}
-    if ranks == {0}:
-        return torch.stack(tensors)
-    if ranks == {1}:
-        return torch.cat(tensors)
-    return torch.stack([t.reshape(()) for t in tensors])
-
-
-def _read_group(key: tuple, observers: dict[str, torch.nn.Module]) -> dict[str, Observation | FxqbnError | None]:
-    """One configuration's MinMax-style observers (one range element each), read at once."""
-    lows, highs, eps = (_one_each([observer._buffers[b] for observer in observers.values()]) for b in ("min_val", "max_val", "eps"))
-    scales, zero_points = _min_max_qparams(key, lows, highs, eps.to(torch.float32))
-    result: dict[str, Observation | FxqbnError | None] = {}
-    rows = zip(observers.items(), lows.tolist(), highs.tolist(), scales.tolist(), zero_points.tolist())
-    for (name, observer), lo, hi, scale, zero_point in rows:
-        if lo > hi:  # still (+inf, -inf): no batch seen (observer_has_data's test)
+        if not observer_has_data(observer):
             result[name] = None
             continue
         try:
-            qparams = QParams(scale, int(zero_point), key[1])
+            result[name] = read_observer(observer)
         except FxqbnError as exc:
             result[name] = exc
-            continue
-        result[name] = Observation(qparams, type(observer).__name__, lo, hi)
     return result

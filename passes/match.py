@@ -9,7 +9,6 @@ its nodes) and never edits it.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass

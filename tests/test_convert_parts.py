@@ -1,7 +1,6 @@
 """The shortcuts convert takes on large graphs give what the plain ways give: BN statistics checked
 and copied together (``fxqbn.nn.own_many``) and observers read together (``fxqbn.qparams.read_many``)."""
 
-import operator
 
 import pytest
 import torch

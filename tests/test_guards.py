@@ -231,42 +231,6 @@ def test_quantize_module_checks_its_qparams():
         qnn.Quantize(math.nan, 0, torch.quint8)
 
 
-# -- reading many observers at once ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "observer",
-    [
-        MinMaxObserver,
-        MinMaxObserver.with_args(dtype=torch.qint8),
-        MinMaxObserver.with_args(qscheme=torch.per_tensor_symmetric),
-        MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric),
-        MinMaxObserver.with_args(quant_min=0, quant_max=127),
-        MinMaxObserver.with_args(quant_min=0, quant_max=200, qscheme=torch.per_tensor_symmetric),
-        MinMaxObserver.with_args(dtype=torch.qint8, eps=2**-12),
-        torch.ao.quantization.MovingAverageMinMaxObserver,
-    ],
-)
-def test_vectorised_qparams_equal_the_observers_own(observer):
-    from fxqbn.qparams import read_many, read_observer
-
-    gen = torch.Generator().manual_seed(0)
-    observers = {}
-    for i in range(200):
-        obs = observer()
-        scale = 10 ** torch.empty(1).uniform_(-6, 3, generator=gen).item()
-        for _ in range(2):
-            obs(torch.randn(7, generator=gen) * scale + torch.randn(1, generator=gen) * scale * (i % 3))
-        if i % 17 == 0:
-            obs(torch.zeros(3))  # ranges touching 0
-        if i % 23 == 0:
-            obs.min_val.fill_(0.0), obs.max_val.fill_(0.0)  # degenerate: eps decides
-        observers[f"o{i}"] = obs
-    fast = read_many(observers)
-    for name, obs in observers.items():
-        assert fast[name] == read_observer(obs), name
-
-
 # -- the float -> quantized boundary, the same on every supported torch ----------------------------
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

@@ -3,7 +3,6 @@ tests/test_registry.py)."""
 
 import pytest
 import torch
-import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
 from conftest import calls, randomize_bn, installed
 from torch import nn
@@ -11,7 +10,6 @@ from torch.ao.quantization import MinMaxObserver
 
 import fxqbn
 from fxqbn.float_io import FloatIO
-from fxqbn.passes import RELU
 
 SPELLINGS = {  # name -> function applying ReLU to the BN output in forward
     "nn.ReLU": lambda self, y: self.relu(y),
