@@ -230,6 +230,8 @@ class _Matcher:
 
 
 def _rank_reason(found: int | None, pattern: str) -> str:
+    if found is None:
+        return f"its input's rank is not recorded (run prepare with example_inputs): the int8 {pattern} kernel cannot be picked"
     return f"its input has rank {found}: no int8 {pattern} kernel takes it (2 to 5 dims)"
 
 

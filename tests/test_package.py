@@ -54,3 +54,29 @@ def test_no_function_of_the_library_or_its_passes_is_over_40_lines():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 40:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, "split these into named steps: " + ", ".join(long)
+
+
+def test_the_graph_passes_import_no_backend_and_the_command_line_no_command():
+    """Layers import one way: ``fxqbn.passes`` is handed a backend, never imports one; ``command.py``
+    never imports ``cli.py`` (cli parses, command works)."""
+    import ast
+    import pathlib
+
+    import fxqbn.passes
+
+    def imported(path: pathlib.Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # "from fxqbn import fused": "fxqbn" and "fxqbn.fused"
+                prefix = "." * node.level + (node.module or "")
+                names |= {prefix, *(prefix + a.name if prefix.endswith(".") else f"{prefix}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    backends = {"fxqbn.backends", "fxqbn.fused", "fxqbn.fused_io", "fxqbn.nn", "fxqbn.ckernels", "fxqbn.lowered"}
+    for path in sorted(pathlib.Path(fxqbn.passes.__file__).parent.glob("*.py")):
+        found = {name for name in imported(path) if any(name == b or name.startswith(b + ".") for b in backends)}
+        assert not found, f"passes/{path.name} imports {sorted(found)}"
+    command = pathlib.Path(fxqbn.__file__).parent / "command.py"
+    assert not {n for n in imported(command) if n in (".cli", "fxqbn.cli") or n.startswith((".cli.", "fxqbn.cli."))}
