@@ -127,10 +127,12 @@ class _Matcher:
         return self._pattern(position, node, spelling, dim, names, *chosen)
 
     def _dim(self, node: fx.Node, spelling: BnSpelling) -> int | None | str:
-        """The kernel dim: the spelling's, checked against the input's rank where the graph shows it
-        (None: it does not, and the spelling fixes none), or why no kernel takes that rank."""
+        """The kernel dim: the spelling's, checked against the input's rank where the graph shows it on
+        the input or on the BN's output (a BN keeps the shape; PT2E's dequantize nodes carry none),
+        None where it does not and the spelling fixes none, or why no kernel takes that rank."""
         value = node.args[0] if node.args else node.kwargs.get("input")
         found = rank(value) if isinstance(value, fx.Node) else None
+        found = found if found is not None else _output_rank(node)
         if found is None:
             return spelling.dim
         dim = RANK_TO_DIM.get(found)
@@ -227,6 +229,12 @@ class _Matcher:
         where = f"inside {type(module).__name__} '{node.target}', which the tracer keeps as one call (a leaf module)"
         inside = sorted((name, type(bn).__name__) for name, bn in module.named_modules() if name and _is_bn_module(bn))
         return [self.skip(position, node, f"{node.target}.{name}", kind, f"{where}: kept float") for name, kind in inside]
+
+
+def _output_rank(node: fx.Node) -> int | None:
+    """The rank of a BN node's normalised output: its own, or its getitem 0's (the ATen forms with saved statistics)."""
+    items = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+    return rank(node) if rank(node) is not None or not items else rank(items[0])
 
 
 def _rank_reason(found: int | None, pattern: str) -> str:
