@@ -12,13 +12,13 @@ from torch import fx, nn
 from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed
 from fxqbn.passes import needs_shapes, plan_patterns, rewrite_patterns
 
-from . import fused
 from . import nn as qnn
 from . import pipeline
-from .backends import backend_named
+from .backends import BACKENDS, backend_named
 from .copying import owned_copies, owned_copy
 from .errors import FxqbnError
 from .float_io import FloatIO
+from .lowered import ByRank, LoweredBatchNorm
 from .qconfig import ActivationConfig
 from .report import Report
 from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
@@ -74,19 +74,19 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
     return gm
 
 
-# What convert installs: a model holding one of these was converted already.
-_CONVERTED_MODULES = (
-    qnn._QuantizedBatchNorm, qnn.Quantize, qnn.DeQuantize, fused.FusedBatchNorm, fused.FusedQuantize, fused.FusedDeQuantize, FloatIO,
-)
+def _converted_modules() -> tuple[type, ...]:
+    """The module types fxqbn installs: every backend's, and the wrappers around them."""
+    return (FloatIO, LoweredBatchNorm, ByRank, *(t for backend in BACKENDS.values() for t in backend.modules))
 
 
 def refuse_fxqbn_output(model: nn.Module) -> None:
     """Refuse a model (or one holding a module) that fxqbn already prepared or converted."""
+    installed = _converted_modules()  # a model holding one of these was converted already
     for name, module in model.named_modules():
         where = f" (module '{name}')" if name else ""
         if attached(module, PREPARED_KEY) is not None:
             raise FxqbnError(f"this model{where} was already prepared by fxqbn: calibrate it and call fxqbn.convert")
-        if attached(module, REPORT_KEY) is not None or isinstance(module, _CONVERTED_MODULES):
+        if attached(module, REPORT_KEY) is not None or isinstance(module, installed):
             raise FxqbnError(
                 f"this model{where} was already converted by fxqbn: pass the float model it was converted from"
             )

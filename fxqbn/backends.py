@@ -52,7 +52,8 @@ class Backend:
     rebuild: the same from an int8 BN module holding tensors read from a file instead of BN tensors,
         checked as ``build`` checks (``fxqbn.load`` compares the two).
     quantize / dequantize: qparams -> the float -> int8 / int8 -> float boundary module.
-    op_name: (dim as text, "N" when picked by rank; relu; clamp; activation name) -> the kernel, as the report names it.
+    op_names: (dim as text, "N" when picked by rank; relu; clamp; activation name) -> the kernel, as the report names it.
+    modules: the module types it installs (a model holding one was converted already: ``fxqbn.prepare`` refuses it).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Backend:
     quantize: Callable[[QParams], nn.Module]
     dequantize: Callable[[QParams], nn.Module]
     op_names: Callable[[str, bool, bool, str], str]
+    modules: tuple[type, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or self.consumes not in (QUANTIZED, CODES):
@@ -69,6 +71,8 @@ class Backend:
         for field in ("build", "rebuild", "quantize", "dequantize", "op_names"):
             if not callable(getattr(self, field)):
                 raise ValueError(f"backend {self.name!r}: {field} must be callable")
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in self.modules):
+            raise ValueError(f"backend {self.name!r}: modules must be nn.Module types")
 
     @property
     def dequantize_shared(self) -> bool:
@@ -130,6 +134,7 @@ NATIVE = Backend(  # PyTorch's quantized op library on quint8/qint8 tensors (fxq
     quantize=Quantize.from_qparams,
     dequantize=lambda qparams: DeQuantize(),
     op_names=lambda dim, relu, clamp, act: f"quantized::batch_norm{dim}d" + ("_relu" if relu else "") + ("+quantized::clamp" if clamp else ""),
+    modules=(qnn._QuantizedBatchNorm, Quantize, DeQuantize),
 )
 
 FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint8/int8 tensors (fxqbn.fused)
@@ -140,6 +145,7 @@ FUSED = Backend(  # one integer affine map per channel (C kernels) on plain uint
     quantize=fused.FusedQuantize.from_qparams,
     dequantize=fused.FusedDeQuantize.from_qparams,
     op_names=lambda dim, relu, clamp, act: f"fxqbn.fused.batch_norm{dim}d" + (f"_{act.lower()}" if act else ""),
+    modules=(fused.FusedBatchNorm, fused.FusedQuantize, fused.FusedDeQuantize),
 )
 
 BACKENDS = {backend.name: backend for backend in (NATIVE, FUSED)}
