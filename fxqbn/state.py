@@ -1,7 +1,7 @@
 """What fxqbn keeps on the GraphModules it returns.
 
-Values live in ``gm.meta`` (which ``copy.deepcopy`` keeps) and in the module's ``__dict__``
-(which pickling keeps, while it drops ``meta``); reading from ``__dict__`` puts the value back
+Values live in ``gm.meta`` (which ``copy.deepcopy`` keeps) and as plain attributes of the module
+(which pickling keeps, while it drops ``meta``); reading the attribute puts the value back
 in ``meta`` so that a later deep copy keeps it too.
 """
 
@@ -21,7 +21,7 @@ LOWERED_KEY = "fxqbn_lowered"  # tuple of passes.Match (int8 graphs) of a module
 
 def attach(gm: fx.GraphModule, key: str, value: Any) -> None:
     gm.meta[key] = value
-    gm.__dict__[key] = value
+    setattr(gm, key, value)
 
 
 def attached(gm: Any, key: str) -> Any:
@@ -30,7 +30,7 @@ def attached(gm: Any, key: str) -> Any:
         return None
     if key in gm.meta:
         return gm.meta[key]
-    value = gm.__dict__.get(key)
+    value = getattr(gm, key, None)
     if value is not None:
         gm.meta[key] = value
     return value
@@ -38,4 +38,5 @@ def attached(gm: Any, key: str) -> Any:
 
 def detach(gm: fx.GraphModule, key: str) -> None:
     gm.meta.pop(key, None)
-    gm.__dict__.pop(key, None)
+    if hasattr(gm, key):
+        delattr(gm, key)
