@@ -25,13 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxqbn.passes.registry import RANKS
+
 from . import qops
 from .ckernels import EXT, threads, warn_if_missing
 from .errors import FxqbnError
 from .fused_io import (  # noqa: F401  (re-exported: the fused backend's public names)
     FusedDeQuantize, FusedQuantize, Rounding, dense, dequantize, integer_dtype, quantize, rounding, tracing,
 )
-from .nn import RANKS, check_shape, check_statistics
+from .nn import check_shape, check_statistics
 from .qparams import DTYPE_RANGES, QParams
 
 __all__ = [

@@ -23,12 +23,12 @@ from torch import nn
 from . import qops
 from .ckernels import EXT, threads, warn_if_missing
 from .errors import FxqbnError
-from .qparams import DTYPE_RANGES, QParams
+from .qparams import DTYPE_RANGES, PLAIN_TO_QUANTIZED, QParams
 
 __all__ = ["Rounding", "rounding", "quantize", "dequantize", "integer_dtype", "FusedQuantize", "FusedDeQuantize"]
 
-INTEGER_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8}  # quantized dtype -> plain dtype
-QUANTIZED_DTYPES = {plain: q for q, plain in INTEGER_DTYPES.items()}
+QUANTIZED_DTYPES = PLAIN_TO_QUANTIZED  # plain dtype -> quantized dtype
+INTEGER_DTYPES = {q: plain for plain, q in PLAIN_TO_QUANTIZED.items()}  # quantized dtype -> plain dtype
 _F32 = torch.float32
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.ao.nn.intrinsic as nni
 from torch import nn
 
+from fxqbn.passes.registry import RANKS  # input ranks, by BN dim
+
 from . import qops
 from .errors import FxqbnError
 from .qparams import QParams, observer_has_data, qparams_from_observer
@@ -32,7 +34,6 @@ __all__ = [
 ]
 
 SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}  # input shape, by BN dim
-RANKS = {1: (2, 3), 2: (4,), 3: (5,)}  # input ranks, by BN dim
 
 
 def check_shape(who: str, x: torch.Tensor, dim: int, num_features: int) -> None:
