@@ -100,6 +100,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self) -> None:
         self.declared_leaves, functions = _declared_untraceable()
+        self.bn_modules = module_targets()  # the BN spellings' module types, read once per trace
         super().__init__(autowrap_functions=functions)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
@@ -107,7 +108,7 @@ class _Tracer(fx.Tracer):
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in module_targets() or super().is_leaf_module(m, module_qualified_name):
+        if type(m) in self.bn_modules or super().is_leaf_module(m, module_qualified_name):
             return True
         return type(m) in self.declared_leaves and not isinstance(m, nn.modules.batchnorm._BatchNorm)
 

@@ -41,6 +41,7 @@ from .registry import PASSTHROUGH_SPELLINGS, activation_spellings, passthrough_i
 __all__ = ["GraphKind", "Int8Ops", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind", "observer_nodes"]
 
 Modules = dict[str, nn.Module]
+Nodes = dict[str, fx.Node]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class GraphKind:
 
     name: str  # what reports and messages call the graphs
     holds: str  # what the graph holds at a pattern's edges: FLOAT, QUANTIZED or CODES
-    boundary: Callable[..., Boundary | str] | None  # (graph, modules, call, chain end, clamp) -> the pattern's Boundary, or why none
+    boundary: Callable[..., Boundary | str] | None  # (nodes by name, modules, call, chain end, clamp) -> the pattern's Boundary, or why none
     any_clamp: bool = False  # fuse any constant clamp (int8 graphs clamp codes), not only the rules' activations
     needs_dim: bool = True  # refuse a BN whose input rank the graph does not show (int8 graphs pick a kernel by rank)
     refuse_training: str = ""  # the FxqbnError for a matched BN in training mode ("": skip it, with the reason)
@@ -59,42 +60,37 @@ class GraphKind:
 # -- observed graphs -------------------------------------------------------------------------------
 
 
-def observer_nodes(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """The observer and fake-quant modules that ``gm``'s call_module nodes call, by node name, in graph order."""
+def _observer(node: object, modules: Modules) -> nn.Module | None:
+    """The observer or fake-quant module a call_module node calls; None for any other node."""
     from torch.ao.quantization import ObserverBase
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    module = modules.get(str(node.target))
+    return module if isinstance(module, (ObserverBase, FakeQuantizeBase)) else None
+
+
+def observer_nodes(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """The observer and fake-quant modules that ``gm``'s call_module nodes call, by node name, in graph order."""
     modules = dict(gm.named_modules(remove_duplicate=False))  # torch.ao shares one observer between names
-    return {
-        node.name: modules[node.target]
-        for node in gm.graph.nodes
-        if node.op == "call_module" and isinstance(modules.get(node.target), (ObserverBase, FakeQuantizeBase))
-    }
+    return {node.name: found for node in gm.graph.nodes if (found := _observer(node, modules)) is not None}
 
 
-def _ao_observed(graph: fx.Graph, modules: Modules, call: BnCall, end: fx.Node, clamp: object) -> Boundary | str:
+def _ao_observed(nodes: Nodes, modules: Modules, call: BnCall, end: fx.Node, clamp: object) -> Boundary | str:
     """The torch.ao observers around a pattern: one on the BN's input, one the only reader of its output."""
-    nodes = {node.name: node for node in graph.nodes}
-    observers = {name: modules[str(nodes[name].target)] for name in _observer_names(graph, modules)}
     in_obs = nodes[call.node].args[0]
     users = list(end.users)
     out_obs = users[0] if len(users) == 1 else None
-    if not (isinstance(in_obs, fx.Node) and in_obs.name in observers):
+    observed_in, observed_out = _observer(in_obs, modules), _observer(out_obs, modules)
+    if observed_in is None:
         return "torch.ao put no observer on its input"
-    if out_obs is None or out_obs.name not in observers:
+    if observed_out is None:
         return "torch.ao put no observer on its output"
-    dtypes = {getattr(observers[in_obs.name], "dtype", None), getattr(observers[out_obs.name], "dtype", None)}
+    dtypes = {getattr(observed_in, "dtype", None), getattr(observed_out, "dtype", None)}
     if len(dtypes) != 1 or not dtypes <= set(DTYPE_RANGES):
         return f"torch.ao observes it as {', '.join(sorted(map(str, dtypes)))}; the kernel takes quint8 or qint8"
     return Boundary(input=in_obs.name, output=out_obs.name)
-
-
-def _observer_names(graph: fx.Graph, modules: Modules) -> list[str]:
-    from torch.ao.quantization import ObserverBase
-    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-
-    kinds = (ObserverBase, FakeQuantizeBase)
-    return [n.name for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), kinds)]
 
 
 # -- int8 graphs: how each spells its quantize and dequantize ---------------------------------------
@@ -272,11 +268,11 @@ def _codes(codes: tuple[int, int], clamp: tuple[float, float] | None, ops: Int8O
 
 def _int8(holds: str, ops: Int8Ops) -> Callable[..., Boundary | str]:
     """The boundary finder of int8 graphs spelled with ``ops``: a dequantize feeds the BN, a quantize reads
-    the chain's end; (graph, modules, call, end, clamp) -> Boundary, or why the BN is no such sandwich."""
+    the chain's end; (nodes, modules, call, end, clamp) -> Boundary, or why the BN is no such sandwich."""
 
-    def boundary(graph: fx.Graph, modules: Modules, call: BnCall, end: fx.Node, clamp: tuple[float, float] | None) -> Boundary | str:
+    def boundary(nodes: Nodes, modules: Modules, call: BnCall, end: fx.Node, clamp: tuple[float, float] | None) -> Boundary | str:
         root = modules[""]
-        x = next(n for n in graph.nodes if n.name == call.input)
+        x = nodes[call.input]
         if not ops.is_dequantize(x):
             return f"its input {describe(x)} is float, not a dequantize: there is no int8 value to read"
         users = list(end.users)

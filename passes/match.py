@@ -101,7 +101,7 @@ def _activation(clamp: tuple[float, float] | None) -> Activation:
 
 class _Matcher:
     def __init__(self, graph: fx.Graph, root: nn.Module, kind: GraphKind, choose: Choose | None) -> None:
-        self.graph, self.root, self.kind, self.choose = graph, root, kind, choose
+        self.root, self.kind, self.choose = root, kind, choose
         self.modules = dict(root.named_modules(remove_duplicate=False))
         self.modules.setdefault("", root)
         self.nodes = {node.name: node for node in graph.nodes}
@@ -177,7 +177,7 @@ class _Matcher:
             chain, end = _walk(self.nodes[call.output], self.modules, self.kind.any_clamp, inner)
         boundary = None
         if self.kind.boundary is not None:
-            boundary = self.kind.boundary(self.graph, self.modules, call, end, chain.clamp)
+            boundary = self.kind.boundary(self.nodes, self.modules, call, end, chain.clamp)
             if isinstance(boundary, str):
                 return self.skip(position, node, *names, boundary)
         if self.kind.holds != FLOAT:
