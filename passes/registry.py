@@ -179,6 +179,7 @@ BN_SPELLINGS: tuple[BnSpelling, ...] = (
     _int8("nnq", nnq.BatchNorm2d), _int8("nnq", nnq.BatchNorm3d), _int8("nniq", nniq.BNReLU2d), _int8("nniq", nniq.BNReLU3d),  # torch.ao's int8 BNs
 )
 
+
 def module_targets() -> frozenset[type]:
     """The module types of the table: the tracer keeps each as one call_module node."""
     return frozenset(s.target for s in BN_SPELLINGS if s.op == "call_module")
