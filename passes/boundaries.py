@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.ao.quantization import ObserverBase
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from fxqbn import qops
 from fxqbn.errors import FxqbnError
@@ -62,9 +64,6 @@ class GraphKind:
 
 def _observer(node: object, modules: Modules) -> nn.Module | None:
     """The observer or fake-quant module a call_module node calls; None for any other node."""
-    from torch.ao.quantization import ObserverBase
-    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-
     if not isinstance(node, fx.Node) or node.op != "call_module":
         return None
     module = modules.get(str(node.target))
@@ -100,6 +99,7 @@ def _ao_observed(nodes: Nodes, modules: Modules, call: BnCall, end: fx.Node, cla
 class Int8Ops:
     """How one kind of int8 graph spells the ops around a float BN."""
 
+    holds: str  # QUANTIZED or CODES: what flows between those ops
     is_quantize: Callable[[fx.Node], bool]
     is_dequantize: Callable[[fx.Node], bool]
     qparams: Callable[[fx.Node, nn.Module], "tuple[QParams, tuple[int, int]] | str"]  # of a quantize / dequantize, and its code range
@@ -233,8 +233,9 @@ def _pt2e_code(value: float, quantize: fx.Node, qparams: QParams) -> int:
     return int(qops.quantize_decomposed(x, qparams.scale, qparams.zero_point, qmin, qmax, dtype)[0])
 
 
-AO_OPS = Int8Ops(_ao_quantize, _ao_dequantize, _ao_qparams, _ao_input_qparams, _ao_code, absorbs_after=True)
+AO_OPS = Int8Ops(QUANTIZED, _ao_quantize, _ao_dequantize, _ao_qparams, _ao_input_qparams, _ao_code, absorbs_after=True)
 PT2E_OPS = Int8Ops(
+    CODES,
     lambda n: n.op == "call_function" and n.target in _pt2e_ops()[0],
     lambda n: n.op == "call_function" and n.target in _pt2e_ops()[1],
     _pt2e_qparams, _pt2e_input_qparams, _pt2e_code, absorbs_after=False,
@@ -266,7 +267,7 @@ def _codes(codes: tuple[int, int], clamp: tuple[float, float] | None, ops: Int8O
     return max(codes[0], lo), min(codes[1], hi)
 
 
-def _int8(holds: str, ops: Int8Ops) -> Callable[..., Boundary | str]:
+def _int8(ops: Int8Ops) -> Callable[..., Boundary | str]:
     """The boundary finder of int8 graphs spelled with ``ops``: a dequantize feeds the BN, a quantize reads
     the chain's end; (nodes, modules, call, end, clamp) -> Boundary, or why the BN is no such sandwich."""
 
@@ -289,7 +290,7 @@ def _int8(holds: str, ops: Int8Ops) -> Callable[..., Boundary | str]:
         if isinstance(qin, str):
             return qin
         return Boundary(
-            input=x.name, output=after[-1] if after else quantize.name, holds=holds, between=(quantize.name, *after),
+            input=x.name, output=after[-1] if after else quantize.name, holds=ops.holds, between=(quantize.name, *after),
             input_qparams=qin, output_qparams=out[0], codes=_codes(out[1], clamp, ops, quantize, out[0]), clamp=clamp,
         )
 
@@ -305,8 +306,15 @@ AO_OBSERVED = GraphKind(
     name="torch.ao prepare_fx", holds=FLOAT, boundary=_ao_observed,
     refuse_training="BatchNorm '{name}' is in training mode: call .eval() on the observed model before fxqbn.convert",
 )
-AO_INT8 = GraphKind(name="torch.ao convert_fx", holds=QUANTIZED, boundary=_int8(QUANTIZED, AO_OPS), any_clamp=True, needs_dim=False, ops=AO_OPS)
-PT2E_INT8 = GraphKind(name="torchao convert_pt2e", holds=CODES, boundary=_int8(CODES, PT2E_OPS), any_clamp=True, needs_dim=False, ops=PT2E_OPS)
+
+
+def _int8_kind(name: str, ops: Int8Ops) -> GraphKind:
+    """An int8 graph's kind: any constant clamp is fused (in code space), a kernel may be picked by rank."""
+    return GraphKind(name=name, holds=ops.holds, boundary=_int8(ops), any_clamp=True, needs_dim=False, ops=ops)
+
+
+AO_INT8 = _int8_kind("torch.ao convert_fx", AO_OPS)
+PT2E_INT8 = _int8_kind("torchao convert_pt2e", PT2E_OPS)
 
 
 def int8_kind(graph: fx.Graph) -> GraphKind:

@@ -22,7 +22,7 @@ from fxqbn.source import source_of
 from . import registry
 from .boundaries import GraphKind
 from .graph_facts import rank, tensor_problem
-from .reading import BnCall
+from .reading import BnCall, bn_inside
 from .records import FLOAT, Boundary, Found, Match, Skip
 from .registry import NO_ACTIVATION, RANK_TO_DIM, Activation, BnSpelling
 
@@ -157,7 +157,7 @@ class _Matcher:
             spec = self.choose(name, type(module) if module is not None else spelling.target, _component(module))
             if isinstance(spec, str):
                 return self.skip(position, node, name, pattern, spec)
-        bn = module[0] if isinstance(module, nn.Sequential) else module
+        bn = bn_inside(module)[0]
         if self.kind.refuse_training and bn is not None and bn.training and bn.running_mean is not None:
             raise FxqbnError(self.kind.refuse_training.format(name=name))
         call = spelling.read(node, module)
@@ -245,7 +245,8 @@ def _rank_reason(found: int | None, pattern: str) -> str:
 
 def _component(module: nn.Module | None) -> type | None:
     """The type of the BatchNorm inside torch.ao's fused BNReLU module; None for anything else."""
-    return type(module[0]) if isinstance(module, nn.Sequential) and len(module) and _is_bn_module(module[0]) else None
+    bn = bn_inside(module)[0]
+    return type(bn) if bn is not module else None
 
 
 def _statistics_owner(node: fx.Node) -> str:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from fxqbn.qparams import DTYPE_RANGES, Observation, QParams
 
-from .records import Match, Plan
+from .records import FLOAT, Match, Plan
 
 __all__ = ["BackendOps", "plan_patterns", "finite_clamp"]
 
@@ -25,10 +25,15 @@ class BackendOps(Protocol):
     def op_name(self, dim: int | None, relu: bool, clamp: bool, activation: str) -> str: ...
 
 
+def _code_values(codes: tuple[int, int], qparams: QParams) -> tuple[float, float]:
+    """The float values of two codes: each quantizes back to its code, so a clamp to them (the native
+    kernel's quantized clamp, or the fused kernel's bounds) keeps exactly the codes between."""
+    return tuple((code - qparams.zero_point) * qparams.scale for code in codes)  # type: ignore[return-value]
+
+
 def finite_clamp(lo: float, hi: float, qparams: QParams) -> tuple[float, float]:
     """(lo, hi) with an unbounded side replaced by the float value of the dtype's extreme code."""
-    qmin, qmax = DTYPE_RANGES[qparams.dtype]
-    low, high = (qmin - qparams.zero_point) * qparams.scale, (qmax - qparams.zero_point) * qparams.scale
+    low, high = _code_values(DTYPE_RANGES[qparams.dtype], qparams)
     return min(max(lo, low), high), max(min(hi, high), low)
 
 
@@ -38,12 +43,6 @@ def _observed(match: Match, readings: Mapping[str, Observation], backend: Backen
     act = match.activation
     clamp = finite_clamp(act.lo, act.hi, qout.qparams) if act.clamp else None
     return Plan(match, qin, qout, act.relu, clamp, backend.op_name(match.dim, act.relu, act.clamp, act.name))
-
-
-def _code_values(codes: tuple[int, int], qout: QParams) -> tuple[float, float]:
-    """The float values of two output codes: each quantizes back to its code, so a clamp to them (the
-    native kernel's quantized clamp, or the fused kernel's bounds) keeps exactly the codes between."""
-    return tuple((code - qout.zero_point) * qout.scale for code in codes)  # type: ignore[return-value]
 
 
 def _int8(match: Match, backend: BackendOps) -> Plan:
@@ -63,4 +62,4 @@ def _int8(match: Match, backend: BackendOps) -> Plan:
 def plan_patterns(matches: Sequence[Match], readings: Mapping[str, Observation], backend: BackendOps) -> list[Plan]:
     """The plan of each match (in order): observed graphs' qparams from ``readings`` (observer node ->
     Observation), int8 graphs' from their boundaries."""
-    return [_int8(m, backend) if m.boundary.output_qparams is not None else _observed(m, readings, backend) for m in matches]
+    return [_observed(m, readings, backend) if m.boundary.holds == FLOAT else _int8(m, backend) for m in matches]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from torch import fx, nn
 
 __all__ = [
-    "BnCall", "ActivationCall", "arg", "module_bn", "already_int8", "f_batch_norm", "aten_batch_norm", "aten_legit",
+    "BnCall", "ActivationCall", "arg", "bn_inside", "module_bn", "already_int8", "f_batch_norm", "aten_batch_norm", "aten_legit",
     "hardtanh_module", "hardtanh_args", "clamp_args",
 ]
 
@@ -63,10 +63,17 @@ def _number(value: object) -> float | None:
 # -- BatchNorm spellings ---------------------------------------------------------------------------
 
 
+def bn_inside(module: nn.Module | None) -> tuple[nn.Module | None, str]:
+    """(the BatchNorm a module spelling computes with, its name relative to the module): torch.ao's
+    fused BNReLU holds it as ``[0]`` (a Sequential); every other BN module is its own."""
+    return (module[0], ".0") if isinstance(module, nn.Sequential) else (module, "")
+
+
 def module_bn(node: fx.Node, module: nn.Module) -> BnCall | str:
     """A BatchNorm module's call (torch.ao's fused BNReLU: its BatchNorm, ``module[0]``)."""
     name = str(node.target)
-    bn, where = (module[0], f"{name}.0") if isinstance(module, nn.Sequential) else (module, name)
+    bn, inside = bn_inside(module)
+    where = name + inside
     kind = type(bn).__name__
     if bn.running_mean is None or bn.running_var is None:
         return "track_running_stats=False: normalises with batch statistics"
