@@ -1,8 +1,9 @@
 """What every graph pass shares, in the manner of torch.fx's ``PassBase``: a pass returns a result
 record (``passes.records``: ``Found``, ``Observed``, ``Rewritten``), and ``ensures`` checks the graph it leaves.
 
-``LINT`` is off in production (a lint of a large graph costs as much as the rewrite) and switched on
-for the whole test suite (tests/conftest.py), so that every graph a pass emits is linted there.
+``LINT`` is off in production, where checking what the passes build by construction buys nothing
+(on the 1,000-BN chain of benchmarks/pass_speed.py a lint took 4 ms of a 281 ms convert), and switched
+on for the whole test suite (tests/conftest.py), so that every graph a pass emits is linted there.
 """
 
 from __future__ import annotations
