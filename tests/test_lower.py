@@ -199,6 +199,29 @@ def test_the_clamp_inside_the_kernel_equals_the_kernel_then_the_clamp_bit_for_bi
         assert all(isinstance(k, FusedBatchNorm) and k.bounds == match.boundary.codes for k in kernels)
 
 
+class SubclassedBatchNorm2d(nn.BatchNorm2d):
+    """A BN subclass the graph keeps as one module call: it may compute something else than a BN."""
+
+
+class KeepsSubclass(fx.Tracer):
+    def is_leaf_module(self, m, name):
+        return isinstance(m, SubclassedBatchNorm2d) or super().is_leaf_module(m, name)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_bn_subclass_module_stays_float_with_the_reason_as_in_convert(route):
+    model = Sandwich(route, 2, "module", "ReLU", "none")
+    subclassed = SubclassedBatchNorm2d(5).eval()
+    subclassed.load_state_dict(model.bn.state_dict())
+    model.bn = subclassed
+    gm = fx.GraphModule(model, KeepsSubclass().trace(model))
+    lowered = fxqbn.lower(gm)
+    (row,) = fxqbn.get_report(lowered).rows
+    assert (row.status, row.reason) == ("skipped", "no quantized rule for SubclassedBatchNorm2d")
+    x = model.codes(SHAPES[2])
+    assert torch.equal(codes_of(lowered(x)), codes_of(gm(x)))
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
     model = Sandwich(route, 2, "module", "ReLU", "none")
