@@ -154,7 +154,7 @@ class _Matcher:
         name, pattern = names
         spec = None
         if self.choose is not None:
-            spec = self.choose(name, type(module) if module is not None else spelling.target, _component(module))
+            spec = self.choose(name, type(module) if module is not None else spelling.user_type, _component(module))
             if isinstance(spec, str):
                 return self.skip(position, node, name, pattern, spec)
         bn = bn_inside(module)[0]

@@ -153,6 +153,11 @@ class BnSpelling:
     dim: int | None = None  # the kernel dim the spelling fixes; None: the input's rank decides
     inner: Activation = NO_ACTIVATION  # an activation inside the spelling (BNReLU: ReLU)
     momentum_arg: int | None = None  # functional spellings: the position of momentum (the keyword is "momentum")
+    named_by: object = None  # what prepare's skip= and a QConfigMapping's object types name it by (None: ``target``)
+
+    @property
+    def user_type(self) -> object:
+        return self.target if self.named_by is None else self.named_by
 
 
 def _module(name: str, target: type, dim: int | None, kind: str = "BatchNorm", inner: Activation = NO_ACTIVATION) -> BnSpelling:
@@ -171,10 +176,13 @@ BN_SPELLINGS: tuple[BnSpelling, ...] = (
     _module("BNReLU2d", nni.BNReLU2d, 2, "BNReLU", RELU),  # torch.ao's fused float BN+ReLU, its ReLU inside
     _module("BNReLU3d", nni.BNReLU3d, 3, "BNReLU", RELU),
     BnSpelling("F.batch_norm", "call_function", F.batch_norm, reading.f_batch_norm, "F.batch_norm", momentum_arg=6),  # timm
-    BnSpelling("aten.batch_norm", "call_function", aten.batch_norm.default, reading.aten_batch_norm, "F.batch_norm", momentum_arg=6),
+    BnSpelling(  # torch.export's eval BN; skip= and qconfig name it F.batch_norm
+        "aten.batch_norm", "call_function", aten.batch_norm.default, reading.aten_batch_norm, "F.batch_norm", momentum_arg=6,
+        named_by=F.batch_norm,
+    ),
     BnSpelling(  # after torch.export's decompositions; read through its getitem 0
         "aten._native_batch_norm_legit_no_training", "call_function", aten._native_batch_norm_legit_no_training.default,
-        reading.aten_legit, "F.batch_norm", momentum_arg=5,
+        reading.aten_legit, "F.batch_norm", momentum_arg=5, named_by=F.batch_norm,
     ),
     _int8("nnq", nnq.BatchNorm2d), _int8("nnq", nnq.BatchNorm3d), _int8("nniq", nniq.BNReLU2d), _int8("nniq", nniq.BNReLU3d),  # torch.ao's int8 BNs
 )

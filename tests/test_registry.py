@@ -313,3 +313,16 @@ def test_a_new_backend_is_one_registry_entry_plus_its_kernels(monkeypatch):
     assert (q(x) - native(x)).abs().max() <= row.output_scale * 1.0001  # float BN vs the integer kernel: one step
     with pytest.raises(ValueError, match="consumes"):
         Backend("bad", "floats", build, build, reference.quantize, reference.dequantize, reference.op_names)
+
+
+@pytest.mark.parametrize("name", ["aten.batch_norm", "aten._native_batch_norm_legit_no_training"])
+def test_skip_and_qconfig_name_the_aten_spellings_as_f_batch_norm(name):
+    """A user names every functional BN F.batch_norm, also where torch.export spelled it in ATen."""
+    build, _ = FLOAT_CASES[name]
+    model, shape = build()
+    observed = fxqbn.prepare(model, (torch.randn(*shape),), skip=[F.batch_norm])
+    (skip,) = fxqbn.get_report(fxqbn.convert(observed)).rows
+    assert (skip.status, skip.reason) == ("skipped", "skipped on request (prepare's skip argument)")
+    mapping = torch.ao.quantization.QConfigMapping().set_global(MinMaxObserver).set_object_type(F.batch_norm, None)
+    (row,) = fxqbn.get_report(fxqbn.convert(fxqbn.prepare(model, (torch.randn(*shape),), mapping))).rows
+    assert (row.status, row.reason) == ("skipped", "excluded by qconfig (None for this module)")
