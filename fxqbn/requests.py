@@ -107,7 +107,7 @@ class Outputs:
 
     def written(self) -> list[str]:
         """The lines saying what was written (``saved: q.pt``)."""
-        return [f"{what}: {path}" for what, path in zip(("saved", "torchscript", "report"), vars(self).values()) if path]
+        return [f"{what}: {path}" for what, path in (("saved", self.out), ("torchscript", self.torchscript), ("report", self.report)) if path]
 
 
 @dataclass(frozen=True)
