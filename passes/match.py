@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
@@ -175,16 +175,20 @@ class _Matcher:
             chain, end = _Chain(clamp=inner), self.nodes[call.output]
         else:
             chain, end = _walk(self.nodes[call.output], self.modules, self.kind.any_clamp, inner)
-        boundary = None
-        if self.kind.boundary is not None:
+        if self.kind.holds != FLOAT:
             boundary = self.kind.boundary(self.nodes, self.modules, call, end, chain.clamp)
             if isinstance(boundary, str):
                 return self.skip(position, node, *names, boundary)
-        if self.kind.holds != FLOAT:
             return self._int8_match(position, node, call, dim, chain, boundary)
-        return self._rule_match(position, node, spelling, call, dim, chain, boundary, names[1], spec)
+        found = self._rule_match(position, node, spelling, call, dim, chain, names[1], spec)
+        if isinstance(found, Skip) or self.kind.boundary is None:
+            return found  # fxqbn.prepare's graphs: observe puts the boundary in
+        boundary = self.kind.boundary(self.nodes, self.modules, call, self.nodes[found.output_node], chain.clamp)
+        if isinstance(boundary, str):  # a pattern torch.ao did not observe, named by its rule
+            return self.skip(position, node, found.module, found.pattern, boundary)
+        return replace(found, boundary=boundary, observer=self._observer(boundary))
 
-    def _rule_match(self, position, node, spelling, call, dim, chain: _Chain, boundary, pattern, spec) -> Match | Skip:
+    def _rule_match(self, position, node, spelling, call, dim, chain: _Chain, pattern, spec) -> Match | Skip:
         """Observed graphs: the rule for (kind, dim, activation); without one, the BN alone, with a note."""
         activation, note = _activation(chain.clamp), chain.note
         rule = registry.find_rule(spelling.kind, dim, activation)
@@ -193,10 +197,9 @@ class _Matcher:
             chain, rule, activation = _Chain(), registry.find_rule(spelling.kind, dim, NO_ACTIVATION), NO_ACTIVATION
         if rule is None:
             return self.skip(position, node, call.owner or node.name, pattern, f"no quantized rule for {pattern} ({dim}d)")
-        observer = spec if boundary is None else self._observer(boundary)
         return Match(
             position=position, bn=call, pattern=rule.name, dim=dim, activation=activation, chain=chain.nodes,
-            module=call.owner or node.name, rule=rule, boundary=boundary, observer=observer,
+            module=call.owner or node.name, rule=rule, observer=spec,
             momentum=self._momentum(node, spelling, call), source=source_of(node), note=note,
         )
 
@@ -239,7 +242,7 @@ def _output_rank(node: fx.Node) -> int | None:
 
 def _rank_reason(found: int | None, pattern: str) -> str:
     if found is None:
-        return f"its input's rank is not recorded (run prepare with example_inputs): the int8 {pattern} kernel cannot be picked"
+        return f"its input's rank is not recorded in the graph: the int8 {pattern} kernel cannot be picked (2 to 5 dims)"
     return f"its input has rank {found}: no int8 {pattern} kernel takes it (2 to 5 dims)"
 
 

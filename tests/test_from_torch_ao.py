@@ -128,3 +128,25 @@ def test_a_torch_ao_graph_whose_observers_never_ran_is_refused():
     observed = prepare_fx(model, bn_only_mapping(), (torch.randn(1, 4, 6, 6),))
     with pytest.raises(fxqbn.FxqbnError, match=r"never saw data for BatchNorm 'bn'"):
         fxqbn.convert(observed)
+
+
+def test_a_pattern_torch_ao_left_unobserved_is_skipped_under_its_rule_name():
+    class HalfObserved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.obs, self.bn, self.relu = MinMaxObserver(), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.obs(x)))  # no observer on the output
+
+    class KeepsObservers(torch.fx.Tracer):  # as prepare_fx leaves them: one node each
+        def is_leaf_module(self, m, name):
+            return isinstance(m, MinMaxObserver) or super().is_leaf_module(m, name)
+
+    model = HalfObserved().eval()
+    gm = torch.fx.GraphModule(model, KeepsObservers().trace(model))
+    gm(torch.randn(2, 4, 3, 3))
+    (row,) = fxqbn.get_report(fxqbn.convert(gm)).rows
+    assert (row.module, row.pattern, row.status, row.reason) == (
+        "bn", "BatchNorm2d+ReLU", "skipped", "torch.ao put no observer on its output",
+    )
