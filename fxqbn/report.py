@@ -25,10 +25,13 @@ from typing import Any
 from .table import render
 
 __all__ = [
-    "ReportRow", "ReportSummary", "Report", "skipped_row", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names", "NOT_LOWERED",
+    "ReportRow", "ReportSummary", "Report", "skipped_row", "folded_row", "STATUSES", "FORMATS", "COLUMNS", "DEFAULT_COLUMNS", "WIDTH", "column_names", "NOT_LOWERED",
 ]
 
 FORMATS = ("plain", "github", "json", "csv")
+# What became of a BN: quantized in place, folded into the conv / linear that feeds it (its reason names
+# which), or left float (its reason says why).
+STATUSES = ("rewritten", "folded", "skipped")
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class ReportRow:
     module: str  # qualified name of the BN module
     pattern: str  # e.g. "BatchNorm2d+ReLU"
     op: str  # the quantized kernel, e.g. "quantized::batch_norm2d_relu"; "" when skipped
-    status: str  # "rewritten" or "skipped"
-    reason: str  # why it was skipped, or a note on a rewritten pattern ("" when none)
+    status: str  # one of STATUSES: "rewritten", "folded" (into the conv/linear before it) or "skipped"
+    reason: str  # why it was skipped, what it was folded into, or a note on a rewritten pattern ("" when none)
     source: str = ""  # "file.py:123" of the BN call in the model's code
     dtype: str = ""  # "quint8" / "qint8"
     observer: str = ""  # the activation observer's class
@@ -56,15 +59,20 @@ class ReportRow:
     max_error_steps: float | None = None  # filled by fxqbn.compare: max |error| / output_scale
 
     def __post_init__(self) -> None:
-        if self.status not in ("rewritten", "skipped"):
-            raise ValueError(f"status must be 'rewritten' or 'skipped', got {self.status!r}")
-        if self.status == "skipped" and not self.reason:
-            raise ValueError(f"skipped row {self.node} has no reason")
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {self.status!r}")
+        if self.status != "rewritten" and not self.reason:
+            raise ValueError(f"{self.status} row {self.node} has no reason")
 
 
 def skipped_row(skip: Any) -> ReportRow:
     """The row of a BatchNorm left float (a ``passes.Skip``: node, module, pattern, reason, source)."""
     return ReportRow(node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped", reason=skip.reason, source=skip.source)
+
+
+def folded_row(node: str, module: str, pattern: str, into: str, source: str = "") -> ReportRow:
+    """The row of a BatchNorm folded into the conv / linear ``into`` that feeds it (no int8 BN left)."""
+    return ReportRow(node=node, module=module, pattern=pattern, op="", status="folded", reason=f"folded into {into}", source=source)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class ReportSummary:
     convert_seconds: float  # wall time of fxqbn.convert or fxqbn.lower (not in JSON/CSV)
     model_sqnr_db: float | None = None  # filled by fxqbn.compare: whole model output vs float
     lowered_into: str = ""  # fxqbn.lower: the int8 graph its BNs went into ("torch.ao convert_fx"); "" for convert
+    folded: int = 0  # BNs folded into the conv / linear that feeds them (rows with status "folded")
 
 
 # Fields that mean nothing in a report of fxqbn.lower (left out of its data and tables): it inserts no
@@ -112,7 +121,7 @@ class Column:
     cell: Callable[[ReportRow], str]
     shows: tuple[str, ...]  # the ReportRow fields it shows
     cut: str | None = None  # how a long cell fits the width: "middle" / "end" (ellipsis), "wrap", None (never shortened)
-    blank_when_skipped: bool = False  # "-" on a skipped row: in plain tables a trailing reason spans such columns
+    blank_when_skipped: bool = False  # "-" on a skipped or folded row: in plain tables a trailing reason spans such columns
 
 
 # Every column of the tables, in the order ``columns="all"`` shows them.
@@ -152,7 +161,7 @@ def column_names(text: str) -> tuple[str, ...]:
 def _cells(chosen: Sequence[Column], row: ReportRow, spanning: bool) -> list[str]:
     """A row's cells; with ``spanning``, a skipped row's reason (when last) takes the blank columns before it."""
     cells = [c.cell(row) for c in chosen]
-    if not spanning or row.status != "skipped" or chosen[-1].name != "reason":
+    if not spanning or row.status == "rewritten" or chosen[-1].name != "reason":
         return cells
     start = len(chosen) - 1
     while start > 0 and chosen[start - 1].blank_when_skipped:
@@ -181,6 +190,10 @@ class Report:
         return tuple(row for row in self.rows if row.status == "skipped")
 
     @property
+    def folded(self) -> tuple[ReportRow, ...]:
+        return tuple(row for row in self.rows if row.status == "folded")
+
+    @property
     def unused(self) -> frozenset[str]:
         """The fields that mean nothing for this report's kind: ``NOT_LOWERED`` for ``fxqbn.lower``'s."""
         return NOT_LOWERED if self.summary.lowered_into else _LOWERED_ONLY
@@ -203,10 +216,11 @@ class Report:
 
     def _counts(self) -> list[str]:
         s = self.summary
+        folded = f"{s.folded} folded, " if s.folded else ""
         if s.lowered_into:
             bns = "BN" if s.rewritten == 1 else "BNs"
-            return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {s.skipped} skipped"]
-        return [f"{s.rewritten} rewritten, {s.skipped} skipped",
+            return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {folded}{s.skipped} skipped"]
+        return [f"{s.rewritten} rewritten, {folded}{s.skipped} skipped",
                 f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize boundaries inserted"]
 
     def summary_lines(self, width: int | None = WIDTH) -> list[str]:

@@ -215,7 +215,7 @@ def test_int8_report_says_how_many_bns_went_into_the_int8_graph_and_drops_what_m
     assert cli.main([*args, "--format", "json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["int8"] == "ao" and not {"observer", "dtype", "skip"} & set(document)  # torch.ao's mapping chose them
-    assert document["report"]["summary"] == {"rewritten": 3, "skipped": 0, "lowered_into": "torch.ao convert_fx"}
+    assert document["report"]["summary"] == {"rewritten": 3, "skipped": 0, "lowered_into": "torch.ao convert_fx", "folded": 0}
     assert all(not {"observer", "input_min", "output_max", "sqnr_db", "max_error_steps"} & set(row) for row in document["report"]["rows"])
     assert cli.main(args) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -318,7 +318,7 @@ def test_a_lowered_report_says_what_was_lowered_into_which_graph_and_only_what_m
     assert counts == f"1 BN lowered into the {graph} int8 graph, 1 skipped"
     assert re.fullmatch(r"lowered in \d+ ms", timing)
     data = report.to_dict()
-    assert data["summary"] == {"rewritten": 1, "skipped": 1, "lowered_into": graph}
+    assert data["summary"] == {"rewritten": 1, "skipped": 1, "lowered_into": graph, "folded": 0}
     assert all(set(row) == LOWERED_FIELDS for row in data["rows"])
     assert set(csv.DictReader(io.StringIO(report.format("csv"))).fieldnames) == LOWERED_FIELDS
     assert json.loads(report.format("json")) == data
@@ -334,3 +334,20 @@ def test_a_convert_report_keeps_every_field_and_says_nothing_of_lowering(convert
     assert report.summary.lowered_into == "" and "lowered_into" not in report.to_dict()["summary"]
     assert all(set(row) == {f.name for f in dataclasses.fields(ReportRow)} for row in report.to_dict()["rows"])
     assert str(report).splitlines()[0].split()[-2:] == ["SQNR", "reason"]
+
+
+def test_a_folded_row_names_what_it_was_folded_into_and_counts_in_the_summary():
+    from fxqbn.report import ReportRow, ReportSummary, Report, folded_row
+
+    row = folded_row("bn", "features.bn", "BatchNorm2d", "features.conv")
+    assert (row.status, row.reason, row.op) == ("folded", "folded into features.conv", "")
+    report = Report(rows=(row,), summary=ReportSummary(rewritten=0, skipped=0, quantize_nodes=0, dequantize_nodes=0,
+                                                       convert_seconds=0.0, folded=1))
+    assert report.folded == (row,) and report.skipped == () and report.rewritten == ()
+    assert "0 rewritten, 1 folded, 0 skipped" in str(report)
+    assert "folded into features.conv" in str(report)
+    assert Report.from_dict(report.to_dict()) == report
+    with pytest.raises(ValueError, match="folded row bn has no reason"):
+        ReportRow(node="bn", module="m", pattern="BatchNorm2d", op="", status="folded", reason="")
+    with pytest.raises(ValueError, match="status must be one of rewritten, folded, skipped"):
+        ReportRow(node="bn", module="m", pattern="BatchNorm2d", op="", status="fused", reason="x")
