@@ -78,12 +78,20 @@ def _quiet_ao() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_torchao_import() -> Iterator[None]:
+    """Around an import of torchao: without the log lines its CPU import writes (see _TORCHAO_IMPORT_LOGS)."""
+    with _quiet_logs(_TORCHAO_IMPORT_LOGS):
+        import torch.utils.cpp_extension  # noqa: F401
+
+        yield
+
+
 def import_pt2e() -> tuple[Any, Any, Any, Any]:
     """(prepare_pt2e, convert_pt2e, X86InductorQuantizer, its default config), imported quietly;
     FxqbnError naming the extra when torchao is not installed."""
     try:
-        with _quiet_logs(_TORCHAO_IMPORT_LOGS):
-            import torch.utils.cpp_extension  # noqa: F401
+        with quiet_torchao_import():
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
                 X86InductorQuantizer,
