@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import fx
-from torch.ao.quantization.observer import HistogramObserver
+from torchao.quantization.pt2e.observer import HistogramObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from fxqbn.passes import find_patterns
@@ -86,6 +86,10 @@ def annotated_bns(graph: fx.Graph) -> set[str]:
 
 class BatchNormQuantizer(Quantizer):
     """Annotates each standalone BN pattern's input and output for int8 (see the module docstring).
+
+    It cannot correct torchao's fold: torchao's own ``prepare_pt2e`` folds every conv -> BN before any
+    quantizer runs, also where that changes the model. Use ``fxqbn.pt2e.prepare_pt2e``, which folds
+    only where the outputs keep and composes this quantizer itself (``bn="int8"``).
 
     Args:
         spec: the activation spec of every BN's input and output; ``None`` (default): the spec the

@@ -44,7 +44,7 @@ from .report import Report, ReportRow, ReportSummary, folded_row
 from .source import source_of
 from .state import REPORT_KEY, attach, attached
 
-__all__ = ["prepare_pt2e", "convert_pt2e", "BatchNormQuantizer", "BN_MODES"]
+__all__ = ["prepare_pt2e", "convert_pt2e", "BatchNormQuantizer", "BN_MODES"]  # noqa: F822 (BatchNormQuantizer: module __getattr__)
 
 BN_MODES = ("int8", "float")
 PT2E_KEY = "fxqbn_pt2e"  # Pt2eRecord of a model prepare_pt2e returned
@@ -136,12 +136,28 @@ def _prepare_steps(model: fx.GraphModule, quantizer: Any) -> fx.GraphModule:
     from torchao.quantization.pt2e import quantize_pt2e as steps
 
     meta, scopes = model.meta, steps._get_node_name_to_scope(model)
-    model = quantizer.transform_for_annotation(model)
-    quantizer.annotate(model)
-    quantizer.validate(model)
+    try:
+        model = quantizer.transform_for_annotation(model)
+        quantizer.annotate(model)
+        quantizer.validate(model)
+    except (ValueError, AssertionError, KeyError, RuntimeError) as exc:
+        raise FxqbnError(_QUANTIZER_FAILED.format(name=_quantizer_names(quantizer), error=f"{type(exc).__name__}: {exc}")) from exc
     model = steps.prepare(model, scopes, is_qat=False, obs_or_fq_callback=quantizer.prepare_obs_or_fq_callback)
     model.meta.update(meta)
     return steps._disallow_eval_train(model)
+
+
+_QUANTIZER_FAILED = (
+    "the quantizer ({name}) failed on this model before anything was quantized: {error}. torchao's "
+    "X86InductorQuantizer does so on a conv module called more than once and, under torch 2.14.1, on torchvision's "
+    "ResNets. Quantize such a model through torch.ao instead (convert_fx, then fxqbn.lower; `fxqbn convert --int8 ao`), "
+    "or its BNs only (fxqbn.prepare / fxqbn.convert)"
+)
+
+
+def _quantizer_names(quantizer: Any) -> str:
+    parts = getattr(quantizer, "quantizers", None)
+    return " + ".join(type(q).__name__ for q in parts) if parts else type(quantizer).__name__
 
 
 def _convert_steps(model: fx.GraphModule) -> fx.GraphModule:
@@ -183,6 +199,8 @@ def prepare_pt2e(exported: fx.GraphModule, quantizer: Any, bn: str = "int8", ski
     folded = _folded_rows(model, folds)
     for fold in folds:
         pt2e_fold.apply_fold(model, fold)
+    if found.matches or found.skips:  # as torchao's fold does whenever the graph has a BN: unread constants go
+        model.graph.eliminate_dead_code()
     model.graph.lint()
     model.recompile()
     order = tuple(m.module for m in found.matches) + tuple(s.module for s in found.skips)
