@@ -187,8 +187,12 @@ def _add_quantization(c: argparse.ArgumentParser) -> None:
                    help="native: PyTorch's quantized kernels; fused: fxqbn's C integer kernels on uint8/int8 tensors "
                    "(default: native; with --int8 pt2e: fused)")
     c.add_argument("--int8", choices=INT8_ROUTES, metavar="{ao,pt2e}",
-                   help="quantize the whole model to int8 (ao: torch.ao FX with the x86 mapping; pt2e: torchao PT2E "
-                   "with X86InductorQuantizer, needs fxqbn[pt2e]), then lower its float BNs into int8 (fxqbn.lower)")
+                   help="quantize the whole model to int8 (ao: torch.ao FX with the x86 mapping, then its float BNs "
+                   "lowered into int8 by fxqbn.lower; pt2e: torchao PT2E with X86InductorQuantizer through fxqbn.pt2e, "
+                   "which folds conv -> BN only where the outputs keep; needs fxqbn[pt2e])")
+    c.add_argument("--bn", choices=("int8", "float"), default="int8",
+                   help="with --int8 pt2e: int8 (default: BNs that do not fold become int8) or float (they stay "
+                   "float; only the fold is corrected)")
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")
@@ -204,7 +208,7 @@ def run_convert(args: argparse.Namespace, progress: Progress) -> int:
     _check_clashes(outputs, args.model, args.calib)
     request = ConvertRequest(  # refuses --out and --skip with --int8
         args.model, Data(tuple(args.input_shape or ()), args.calib, args.calib_batches, args.seed),
-        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip)),
+        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), args.bn),
         outputs, _table(args), args.verify, args.quiet,
     )
     with progress.step("loading PyTorch"):

@@ -29,14 +29,13 @@ from . import distributed
 from .api import convert, get_report, prepare
 from .comparing import compare, sqnr_db, tensors_in
 from .errors import FxqbnError
-from .lowering import lower
 from .paths import calibration_files
 from .progress import Progress
 from .report import Report
 from .requests import ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table, first_line, model_file, usage
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
-from .whole_model import int8_model
+from .whole_model import quantize_whole_model
 
 __all__ = ["convert_command", "report_command", "verify", "Verification"]
 
@@ -370,13 +369,11 @@ def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], c
 
 def _whole_model_int8(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
                       progress: Progress, spec: str) -> nn.Module:
-    """--int8 ao|pt2e: the whole model to int8 (torch.ao FX or torchao PT2E), then its BNs lowered (fxqbn.lower)."""
+    """--int8 ao|pt2e: the whole model to int8 (torch.ao FX, then its BNs lowered; or fxqbn.pt2e)."""
     if distributed.is_launched():
         raise FxqbnError("fxqbn convert --int8 calibrates in one process: run it without torchrun")
     with progress.step(f"quantizing the whole model to int8 ({asked.int8}), calibrating on {len(calibration.batches)} batches"):
-        int8 = int8_model(model, example, calibration.batches, asked.int8)
-    with progress.step("lowering the BatchNorms"):
-        lowered = lower(int8, backend=asked.backend)
+        lowered = quantize_whole_model(model, example, calibration.batches, asked.int8, asked.backend, asked.bn)
     if not get_report(lowered).rows:  # the report lists every BN, lowered, already int8 or left float
         raise _no_batch_norm(spec)
     return lowered

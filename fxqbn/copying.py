@@ -4,6 +4,7 @@ keeps, so that nothing fxqbn returns shares state with the model it was given.""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from .errors import FxqbnError
 
-__all__ = ["owned_copy", "owned_copies"]
+__all__ = ["owned_copy", "owned_copies", "graph_copy"]
 
 
 def _non_leaf_tensors(value: Any, found: dict[int, torch.Tensor]) -> None:
@@ -57,3 +58,11 @@ def owned_copies(values: list[Any]) -> list[Any]:
             f"fxqbn works on a copy of the model so that the model itself never changes, and "
             f"{what} cannot be copied: {type(exc).__name__}: {exc}. Make it copy.deepcopy-able"
         ) from exc
+
+
+def graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of a GraphModule, without the deprecation torch raises while copying an exported
+    module's pytree specs (its own code, not the user's)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+        return copy.deepcopy(gm)

@@ -11,9 +11,7 @@ match (``passes.find_patterns`` with the graph's kind), then the steps every ent
 
 from __future__ import annotations
 
-import copy
 import time
-import warnings
 
 from torch import fx
 
@@ -22,6 +20,7 @@ from fxqbn.passes.boundaries import GraphKind
 
 from . import pipeline
 from .backends import BACKENDS, Backend, backend_named
+from .copying import graph_copy
 from .errors import FxqbnError
 from .state import LOWERED_KEY, REPORT_KEY, attach, attached
 
@@ -60,9 +59,7 @@ def lower(gm: fx.GraphModule, backend: str | None = None) -> fx.GraphModule:
     """
     start = time.perf_counter()
     kind, chosen = _check(gm, backend)
-    with warnings.catch_warnings():  # torch's own deprecation, raised while copying an exported module's pytree specs
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-        out = copy.deepcopy(gm)
+    out = graph_copy(gm)
     matches, skips = find_patterns(out.graph, out, kind)
     plans, refused = pipeline.refuse_unbuildable(plan_patterns(matches, {}, chosen), chosen)
     modules = pipeline.build_modules(out, plans, chosen)  # all built before any edit

@@ -25,7 +25,6 @@ Neither function changes its argument.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ from fxqbn.passes.boundaries import PREPARED
 from fxqbn.passes.records import Match
 
 from . import pt2e_fold
+from .copying import graph_copy
 from .errors import FxqbnError
 from .report import Report, ReportRow, ReportSummary, folded_row
 from .source import source_of
@@ -194,7 +194,7 @@ def prepare_pt2e(exported: fx.GraphModule, quantizer: Any, bn: str = "int8", ski
 
     from .bn_quantizer import BatchNormQuantizer
 
-    model = copy.deepcopy(exported)
+    model = graph_copy(exported)
     found, folds, kept = _plan(model, frozenset(skip))
     folded = _folded_rows(model, folds)
     for fold in folds:
@@ -249,7 +249,7 @@ def convert_pt2e(prepared: fx.GraphModule, backend: str | None = None) -> fx.Gra
         raise FxqbnError(f"convert_pt2e before calibration: {len(empty)} observers have seen no data (e.g. '{empty[0]}'); "
                          "run the prepared model on calibration batches first")
     start = time.perf_counter()
-    converted = _convert_steps(copy.deepcopy(prepared))
+    converted = _convert_steps(graph_copy(prepared))
     if record.bn == "int8":
         from .lowering import lower
 

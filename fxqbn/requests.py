@@ -83,13 +83,18 @@ class Quantization:
     backend: str | None = None  # None: native, or fused with --int8 pt2e
     int8: str | None = None
     skip: tuple[str, ...] = ()
+    bn: str = "int8"  # --int8 pt2e: "int8" (standalone BNs int8) or "float" (only the conv -> BN fold corrected)
 
     def describe(self) -> str:
-        return f"whole-model int8 via {self.int8}, BNs lowered" if self.int8 else f"{self.observer} observer, {self.dtype}"
+        if self.int8:
+            return f"whole-model int8 via {self.int8}, BNs " + ("kept float (fold corrected)" if self.bn == "float" else "lowered")
+        return f"{self.observer} observer, {self.dtype}"
 
     def settings(self) -> dict[str, Any]:
         """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes, and
         --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
+        if self.int8 == "pt2e":
+            return {"int8": self.int8, "bn": self.bn}
         return {"int8": self.int8} if self.int8 else {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip)}
 
 

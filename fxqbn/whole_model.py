@@ -1,11 +1,12 @@
 """Whole-model int8, then lowering: the pipeline behind ``fxqbn convert MODEL --int8 ao|pt2e``.
 
 * ``ao``: torch.ao FX, ``prepare_fx`` with ``get_default_qconfig_mapping("x86")``, calibrate, ``convert_fx``;
-* ``pt2e``: ``torch.export``, torchao's ``prepare_pt2e`` with ``X86InductorQuantizer``, calibrate,
-  ``convert_pt2e`` (needs the optional dependency: ``pip install "fxqbn[pt2e]"``).
+* ``pt2e``: ``torch.export``, ``prepare_pt2e`` with ``X86InductorQuantizer``, calibrate, ``convert_pt2e``
+  (needs the optional dependency: ``pip install "fxqbn[pt2e]"``).
 
-``quantize_whole_model`` returns the int8 model with its BNs lowered (``fxqbn.lower``); ``int8_model``
-the int8 model before lowering. The user's model is never changed. The deprecation notices torch.ao
+``quantize_whole_model`` returns the int8 model with its BNs int8 too: torch.ao's through ``fxqbn.lower``,
+PT2E's through ``fxqbn.pt2e`` (a correct conv -> BN fold, ``BatchNormQuantizer``). ``int8_model`` gives
+what torch.ao or torchao's own functions make, before lowering. The user's model is never changed. The deprecation notices torch.ao
 prints on every call, the log lines torchao's import writes about its CUDA-only extensions, and the
 "No CUDA runtime" line of torch's CUDA builds without a GPU are silenced here (message by message,
 around those calls and imports only).
@@ -118,12 +119,16 @@ def _ao(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.Gra
         return convert_fx(observed)
 
 
-def _pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.GraphModule:
-    prepare_pt2e, convert_pt2e, quantizer_class, default_config = import_pt2e()
-    # Exported with a dynamic batch dimension, from the inputs with the largest batch (export fixes a batch of 1).
+def _exported(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.GraphModule:
+    """``model`` exported with a dynamic batch dimension, from the inputs with the largest batch (export fixes a batch of 1)."""
     sample = max([example_inputs, *batches], key=lambda b: b[0].shape[0] if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 0)
     batch = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None for x in sample)
-    exported = torch.export.export(owned_copy(model), sample, dynamic_shapes=batch).module()
+    return torch.export.export(owned_copy(model), sample, dynamic_shapes=batch).module()
+
+
+def _pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple]) -> fx.GraphModule:
+    prepare_pt2e, convert_pt2e, quantizer_class, default_config = import_pt2e()
+    exported = _exported(model, example_inputs, batches)
     quantizer = quantizer_class().set_global(default_config())
     observed = prepare_pt2e(exported, quantizer)
     _calibrate(observed, batches)
@@ -135,6 +140,11 @@ def int8_model(model: nn.Module, example_inputs: Any, calib_batches: Iterable[An
     (tensors or tuples of inputs), before lowering."""
     if route not in ROUTES:
         raise FxqbnError(f"unknown int8 route {route!r}: choose one of {', '.join(repr(r) for r in ROUTES)}")
+    return (_ao if route == "ao" else _pt2e)(*_checked(model, example_inputs, calib_batches))
+
+
+def _checked(model: nn.Module, example_inputs: Any, calib_batches: Iterable[Any]) -> tuple[nn.Module, tuple, list[tuple]]:
+    """(model, example inputs as a tuple, batches as tuples) once they are fit to quantize; FxqbnError otherwise."""
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -143,11 +153,23 @@ def int8_model(model: nn.Module, example_inputs: Any, calib_batches: Iterable[An
     batches = [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in calib_batches]
     if not batches:
         raise FxqbnError("no calibration batches: pass at least one")
-    return (_ao if route == "ao" else _pt2e)(model, example, batches)
+    return model, example, batches
 
 
 def quantize_whole_model(
-    model: nn.Module, example_inputs: Any, calib_batches: Iterable[Any], route: str, backend: str | None = None
+    model: nn.Module, example_inputs: Any, calib_batches: Iterable[Any], route: str, backend: str | None = None, bn: str = "int8",
 ) -> fx.GraphModule:
-    """``int8_model`` then ``fxqbn.lower``: whole-model int8 with every sandwiched BN int8 too."""
-    return lower(int8_model(model, example_inputs, calib_batches, route), backend=backend)
+    """Whole-model int8 with int8 BNs: ``ao``: ``int8_model`` then ``fxqbn.lower``; ``pt2e``: ``fxqbn.pt2e``'s
+    route (a correct conv -> BN fold; with ``bn="int8"`` every BN that does not fold int8)."""
+    if route != "pt2e":
+        return lower(int8_model(model, example_inputs, calib_batches, route), backend=backend)
+    return _fxqbn_pt2e(*_checked(model, example_inputs, calib_batches), backend, bn)
+
+
+def _fxqbn_pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple], backend: str | None, bn: str) -> fx.GraphModule:
+    from . import pt2e
+
+    _, _, quantizer_class, default_config = import_pt2e()
+    prepared = pt2e.prepare_pt2e(_exported(model, example_inputs, batches), quantizer_class().set_global(default_config()), bn=bn)
+    _calibrate(prepared, batches)
+    return pt2e.convert_pt2e(prepared, backend=backend)

@@ -345,3 +345,36 @@ def test_prepared_model_is_left_unchanged_by_convert():
     code, state = prepared.code, copy.deepcopy(prepared.state_dict())
     pt2e.convert_pt2e(prepared)
     assert prepared.code == code and all(torch.equal(v, state[k]) for k, v in prepared.state_dict().items())
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+{source}
+
+def build():
+    torch.manual_seed(0)
+    return PreActBlock().eval(), (torch.randn(2, 3, 8, 8),)
+'''
+
+
+@pytest.mark.parametrize("bn", ["int8", "float"])
+def test_command_int8_pt2e_takes_the_route_and_reports_every_bn(tmp_path, capsys, bn):
+    import inspect
+
+    from fxqbn import cli
+
+    (tmp_path / "preact.py").write_text(MODEL_FILE.format(source=inspect.getsource(PreActBlock)))
+    argv = ["convert", f"{tmp_path}/preact.py:build", "--int8", "pt2e", "--bn", bn, "--calib-batches", "2",
+            "--columns", "bn,status,reason"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines() if line.startswith("bn")}
+    assert rows["bn2"] == ["folded", "folded into conv1"]
+    standalone = ["rewritten", "-"] if bn == "int8" else ["skipped", "kept float: bn='float'"]
+    assert rows["bn1"] == rows["bn_out"] == standalone
+    assert ("BNs kept float (fold corrected)" in out) == (bn == "float")
