@@ -378,3 +378,15 @@ def test_command_int8_pt2e_takes_the_route_and_reports_every_bn(tmp_path, capsys
     standalone = ["rewritten", "-"] if bn == "int8" else ["skipped", "kept float: bn='float'"]
     assert rows["bn1"] == rows["bn_out"] == standalone
     assert ("BNs kept float (fold corrected)" in out) == (bn == "float")
+
+
+def test_x86_quantizers_failure_on_torchvision_resnet_under_2_14_is_said_not_a_crash():
+    """torch 2.14.1's X86InductorQuantizer raises deep inside on torchvision's ResNets: fxqbn says so and what to use."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is installed only beside torch 2.14.1 (.ci/run)")
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    exported = export(model, x)
+    if torch.__version__.startswith("2.14"):
+        with pytest.raises(fxqbn.FxqbnError, match="Input partition has more than one output node.*--int8 ao"):
+            pt2e.prepare_pt2e(exported, x86())
+    else:
+        assert fxqbn.get_report(pt2e.convert_pt2e(calibrated(exported, x, x86()))).summary.folded == 20
