@@ -401,19 +401,40 @@ class FusedBatchNorm(nn.Module):
             return self._forward_torch(x)
         if x.dtype != self._codes or x.dim() not in self._ranks or x.shape[1] != self.num_features:
             self._check_input(x)  # raises, naming what is wrong
-        n = x.numel()
-        if self._c is None or n == 0 or not x.is_cpu or tracing(x):
+        if self._c is None or x.numel() == 0 or not x.is_cpu or tracing(x):
             if self._c is None:
                 warn_if_missing()
             return self._forward_torch(x)
         x = dense(x)
-        out, c = torch.empty_like(x), self.num_features
+        out = torch.empty_like(x)
+        self._run(x, out)
+        return out
+
+    @torch.jit.unused
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The same codes on quantized tensors (torch.ao graphs): the C kernel reads ``x``'s memory and
+        writes a new quantized tensor's, so the codes are not copied out (``int_repr``) and back in."""
+        if not x.is_quantized or x.dtype != self.input_qparams.dtype or x.dim() not in self._ranks or x.shape[1] != self.num_features:
+            raise FxqbnError(
+                f"{self._get_name()} expects a {self.input_qparams.dtype} quantized tensor (N, {self.num_features}, ...) "
+                f"of rank {' or '.join(map(str, self._ranks))}, got shape {tuple(x.shape)} of {x.dtype}"
+            )
+        qout = self.output_qparams
+        if self._c is None or x.numel() == 0 or not x.is_cpu or tracing(x):
+            return qops.from_codes(self(qops.codes(x)), qout.scale, qout.zero_point)
+        x = dense(x)
+        out = qops.empty_quantized_as(x, qout.scale, qout.zero_point, qout.dtype)
+        self._run(x, out)
+        return out
+
+    def _run(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The C kernel from ``x``'s 8-bit codes into ``out``'s (both dense, of one layout)."""
+        n, c = x.numel(), self.num_features
         row_len = n // (x.shape[0] * c)
         if row_len > 1 and x.is_contiguous():  # (N, C, S): a channel per row
             self._c.run(x, out, False, x.shape[0] * c, row_len, threads())
         else:  # channels innermost: (N * S, C)
             self._c.run(x, out, True, n // c, c, threads())
-        return out
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The same codes in aten ops: the ulp-adjusted affine map, or a gather from the table."""

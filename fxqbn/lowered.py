@@ -32,11 +32,15 @@ class ByRank(nn.Module):
         super().__init__()
         self.kernels = nn.ModuleDict({str(dim): kernel for dim, kernel in kernels.items()})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_for(self, x: torch.Tensor) -> nn.Module:
+        """The kernel for ``x``'s rank."""
         dim = RANK_TO_DIM.get(x.dim())
         if dim is None:
             raise FxqbnError(f"int8 BatchNorm expects an input of 2 to 5 dims, got shape {tuple(x.shape)}")
-        return self.kernels[str(dim)](x)
+        return self.kernels[str(dim)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel_for(x)(x)
 
 
 class LoweredBatchNorm(nn.Module):
@@ -74,13 +78,12 @@ class LoweredBatchNorm(nn.Module):
         self._check_input(x)
         if self.graph_codes and not self.kernel_codes:
             x = qops.from_codes(x, self.input_qparams.scale, self.input_qparams.zero_point)
-        elif not self.graph_codes and self.kernel_codes:
-            x = qops.codes(x)
+        elif not self.graph_codes and self.kernel_codes:  # the fused kernel on the quantized tensors' own memory
+            kernel = self.kernel.kernel_for(x) if isinstance(self.kernel, ByRank) else self.kernel
+            return kernel.forward_quantized(x)
         y = self.kernel(x)
         if self.graph_codes and not self.kernel_codes:  # the native kernel returns channels-last: keep x's layout
             return qops.codes(y).contiguous() if x.is_contiguous() else qops.codes(y)
-        if not self.graph_codes and self.kernel_codes:
-            return qops.from_codes(y, self.output_qparams.scale, self.output_qparams.zero_point)
         return y
 
     def _get_name(self) -> str:

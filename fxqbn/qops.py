@@ -19,7 +19,7 @@ import torch
 from .errors import FxqbnError
 
 __all__ = [
-    "quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES",
+    "quantize", "dequantize", "batch_norm", "empty_quantized", "empty_quantized_as", "BN_OP_NAMES",
     "codes", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
 ]
 
@@ -114,6 +114,17 @@ def quantize_decomposed(
 def empty_quantized(like: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """An empty quantized tensor shaped like ``like``, carrying the given qparams."""
     return torch._empty_affine_quantized(list(like.shape), scale=scale, zero_point=zero_point, dtype=like.dtype)
+
+
+def empty_quantized_as(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty quantized tensor of ``x``'s shape and layout (``x`` dense: contiguous, or channels innermost)."""
+    if x.is_contiguous():
+        return torch._empty_affine_quantized(list(x.shape), scale=scale, zero_point=zero_point, dtype=dtype)
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last):
+        return torch._empty_affine_quantized(list(x.shape), scale=scale, zero_point=zero_point, dtype=dtype, memory_format=last)
+    last = torch._empty_affine_quantized(list(x.movedim(1, -1).shape), scale=scale, zero_point=zero_point, dtype=dtype)
+    return last.movedim(-1, 1)
 
 
 def batch_norm(

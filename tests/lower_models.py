@@ -185,3 +185,44 @@ def timm_style_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A factory for the command: ``fxqbn convert tests/lower_models.py:timm_style_net --int8 pt2e``."""
     model = seeded(TimmStyleNet)
     return model, model.example()
+
+
+class WideNet(TimmStyleNet):
+    """The timm-style net at 128 channels (inputs 14x14): many channels, small images."""
+
+    def __init__(self) -> None:
+        super().__init__(2, nn.ReLU, width=128)
+
+    def example(self, batch: int = 2) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, 3, 14, 14),)
+
+
+class PreActNet(nn.Module):
+    """Pre-activation residual blocks (BN -> ReLU -> conv, added to the block's input), timm's
+    BatchNormAct: the BN reads an add, not a conv, so nothing folds it."""
+
+    def __init__(self, width: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bns = nn.ModuleList(BatchNormAct(2, width, nn.ReLU()) for _ in range(blocks))
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(blocks))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for bn, conv in zip(self.bns, self.convs):
+            x = x + conv(bn(x))
+        return self.head(torch.flatten(x.mean(dim=(2, 3)), 1))
+
+    def example(self, batch: int = 2) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, 3, 16, 16),)
+
+
+def cost_models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor]]]:
+    """name -> (float model, example input): the nets benchmarks/lower_cost.py times lower's default on."""
+    nets = {
+        "timm_style_16ch_24x24": seeded(lambda: TimmStyleNet(2, width=16)), "wide_128ch_14x14": seeded(WideNet),
+        "preact_32ch_16x16": seeded(PreActNet), "bn1d_head_mlp": seeded(MLP),
+    }
+    inputs = {"timm_style_16ch_24x24": (torch.randn(2, 3, 24, 24),)}
+    return {name: (net, inputs.get(name, net.example())) for name, net in nets.items()}

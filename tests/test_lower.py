@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -21,11 +22,13 @@ from torch import fx, nn
 import fxqbn
 from fxqbn import cli
 from fxqbn.comparing import sqnr_db
+from fxqbn.cost import COST_MODEL, Site, site_of
 from fxqbn.fused import FusedBatchNorm
 from fxqbn.lowered import ByRank
 from fxqbn.passes import find_patterns, int8_kind, passthrough_input, read_activation, read_bn
 from fxqbn.passes.boundaries import AO_OPS
 from fxqbn.passes.rewrite import LOWERED_PREFIX
+from fxqbn.tracing import propagate_shapes
 from fxqbn.whole_model import import_pt2e, int8_model
 
 try:
@@ -103,7 +106,7 @@ def test_one_pattern_becomes_one_int8_bn_within_one_step(route, dim, activation,
     model = Sandwich(route, dim, spelling, activation, passthrough, affine=dim != 3)
     gm = fx.symbolic_trace(model)
     before = gm.code
-    lowered = fxqbn.lower(gm)
+    lowered = fxqbn.lower(gm, bn="int8")  # every kernel (the cost model keeps the torch.ao one float: tests below)
     assert gm.code == before  # the input is not changed
     (match,), skips = find_lowerable(gm)
     assert not skips
@@ -229,7 +232,7 @@ def test_sync_batchnorm_in_eval_picks_its_kernel_by_rank(route):
     sync.load_state_dict(model.bn.state_dict())
     model.bn = sync
     gm = fx.symbolic_trace(model)
-    lowered = fxqbn.lower(gm)
+    lowered = fxqbn.lower(gm, bn="int8")
     (row,) = fxqbn.get_report(lowered).rows
     assert (row.pattern, row.status) == ("SyncBatchNorm+ReLU", "rewritten") and "batch_normNd" in row.op
     x = model.codes(SHAPES[2])
@@ -270,7 +273,7 @@ def test_qparams_carry_through_every_activation_and_pass_through_spelling_to_the
 def test_native_relu6_equals_torch_ao_bn_then_relu6():
     """Native: the BN kernel then a quantized clamp equals torch.ao's quantized BN then its quantized ReLU6."""
     model = Sandwich("ao", 2, "module", "ReLU6", "none", qout=(0.02, 30))
-    lowered = fxqbn.lower(fx.symbolic_trace(model))
+    lowered = fxqbn.lower(fx.symbolic_trace(model), backend="native")
     x = model.codes(SHAPES[2])
     bn = model.bn
     theirs = torch.ops.quantized.batch_norm2d(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, 0.02, 30)
@@ -297,7 +300,7 @@ class FloatReader(nn.Module):
 
 def test_a_dequantize_read_by_float_code_stays_and_unsandwiched_bns_are_reported():
     gm = fx.symbolic_trace(FloatReader())
-    lowered = fxqbn.lower(gm)
+    lowered = fxqbn.lower(gm, backend="native")
     targets = [n.target for n in lowered.graph.nodes if n.op == "call_method"]
     assert targets.count("dequantize") == 2  # the input's, kept for sum() and bn2; the output's
     report = fxqbn.get_report(lowered)
@@ -318,14 +321,16 @@ def test_bad_input_is_refused():
         fxqbn.lower(gm, backend="int4")
     with pytest.raises(fxqbn.FxqbnError, match="already converted or lowered by fxqbn"):
         fxqbn.lower(fxqbn.lower(gm))
-    lowered = fxqbn.lower(gm)
+    with pytest.raises(fxqbn.FxqbnError, match="unknown bn='float'"):
+        fxqbn.lower(gm, bn="float")
+    lowered = fxqbn.lower(gm, backend="native")
     with pytest.raises(fxqbn.FxqbnError, match="fxqbn.save stores models converted by fxqbn.convert"):
         fxqbn.save(lowered, io.BytesIO())
     with pytest.raises(fxqbn.FxqbnError, match="fxqbn.compare takes models from fxqbn.convert"):
         fxqbn.compare(gm, lowered, torch.randn(1, 5, 4, 4))
     x = torch.randint(0, 255, (1, 5, 4, 4), dtype=torch.uint8)
     with pytest.raises(fxqbn.FxqbnError, match="expects a torch.quint8 quantized tensor"):
-        fxqbn.lower(gm)(x)
+        lowered(x)
 
 
 # -- whole models through both routes -----------------------------------------------------------------
@@ -470,10 +475,12 @@ def test_command_int8_ao_route_reports_and_verifies(capsys):
                      "--verify", "--format", "json"]) == 0
     document = json.loads(capsys.readouterr().out)
     rows = document["report"]["rows"]
-    # torch.ao ran Identity and ReLU on the quantized output: the int8 BN absorbs them (its ReLU variant)
+    # torch.ao ran Identity and ReLU on the quantized output: the int8 BN absorbs them (its ReLU variant);
+    # the cost model picks the fused kernel (the graph shows every input's qparams)
     assert [(r["module"], r["pattern"], r["status"], r["op"]) for r in rows] == [
-        (f"bn{k}", "F.batch_norm+ReLU", "rewritten", "quantized::batch_normNd_relu") for k in (1, 2, 3)
+        (f"bn{k}", "F.batch_norm+ReLU", "rewritten", "fxqbn.fused.batch_normNd_relu") for k in (1, 2, 3)
     ]
+    assert all(r["reason"].startswith("int8 fused kernel (8 channels") for r in rows)
     assert document["verification"]["sqnr_db"] > 10
 
 
@@ -507,3 +514,122 @@ def test_the_command_factory_builds_the_same_model_every_call():
 
     (a, _), (b, _) = timm_style_net(), timm_style_net()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -- the cost model (fxqbn.cost): which BNs the default lowers, on which kernel, and why -------------
+
+
+def site(channels=16, qparams=True, c_kernels=True, shape=None, channels_last=None):
+    return Site(channels, qparams, c_kernels, shape, channels_last)
+
+
+@pytest.mark.parametrize("known, kernel, words", [
+    (site(), "fused", ["int8 fused kernel", "16 channels, input shape not recorded"]),
+    (site(3, shape=(1, 3, 8, 8), channels_last=True), "fused", ["3 channels, input 1x3x8x8 channels-last"]),
+    (site(16, qparams=False), "float", ["kept float", "16 channels", "input qparams the graph does not show", "backend= or bn='int8' forces int8"]),
+    (site(16, c_kernels=False, shape=(16, 16, 24, 24), channels_last=True), "float", ["C kernels are not built"]),
+    (site(128, qparams=False, shape=(16, 128, 28, 28), channels_last=True), "native", ["int8 native kernel", "channels-last"]),
+    (site(128, qparams=False, shape=(16, 128, 28, 28), channels_last=False), "float", ["16x128x28x28 contiguous"]),
+    (site(32, qparams=False, shape=(16, 32, 28, 28), channels_last=True), "float", ["32 channels"]),
+    (site(512, qparams=False, shape=(1, 512, 7, 7), channels_last=True), "float", ["1x512x7x7"]),  # too few elements
+    (site(256, qparams=False, shape=(64, 256)), "float", ["input 64x256"]),  # BatchNorm1d: no channels-last
+])
+def test_the_rule_on_constructed_sites(known, kernel, words):
+    choice = COST_MODEL.choose(known)
+    assert choice.kernel == kernel and all(w in choice.reason for w in words), choice.reason
+    assert COST_MODEL.choose(known, int8=True).kernel == ("native" if kernel == "float" else kernel)
+
+
+def rule_of(gm, example_inputs=None):
+    """BN node -> what the cost model says of it, on the graph (and shapes) fxqbn.lower sees."""
+    gm = copy.deepcopy(gm)
+    if example_inputs is not None:
+        propagate_shapes(gm, gm.graph, example_inputs)
+    matches, _ = find_lowerable(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {m.bn.node: COST_MODEL.choose(site_of(nodes, gm, m)) for m in matches}
+
+
+def check_default_follows_the_rule(gm, example_inputs=None):
+    lowered = fxqbn.lower(gm, example_inputs=example_inputs)
+    rows = {row.node: row for row in fxqbn.get_report(lowered).rows}
+    for node, choice in rule_of(gm, example_inputs).items():
+        row = rows[node]
+        assert row.status == ("skipped" if choice.kernel == "float" else "rewritten") and row.reason.endswith(choice.reason)
+        assert choice.kernel == "float" or (choice.kernel == "fused") == row.op.startswith("fxqbn.fused.")
+    return lowered, rows
+
+
+def test_the_default_keeps_float_a_bn_whose_int8_kernel_costs_more_and_says_why():
+    """A torch.ao BN whose input qparams only the tensor carries, shape unknown: the native kernel at
+    5 channels costs more than the float BN, the fused one cannot be built: kept float, codes unchanged."""
+    model = Sandwich("ao", 2, "module", "ReLU", "none")
+    gm = fx.symbolic_trace(model)
+    lowered, rows = check_default_follows_the_rule(gm)
+    assert rows["bn"].status == "skipped" and rows["bn"].reason.startswith("kept float: the int8 native kernel at 5 channels")
+    assert sandwiched_float_bns(lowered) == ["bn"]
+    x = model.codes(SHAPES[2])
+    assert torch.equal(codes_of(lowered(x)), codes_of(gm(x)))
+    for forced in ({"backend": "native"}, {"bn": "int8"}):
+        (row,) = fxqbn.get_report(fxqbn.lower(gm, **forced)).rows
+        assert row.status == "rewritten" and row.op.startswith("quantized::") and "forces int8" in row.reason
+
+
+def test_example_inputs_give_the_rule_shape_and_layout():
+    """The same BN at 64 channels: shape unknown, kept float; a channels-last 16x64x16x16 example: native."""
+    model = Sandwich("ao", 2, "module", "ReLU", "none", channels=64)
+    gm = fx.symbolic_trace(model)
+    x = model.codes((16, 64, 16, 16)).contiguous(memory_format=torch.channels_last)
+    _, rows = check_default_follows_the_rule(gm)
+    assert rows["bn"].status == "skipped"
+    lowered, rows = check_default_follows_the_rule(gm, (x,))
+    assert rows["bn"].status == "rewritten" and rows["bn"].op == "quantized::batch_norm2d_relu"
+    assert "16x64x16x16 channels-last" in rows["bn"].reason
+    assert (codes_of(lowered(x)) - codes_of(gm(x))).abs().max() <= 1
+    _, rows = check_default_follows_the_rule(gm, (x.contiguous(),))
+    assert rows["bn"].status == "skipped" and "contiguous" in rows["bn"].reason
+
+
+@pytest.mark.parametrize("width", [8, 128])
+def test_forced_backends_and_bn_int8_lower_every_bn_and_the_default_follows_the_rule(width):
+    model = trained(TimmStyleNet(2, nn.ReLU, width=width))
+    int8 = int8_model(model, model.example(), batches(model, n=2), "ao")
+    lowered, rows = check_default_follows_the_rule(int8)
+    assert all(r.status == "rewritten" and r.reason.startswith("int8 fused kernel") for r in rows.values())
+    check_default_follows_the_rule(int8, model.example(16))
+    for forced, prefix in (({"backend": "native"}, "quantized::"), ({"backend": "fused"}, "fxqbn.fused."), ({"bn": "int8"}, "fxqbn.fused.")):
+        report = fxqbn.get_report(fxqbn.lower(int8, **forced))
+        assert [r.status for r in report.rows] == ["rewritten"] * 3 and all(r.op.startswith(prefix) for r in report.rows)
+        assert all("forces int8" in r.reason or "(cost model)" in r.reason for r in report.rows)
+    matches, _ = find_lowerable(int8)
+    check_each_bn_within_one_step(int8, lowered, matches, model.example(3))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "rank3_channels_last"])
+def test_the_fused_kernel_on_quantized_tensors_reads_and_writes_their_memory_as_on_codes(layout):
+    """torch.ao graphs: the fused kernel runs on the quantized tensors' own memory (no int_repr copy);
+    the codes equal those of the kernel on plain codes, and a dense input's layout is kept."""
+    dim = 1 if layout.startswith("rank3") else 2
+    gm = fx.symbolic_trace(QuantizedThrough(nn.Identity()) if dim == 2 else QuantizedThrough1d())
+    module = fxqbn.lower(gm, backend="fused").get_submodule(LOWERED_PREFIX + "bn")
+    kernel = module.kernel.kernels[str(dim)] if isinstance(module.kernel, ByRank) else module.kernel
+    x = torch.quantize_per_tensor(torch.randn((3, 5, 6, 7) if dim == 2 else (3, 5, 9)) * 3, 0.1, 10, torch.quint8)
+    x = {"contiguous": lambda: x, "channels_last": lambda: x.contiguous(memory_format=torch.channels_last),
+         "strided": lambda: x[:, :, ::2], "rank3_channels_last": lambda: x.transpose(1, 2).contiguous().transpose(1, 2)}[layout]()
+    y = module(x)
+    assert y.is_quantized and (y.q_scale(), y.q_zero_point()) == (0.04, 90)
+    assert torch.equal(y.int_repr(), kernel(x.int_repr()))
+    if layout != "strided":
+        assert y.stride() == x.stride()
+    with pytest.raises(fxqbn.FxqbnError, match="expects a torch.quint8 quantized tensor"):
+        kernel.forward_quantized(x.int_repr())
+
+
+class QuantizedThrough1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(5).eval()
+
+    def forward(self, x):
+        q = torch.quantize_per_tensor(x, 0.1, 10, torch.quint8)
+        return torch.quantize_per_tensor(self.bn(q.dequantize()), 0.04, 90, torch.quint8)
