@@ -49,10 +49,10 @@ def _pair(values: dict[str, float], digits: int = 1) -> str:
 
 
 def _row(spec: Spec, result: Result) -> list[object]:
-    if result.error:
-        status = result.error[:70]
+    if not result.float.bns:
+        status = "no BN"  # fxqbn.prepare refuses it, saying so
     else:
-        status = result.rewritten if result.float.bns else "no BN"
+        status = result.error[:70] if result.error else result.rewritten
     return [spec.label, result.float.bns, status, _plain(result.fused), *_kinds(result), len(result.float.chains),
             result.fused_chains, _pair(result.left, 0), sum(result.skips.values()), _pair(result.sqnr),
             _pair(result.oracle), "yes" if result.model_kept else "NO"]

@@ -16,7 +16,7 @@ from . import nn as qnn
 from . import pipeline
 from .backends import BACKENDS, backend_named
 from .copying import owned_copies, owned_copy
-from .errors import FxqbnError
+from .errors import FxqbnError, no_batch_norm
 from .float_io import FloatIO
 from .lowered import ByRank, LoweredBatchNorm
 from .qconfig import ActivationConfig
@@ -66,6 +66,8 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
     if needs_shapes(graph, model):
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
     matches, skips = find_patterns(graph, model, PREPARED, choose)
+    if not matches and not skips:
+        raise no_batch_norm(f"the model ({type(model).__name__})")
     # Known now: refuse bad statistics before calibration meets them (convert checks again).
     qnn.check_many([(match.module, pipeline.bn_tensors(model, match)) for match in matches])
     observed, observers = insert_observers(graph, model, matches)

@@ -7,7 +7,8 @@ Exit status: 0 on success; 2 when the command line is wrong (a malformed or miss
 module or factory that does not exist, a --skip module that holds no BatchNorm, an output path that
 cannot be written); 1 when fxqbn refuses the model or the data (a model it cannot trace or that holds
 no BatchNorm, inputs or calibration batches the model does not take, an unreadable file); 130 when
-interrupted (Ctrl-C). Errors are one line on stderr; ``--debug`` adds the Python traceback.
+interrupted (Ctrl-C). Errors are one line on stderr; ``--debug`` adds the Python traceback. A reader
+that closes stdout early (``fxqbn convert | head -3``) ends the command quietly, with status 0.
 
 This module imports no torch: ``--help``, ``--version`` and usage errors answer at once, and every
 path is checked before any work. It parses the command line into records (``fxqbn.requests``);
@@ -251,6 +252,16 @@ def _check_clashes(outputs: Outputs, model: str | None, calib: str | None) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # stdout's reader stopped reading (`fxqbn convert | head -3`): its choice, not an error
+        _stdout_to_devnull()
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     progress, debug = Progress(enabled=False), False
     try:
         args = build_parser().parse_args(argv)
@@ -258,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args, progress)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except BrokenPipeError:
+        raise
     except (Exception, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt):
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the message
@@ -267,6 +280,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(exc)
         print(message, file=sys.stderr)
         return status
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's last flush of what is
+    still buffered for the closed pipe fails no more (the recipe of Python's ``signal`` docs)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (e.g. a test's stream): nothing flushes at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _status_and_message(exc: BaseException) -> tuple[int, str]:

@@ -6,6 +6,7 @@ and calls ``convert_command`` / ``report_command`` here with them; this module i
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -17,7 +18,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from . import distributed
 from .api import convert, get_report, prepare
 from .comparing import compare, sqnr_db, tensors_in
-from .errors import FxqbnError
+from .errors import FxqbnError, no_batch_norm
 from .paths import calibration_files
 from .progress import Progress
 from .report import Report
@@ -63,13 +64,26 @@ def _import_target(target: str) -> Any:
             raise FxqbnError(f"importing {target} failed: {first_line(exc)}") from exc
         return module
     try:
-        return importlib.import_module(target)
+        with _current_folder_first():
+            return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
             raise usage(PROG, f"no module named {exc.name!r} (MODEL is path/to/file.py:factory or package.module:factory)") from None
         raise FxqbnError(f"importing {target} failed: {first_line(exc)}") from exc
     except Exception as exc:
         raise FxqbnError(f"importing {target} failed: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _current_folder_first() -> Iterator[None]:
+    """The current folder first on ``sys.path`` while MODEL's module is imported, as ``python -m`` has it
+    (the ``fxqbn`` script's own folder is there instead); ``sys.path`` as it was afterwards."""
+    before = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path[:] = before
 
 
 def _load_factory(spec: str) -> Callable[[], Any]:
@@ -321,17 +335,10 @@ def _model_and_inputs(spec: str, data: Data) -> tuple[nn.Module, tuple[Any, ...]
     return model, example
 
 
-def _no_batch_norm(spec: str) -> FxqbnError:
-    return FxqbnError(f"{spec} holds no BatchNorm: nothing to quantize (fxqbn quantizes BatchNorm1d/2d/3d and F.batch_norm "
-                      "on module statistics)")
-
-
-def _check_found(spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
-    """Refuse a model without BatchNorm, and a --skip module holding none of the model's BatchNorms."""
+def _check_found(observed: nn.Module, skip: Sequence[str]) -> None:
+    """Refuse a --skip module holding none of the model's BatchNorms (prepare refused a model without any)."""
     found = attached(observed, PREPARED_KEY)
     modules = [p.module for p in found.patterns] + [s.module for s in found.skips]
-    if not modules:
-        raise _no_batch_norm(spec)
     for name in skip:
         if not any(m == name or m.startswith(name + ".") for m in modules):
             held = sorted({m.split(".")[0] for m in modules})
@@ -352,14 +359,14 @@ def _calibrate(observed: nn.Module, calibration: Calibration, progress: Progress
 
 
 def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
-              progress: Progress, spec: str) -> tuple[nn.Module | None, Calibration]:
+              progress: Progress) -> tuple[nn.Module | None, Calibration]:
     """The converted model (None on a torchrun rank other than 0: rank 0 converts) and the calibration done."""
     if asked.int8:
-        return _whole_model_int8(asked, model, example, calibration, progress, spec), calibration
+        return _whole_model_int8(asked, model, example, calibration, progress), calibration
     qconfig = _qconfig(model, asked)
     with progress.step("tracing"):
         observed = prepare(model, example, qconfig, skip=asked.skip)
-    _check_found(spec, observed, asked.skip)
+    _check_found(observed, asked.skip)
     calibration = _calibrate(observed, calibration, progress)
     if calibration.ranks is not None and calibration.ranks.rank != 0:
         return None, calibration
@@ -368,14 +375,15 @@ def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], c
 
 
 def _whole_model_int8(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
-                      progress: Progress, spec: str) -> nn.Module:
-    """--int8 ao|pt2e: the whole model to int8 (torch.ao FX, then its BNs lowered; or fxqbn.pt2e)."""
+                      progress: Progress) -> nn.Module:
+    """--int8 ao|pt2e: the whole model to int8 (torch.ao FX, then its BNs lowered; or fxqbn.pt2e), every BN
+    of the model with a row (those the route folded into a conv / linear: "folded")."""
     if distributed.is_launched():
         raise FxqbnError("fxqbn convert --int8 calibrates in one process: run it without torchrun")
     with progress.step(f"quantizing the whole model to int8 ({asked.int8}), calibrating on {len(calibration.batches)} batches"):
         lowered = quantize_whole_model(model, example, calibration.batches, asked.int8, asked.backend, asked.bn)
     if not get_report(lowered).rows:  # the report lists every BN, lowered, already int8 or left float
-        raise _no_batch_norm(spec)
+        raise no_batch_norm(f"the model ({type(model).__name__})")
     return lowered
 
 
@@ -406,7 +414,7 @@ def convert_command(request: ConvertRequest, progress: Progress) -> int:
     with progress.step(f"building {request.spec}"):
         model, example = _model_and_inputs(request.spec, request.data)
     calibration = _calibration(request.data, example, request.verifies)
-    quantized, calibration = _quantize(request.quantization, model, example, calibration, progress, request.spec)
+    quantized, calibration = _quantize(request.quantization, model, example, calibration, progress)
     if quantized is None:
         return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
     checked = _verify(bool(request.quantization.int8), model, quantized, calibration.held_out, progress)

@@ -253,7 +253,7 @@ def convert_pt2e(prepared: fx.GraphModule, backend: str | None = None) -> fx.Gra
     if record.bn == "int8":
         from .lowering import lower
 
-        converted = lower(converted, backend=backend or "fused")
+        converted = lower(converted, backend=backend, bn="int8")  # every annotated BN int8: integer-only targets need them all
     attach(converted, REPORT_KEY, _report(converted, record, start))
     return converted
 

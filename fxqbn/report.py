@@ -70,9 +70,11 @@ def skipped_row(skip: Any) -> ReportRow:
     return ReportRow(node=skip.node, module=skip.module, pattern=skip.pattern, op="", status="skipped", reason=skip.reason, source=skip.source)
 
 
-def folded_row(node: str, module: str, pattern: str, into: str, source: str = "") -> ReportRow:
-    """The row of a BatchNorm folded into the conv / linear ``into`` that feeds it (no int8 BN left)."""
-    return ReportRow(node=node, module=module, pattern=pattern, op="", status="folded", reason=f"folded into {into}", source=source)
+def folded_row(node: str, module: str, pattern: str, into: str, source: str = "", by: str = "") -> ReportRow:
+    """The row of a BatchNorm folded into the conv / linear ``into`` that feeds it (no int8 BN left);
+    ``into`` "" when not known; ``by`` names what folded it when not fxqbn (e.g. "torch.ao prepare_fx")."""
+    reason = "folded" + (f" into {into}" if into else "") + (f" by {by}" if by else "")
+    return ReportRow(node=node, module=module, pattern=pattern, op="", status="folded", reason=reason, source=source)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@
 * ``pt2e``: ``torch.export``, ``prepare_pt2e`` with ``X86InductorQuantizer``, calibrate, ``convert_pt2e``
   (needs the optional dependency: ``pip install "fxqbn[pt2e]"``).
 
-``quantize_whole_model`` returns the int8 model with its BNs int8 too: torch.ao's through ``fxqbn.lower``,
-PT2E's through ``fxqbn.pt2e`` (a correct conv -> BN fold, ``BatchNormQuantizer``). ``int8_model`` gives
-what torch.ao or torchao's own functions make, before lowering. The user's model is never changed. The deprecation notices torch.ao
-prints on every call, the log lines torchao's import writes about its CUDA-only extensions, and the
-"No CUDA runtime" line of torch's CUDA builds without a GPU are silenced here (message by message,
-around those calls and imports only).
+``quantize_whole_model`` returns the int8 model with its BNs int8 too: torch.ao's through ``fxqbn.lower``
+(``lower_every_bn``: every BN of the float model gets a row; those ``prepare_fx`` folded into the conv
+or linear before them are gone from the int8 graph, and are reported "folded"), PT2E's through
+``fxqbn.pt2e`` (a correct conv -> BN fold, ``BatchNormQuantizer``; its report has every row). ``int8_model``
+gives what torch.ao or torchao's own functions make, before lowering. The user's model is never
+changed. The deprecation notices torch.ao prints on every call, the log lines torchao's import writes
+about its CUDA-only extensions, and the "No CUDA runtime" line of torch's CUDA builds without a GPU
+are silenced here (message by message, around those calls and imports only).
 """
 
 from __future__ import annotations
@@ -17,21 +19,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from dataclasses import replace
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import AO_INT8, PT2E_INT8
+from fxqbn.passes import AO_INT8, PREPARED, PT2E_INT8, Skip, find_patterns, needs_shapes
 
+from .copying import owned_copy
 from .errors import FxqbnError
 from .lowering import lower
-from .copying import owned_copy
+from .report import folded_row
+from .state import REPORT_KEY, attach, attached
+from .tracing import propagate_shapes, trace_graph
 
-__all__ = ["ROUTES", "int8_model", "quantize_whole_model", "import_pt2e"]
+__all__ = ["ROUTES", "FOLDED_BY", "int8_model", "lower_every_bn", "quantize_whole_model", "import_pt2e"]
 
 ROUTES = {"ao": AO_INT8.name, "pt2e": PT2E_INT8.name}  # `--int8 ROUTE` -> the int8 graphs it makes
+FOLDED_BY = {"ao": "torch.ao prepare_fx", "pt2e": "torchao prepare_pt2e"}  # what folds BNs on each route
+_FOLDS_INTO = (nn.modules.conv._ConvNd, nn.Linear)  # the layers a BN right after them is folded into
 
 # Warnings torch.ao emits on every call of prepare_fx / convert_fx (regexes matched at the message start).
 _AO_WARNINGS = (
@@ -162,7 +170,7 @@ def quantize_whole_model(
     """Whole-model int8 with int8 BNs: ``ao``: ``int8_model`` then ``fxqbn.lower``; ``pt2e``: ``fxqbn.pt2e``'s
     route (a correct conv -> BN fold; with ``bn="int8"`` every BN that does not fold int8)."""
     if route != "pt2e":
-        return lower(int8_model(model, example_inputs, calib_batches, route), backend=backend)
+        return lower_every_bn(model, example_inputs, int8_model(model, example_inputs, calib_batches, route), route, backend)
     return _fxqbn_pt2e(*_checked(model, example_inputs, calib_batches), backend, bn)
 
 
@@ -173,3 +181,40 @@ def _fxqbn_pt2e(model: nn.Module, example_inputs: tuple, batches: list[tuple], b
     prepared = pt2e.prepare_pt2e(_exported(model, example_inputs, batches), quantizer_class().set_global(default_config()), bn=bn)
     _calibrate(prepared, batches)
     return pt2e.convert_pt2e(prepared, backend=backend)
+
+
+def lower_every_bn(model: nn.Module, example_inputs: Any, int8: fx.GraphModule, route: str,
+                   backend: str | None = None) -> fx.GraphModule:
+    """``fxqbn.lower(int8)``, whose report then has a row for every BN of the float ``model`` that
+    ``int8`` (made from it through ``route``) no longer holds: status "folded", naming the conv or
+    linear it went into where the float graph shows one, and what folded it."""
+    lowered = lower(int8, backend=backend)
+    report = attached(lowered, REPORT_KEY)
+    reported = {row.module for row in report.rows}
+    bns, nodes = _float_bns(model, example_inputs)
+    folded = [folded_row(bn.node, bn.module, bn.pattern, _fed_by(nodes[bn.node], model), bn.source, by=FOLDED_BY[route])
+              for bn in bns if bn.module not in reported]
+    if folded:
+        order = {bn.module: i for i, bn in enumerate(bns)}  # rows the float model does not name go last
+        rows = tuple(sorted([*report.rows, *folded], key=lambda row: order.get(row.module, len(order))))
+        attach(lowered, REPORT_KEY, replace(report, rows=rows, summary=replace(report.summary, folded=report.summary.folded + len(folded))))
+    return lowered
+
+
+def _float_bns(model: nn.Module, example_inputs: Any) -> tuple[list[Skip], dict[str, fx.Node]]:
+    """Every BN of the float ``model``, found as ``fxqbn.prepare`` finds them (as skips: nothing is
+    observed), in graph order; and the traced graph's nodes by name."""
+    copy = owned_copy(model)
+    graph = trace_graph(copy)
+    if needs_shapes(graph, copy):  # an F.batch_norm's kind is its input's rank
+        propagate_shapes(copy, graph, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs))
+    found = find_patterns(graph, copy, PREPARED, lambda *_: "not observed")
+    return found.skips, {node.name: node for node in graph.nodes}
+
+
+def _fed_by(bn: fx.Node, model: nn.Module) -> str:
+    """The conv / linear module whose call feeds ``bn`` ("" when another node does)."""
+    source = bn.args[0] if bn.args else None
+    if isinstance(source, fx.Node) and source.op == "call_module" and isinstance(model.get_submodule(str(source.target)), _FOLDS_INTO):
+        return str(source.target)
+    return ""

@@ -318,3 +318,13 @@ def test_converted_model_shares_no_tensor_with_the_float_or_observed_model():
     with torch.no_grad():
         model.conv.weight.add_(1.0)  # later changes to the float model do not reach the quantized one
     assert torch.equal(q(x), expected)
+
+
+def test_prepare_refuses_a_model_without_batch_norm_as_the_command_does():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(fxqbn.FxqbnError, match=r"^the model \(Sequential\) holds no BatchNorm: nothing to quantize "
+                       r"\(fxqbn quantizes BatchNorm1d/2d/3d, SyncBatchNorm and F.batch_norm"):
+        fxqbn.prepare(model, (torch.randn(1, 3, 8, 8),))
+    kept = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()  # every BN kept float: still a BN model
+    report = fxqbn.get_report(fxqbn.convert(fxqbn.prepare(kept, (torch.randn(1, 3, 8, 8),), skip=["1"])))
+    assert [row.status for row in report.rows] == ["skipped"]

@@ -569,8 +569,8 @@ def test_debug_adds_the_traceback(work):
          "fxqbn convert: error: argument --calib-batches: not allowed with argument --calib"),
         (["m.py:net_with_inputs", "--skip", "conv"], 2,
          "fxqbn convert: error: argument --skip: module 'conv' holds no BatchNorm; the BatchNorms are in block, bn"),
-        (["m.py:no_bn"], 1, "fxqbn: error: m.py:no_bn holds no BatchNorm: nothing to quantize"),
-        (["m.py:no_bn", "--int8", "ao"], 1, "fxqbn: error: m.py:no_bn holds no BatchNorm: nothing to quantize"),
+        (["m.py:no_bn"], 1, "fxqbn: error: the model (Sequential) holds no BatchNorm: nothing to quantize (fxqbn quantizes"),
+        (["m.py:no_bn", "--int8", "ao"], 1, "fxqbn: error: the model (Sequential) holds no BatchNorm: nothing to quantize"),
         (["m.py:net_with_inputs", "--out", "m.py/q.pt"], 2,
          "fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)"),
         (["m.py:net_with_inputs", "--torchscript", "calib.pt/deeper/q.ts"], 2,
@@ -635,3 +635,39 @@ def test_calib_folder_reads_its_pt_files_in_name_order(work, capsys):
     (work / "empty").mkdir()
     assert cli.main(["convert", "m.py:net_with_inputs", "--calib", "empty"]) == 2
     assert capsys.readouterr().err == "fxqbn convert: error: argument --calib: folder empty holds no .pt files (see fxqbn convert --help)\n"
+
+
+# -- what a newcomer tries -------------------------------------------------------------------------
+
+
+class _ClosedPipe(io.TextIOBase):
+    """stdout whose reader has gone (`fxqbn convert | head -3` after head's third line)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_the_command_quietly_with_status_0(work, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert cli.main(["convert", "m.py:net_with_inputs", "--calib-batches", "2"]) == 0
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_reader_that_stops_reading_is_no_error_in_a_shell(work):
+    """`true` exits before the command writes, so every write meets the closed pipe (`| head -3` may
+    stop reading only after the command wrote everything into the pipe's buffer)."""
+    for args in ("--version", "convert m.py:net_with_inputs --calib-batches 2"):
+        result = subprocess.run(["bash", "-c", f'"{sys.executable}" -m fxqbn {args} | true; exit "${{PIPESTATUS[0]}}"'],
+                                cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+def test_a_module_of_the_current_folder_imports_as_under_python_m(work, capsys, monkeypatch):
+    (work / "mymodels.py").write_text(MODEL_FILE)
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    path = list(sys.path)
+    assert cli.main(["convert", "mymodels:net_with_inputs", "--calib-batches", "2", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"]["summary"]["rewritten"] == 2
+    assert sys.path == path  # the current folder was first only while MODEL's module was imported
+    sys.modules.pop("mymodels", None)

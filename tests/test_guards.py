@@ -270,7 +270,7 @@ def test_nan_at_the_quantize_boundary_takes_the_highest_code_on_every_torch(dtyp
 
 
 def test_the_native_boundary_rounds_ties_as_the_installed_torch_does():
-    # README "Bad input": the one place where the two supported torch versions give different codes.
+    # docs/bad-input.md: the one place where the two supported torch versions give different codes.
     x = torch.full((64,), 0.19004565)
     expected = {"2.13": 150, "2.14": 149}[".".join(torch.__version__.split(".")[:2])]
     assert (qops.quantize(x, 0.0115179233, 133, torch.quint8).int_repr() == expected).all()

@@ -29,7 +29,7 @@ from fxqbn.passes import find_patterns, int8_kind, passthrough_input, read_activ
 from fxqbn.passes.boundaries import AO_OPS
 from fxqbn.passes.rewrite import LOWERED_PREFIX
 from fxqbn.tracing import propagate_shapes
-from fxqbn.whole_model import import_pt2e, int8_model
+from fxqbn.whole_model import import_pt2e, int8_model, quantize_whole_model
 
 try:
     import_pt2e()
@@ -484,6 +484,28 @@ def test_command_int8_ao_route_reports_and_verifies(capsys):
     assert document["verification"]["sqnr_db"] > 10
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_every_bn_has_a_row_when_torch_ao_folds_some_into_the_linear_before_them(capsys):
+    """torch.ao's prepare_fx folds the MLP's Linear -> BatchNorm1d (its graph no longer holds those BNs)."""
+    assert cli.main(["convert", f"{EXAMPLES / 'tabular_mlp.py'}:build", "--int8", "ao", "--calib-batches", "2", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert [(r["module"], r["status"], r["reason"]) for r in report["rows"][1:]] == [
+        (f"body.{k + 1}", "folded", f"folded into body.{k} by torch.ao prepare_fx") for k in (0, 4, 8)
+    ]
+    assert report["rows"][0]["module"] == "input_norm" and report["rows"][0]["status"] == "skipped"  # reads the float input
+    assert report["summary"]["folded"] == 3
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from tabular_mlp import build
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model, example = build()
+    api = fxqbn.get_report(quantize_whole_model(model, example, [example], "ao"))  # the Python route says the same
+    assert [(r.module, r.status, r.reason) for r in api.rows] == [(r["module"], r["status"], r["reason"]) for r in report["rows"]]
+
+
 def test_command_int8_refuses_what_it_cannot_do(capsys, tmp_path):
     assert cli.main(["convert", "--int8", "ao", "--out", str(tmp_path / "m.pt")]) == 2
     assert "--out is not supported with --int8" in capsys.readouterr().err
@@ -504,6 +526,8 @@ def test_command_int8_pt2e_route_is_quiet_and_lowers(tmp_path):
     assert result.stderr == ""  # no torchao log lines, no deprecation warnings
     lowered = [line for line in result.stdout.splitlines() if "rewritten" in line and "fxqbn.fused" in line]
     assert len(lowered) == 1 and "bn2" in lowered[0]  # the BN after the max-pool; PT2E folded the others
+    folded = [line.split() for line in result.stdout.splitlines() if line.endswith(" folded")]
+    assert [line[0] for line in folded] == ["bn1", "bn3"]  # every BN has a row
     assert "verification on a held-out batch" in result.stdout
     header = " ".join(result.stdout.split("calibration: ")[0].split())  # the header line, wrapped at 100 columns
     assert header.startswith("model: ") and header.endswith("whole-model int8 via pt2e, BNs lowered")

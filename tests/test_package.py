@@ -40,7 +40,7 @@ def test_exports_are_the_documented_api():
 
 
 def test_no_function_of_the_library_or_its_passes_is_over_40_lines():
-    """Small functions with one job each (README's Standards): a function past 40 lines is a sign it does several."""
+    """Small functions with one job each (the developers' standards): a function past 40 lines is a sign it does several."""
     import ast
     import pathlib
 
