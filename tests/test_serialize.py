@@ -8,7 +8,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
 
 import fxqbn
-from fxqbn import serialize
+from fxqbn import digests, serialize
 
 
 class Zoo(nn.Module):
@@ -73,7 +73,9 @@ def test_the_file_is_plain_data_that_weights_only_load_reads(saved):
         return value is None or isinstance(value, (str, int, float, bool, torch.Tensor))
 
     assert plain(payload)
-    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 2
+    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 3 and payload["layout"] == "float_io"
+    assert payload["inputs"] == [{"tensor": [2, 3, 6, 6], "dtype": "float32"}]
+    assert payload["digests"]["tensors"].keys() == payload["state_dict"].keys()
     assert payload["report"] == fxqbn.get_report(quantized).to_dict()
     assert payload["state_dict"].keys() == quantized.state_dict().keys()
 
@@ -185,7 +187,7 @@ def test_load_refuses_files_it_did_not_write(saved, tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["version"] = 99
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads versions 1, 2"):
+    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads versions 1, 2, 3"):
         fxqbn.load(tmp_path / "future.pt", Zoo())
     with pytest.raises(fxqbn.FxqbnError, match="expects the float torch.nn.Module, got str"):
         fxqbn.load(path, "Zoo")
@@ -247,6 +249,7 @@ def test_a_boundary_the_records_disagree_with_is_refused_beside_user_modules_of_
     model, x, _, path = _saved_named_like_boundaries(tmp_path, "native")
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["bn2.quantize.scale"] = payload["state_dict"]["bn2.quantize.scale"] * 2  # bn2: a FloatIO
+    payload["digests"] = digests.seal(payload)  # edited on purpose: the digests agree, the records do not
     torch.save(payload, path)
-    with pytest.raises(fxqbn.FxqbnError, match="'bn2.quantize.scale'"):
+    with pytest.raises(fxqbn.FxqbnError, match="is inconsistent: its state_dict's 'bn2.quantize.scale'"):
         fxqbn.load(path, model, (x,))
