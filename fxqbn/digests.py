@@ -1,9 +1,9 @@
 """SHA-256 digests of what an ``fxqbn.save`` file holds: ``seal`` writes them, ``first_difference`` checks them.
 
 A file (format 3) holds ``"digests": {"fields": {name: hex}, "tensors": {state_dict key: hex}}``:
-one digest per top-level field (its ``repr``: plain data, so types and exact float values count)
-and one per tensor (its dtype, shape and bytes in row-major order; a quantized tensor's integer
-codes, scheme, scale(s) and zero point(s)), as strings, so ``torch.load(weights_only=True)`` still
+one digest per top-level field (its name and ``repr``: plain data, so types and exact float values
+count) and one per tensor (its key, dtype, shape and bytes in row-major order; a quantized tensor's
+integer codes, scheme, scale(s) and zero point(s)), as strings, so ``torch.load(weights_only=True)`` still
 reads the file. Each tensor is hashed once, without a copy when it is contiguous.
 
 They catch accidents (bit rot, a truncated copy, records of two files mixed up), not tampering:
@@ -19,14 +19,16 @@ import torch
 
 from . import qops
 
-__all__ = ["seal", "field_digests", "tensor_digests", "tensor_digest", "first_difference", "UNSEALED"]
+__all__ = ["seal", "field_digest", "field_digests", "tensor_digest", "tensor_digests", "first_difference", "UNSEALED"]
 
 UNSEALED = ("state_dict", "digests")  # the fields not hashed whole: the tensors are hashed one by one
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of ``tensor``'s dtype, shape and values (a quantized tensor: its codes and qparams)."""
-    digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """SHA-256 of the state_dict key ``name`` and ``tensor``'s dtype, shape and values (a quantized
+    tensor: its codes and qparams). The name counts: pickle writes a key once for the state_dict and
+    the digests, so a damaged key renames both."""
+    digest = hashlib.sha256(f"{name!r} {tensor.dtype} {tuple(tensor.shape)}".encode())
     tensor = tensor.detach()
     if tensor.layout != torch.strided:
         tensor = tensor.to_dense()
@@ -38,16 +40,17 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _field_digest(value: Any) -> str:
-    return hashlib.sha256(repr(value).encode()).hexdigest()
+def field_digest(name: str, value: Any) -> str:
+    """SHA-256 of ``repr((name, value))``: plain data, so types and exact float values count."""
+    return hashlib.sha256(repr((name, value)).encode()).hexdigest()
 
 
 def field_digests(payload: dict[str, Any]) -> dict[str, str]:
-    return {name: _field_digest(value) for name, value in payload.items() if name not in UNSEALED}
+    return {name: field_digest(name, value) for name, value in payload.items() if name not in UNSEALED}
 
 
 def tensor_digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {key: tensor_digest(tensor) for key, tensor in state.items()}
+    return {key: tensor_digest(key, tensor) for key, tensor in state.items()}
 
 
 def seal(payload: dict[str, Any]) -> dict[str, dict[str, str]]:
@@ -70,14 +73,14 @@ def _differs(name: str, found: dict[str, Any], stored: dict[str, str], digest: A
     for key, value in found.items():
         if key not in stored:
             return f"{name} {key!r} has no digest (a record of another file?)"
-        if digest(value) != stored[key]:
+        if digest(key, value) != stored[key]:
             return f"{name} {key!r} does not match its SHA-256 digest"
     missing = next((key for key in stored if key not in found), None)
     return None if missing is None else f"{name} {missing!r} is missing"
 
 
-def _tensor_or_none(value: Any) -> str | None:
-    return tensor_digest(value) if isinstance(value, torch.Tensor) else None
+def _tensor_or_none(name: str, value: Any) -> str | None:
+    return tensor_digest(name, value) if isinstance(value, torch.Tensor) else None
 
 
 def first_difference(payload: dict[str, Any]) -> str | None:
@@ -90,6 +93,6 @@ def first_difference(payload: dict[str, Any]) -> str | None:
     state = payload.get("state_dict")
     return (
         _malformed(digests)
-        or _differs("field", fields, digests["fields"], _field_digest)
+        or _differs("field", fields, digests["fields"], field_digest)
         or (_differs("tensor", state, digests["tensors"], _tensor_or_none) if isinstance(state, dict) else None)
     )

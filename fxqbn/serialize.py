@@ -29,6 +29,7 @@ version) still load, with one warning that they are unverified.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
 import pickle
@@ -185,7 +186,8 @@ def describe_load_error(exc: Exception) -> str:
         return f"it holds pickled Python objects (found {refused.group(1)}), which weights_only=True refuses to run"
     if isinstance(exc, FileNotFoundError):
         return "no such file"
-    if "PytorchStreamReader" in text or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
+    truncated_zip = isinstance(exc, OSError) and exc.errno == errno.EINVAL  # torch's zip reader seeking before the start
+    if "PytorchStreamReader" in text or truncated_zip or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
         return "it is not a file written by torch.save, or it is truncated"
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 

@@ -41,9 +41,9 @@ def shapes_needed_by(graph: fx.Graph, root: nn.Module) -> tuple[str, ...]:
     """The BNs (their owners, as the report names them) whose kernel dim depends on their input's rank
     (F.batch_norm, SyncBatchNorm, ATen forms): a run on example inputs must record it."""
     modules = dict(root.named_modules(remove_duplicate=False))
-    calls = (spelling.read(n, _module(n, modules)) for n in graph.nodes for spelling in (registry.bn_spelling(n, modules),)
+    calls = ((n, spelling.read(n, _module(n, modules))) for n in graph.nodes for spelling in (registry.bn_spelling(n, modules),)
              if spelling is not None and spelling.dim is None)
-    return tuple(call.owner for call in calls if not isinstance(call, str))
+    return tuple(call.owner or n.name for n, call in calls if not isinstance(call, str))
 
 
 def needs_shapes(graph: fx.Graph, root: nn.Module) -> bool:
