@@ -41,7 +41,8 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
             (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
 
     ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) when it calls
-    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced.
+    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced. Their
+    shapes and dtypes are kept: ``fxqbn.save`` stores them, so ``fxqbn.load`` can trace without them.
 
     Returns:
         An observed ``GraphModule``: run calibration batches through it, then call ``convert``.
