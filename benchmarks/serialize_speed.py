@@ -37,8 +37,14 @@ def main(n: int) -> None:
         save = timed(lambda: fxqbn.save(quantized, path), n)
         load = timed(lambda: fxqbn.load(path, model), n)
         size = path.stat().st_size
+        payload = torch.load(path, weights_only=True)
+    checked = ""
+    if "digests" in payload:  # fxqbn with digests: what checking them costs, within load
+        from fxqbn.digests import first_difference
+
+        checked = f", checking the digests {timed(lambda: first_difference(payload), n) * 1e3:.1f} ms"
     print(f"torch {torch.__version__}, {len(quantized.state_dict())} tensors, {size / 1e6:.2f} MB: "
-          f"save {save * 1e3:.0f} ms, load {load * 1e3:.0f} ms (median of {n})")
+          f"save {save * 1e3:.0f} ms, load {load * 1e3:.0f} ms{checked} (median of {n})")
 
 
 if __name__ == "__main__":
