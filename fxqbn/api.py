@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed
-from fxqbn.passes import needs_shapes, plan_patterns, rewrite_patterns
+from fxqbn.passes import plan_patterns, rewrite_patterns, shapes_needed_by
 
 from . import nn as qnn
 from . import pipeline
@@ -18,10 +18,11 @@ from .backends import BACKENDS, backend_named
 from .copying import owned_copies, owned_copy
 from .errors import FxqbnError, no_batch_norm
 from .float_io import FloatIO
+from .input_specs import record as record_inputs
 from .lowered import ByRank, LoweredBatchNorm
 from .qconfig import ActivationConfig
 from .report import Report
-from .state import CONVERTED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
+from .state import CONVERTED_KEY, INPUTS_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .tracing import build_graph_module, propagate_shapes, trace_graph
 
 __all__ = ["prepare", "convert", "get_report"]
@@ -40,7 +41,8 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
             (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
 
     ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) when it calls
-    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced.
+    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced. Their
+    shapes and dtypes are kept: ``fxqbn.save`` stores them, so ``fxqbn.load`` can trace without them.
 
     Returns:
         An observed ``GraphModule``: run calibration batches through it, then call ``convert``.
@@ -58,12 +60,21 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
     return prepare_owned(owned_copy(model), tuple(example_inputs), qconfig, skip)
 
 
-def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
+def prepare_owned(
+    model: nn.Module, example_inputs: tuple | None, qconfig: Any = None, skip: Iterable[Any] = (), no_inputs: str = ""
+) -> fx.GraphModule:
     """``prepare`` of a model nobody else holds (e.g. ``fxqbn.load``'s own copy): the observed
-    model takes its modules, uncopied."""
+    model takes its modules, uncopied. ``example_inputs`` None: none are known (``no_inputs`` says
+    what to pass when a BN needs them)."""
     choose = _chooser(model, ActivationConfig(qconfig), skip)
     graph = trace_graph(model)
-    if needs_shapes(graph, model):
+    needed_by = shapes_needed_by(graph, model)
+    if needed_by and example_inputs is None:
+        raise FxqbnError(
+            f"BatchNorm {', '.join(map(repr, needed_by))} picks its int8 kernel by its input's rank, which a run "
+            f"on example inputs shows: {no_inputs}"
+        )
+    if needed_by:
         propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
     matches, skips = find_patterns(graph, model, PREPARED, choose)
     if not matches and not skips:
@@ -73,6 +84,7 @@ def prepare_owned(model: nn.Module, example_inputs: tuple, qconfig: Any = None, 
     observed, observers = insert_observers(graph, model, matches)
     gm = build_graph_module(model, graph, observers)
     attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
+    attach(gm, INPUTS_KEY, record_inputs(() if example_inputs is None else example_inputs, needed_by, example_inputs is not None))
     return gm
 
 
@@ -141,6 +153,8 @@ def convert_laid_out(observed: fx.GraphModule, inplace: bool, backend: str, floa
         gm = build_graph_module(observed, graph, new, class_name=type(observed).__name__)
     _own_float_parts(gm, new)
     detach(gm, PREPARED_KEY)
+    if attached(observed, INPUTS_KEY) is not None:
+        attach(gm, INPUTS_KEY, attached(observed, INPUTS_KEY))
     attach(gm, CONVERTED_KEY, converted)
     attach(gm, REPORT_KEY, pipeline.report(converted, state.skips, start, state.dropped))
     return gm

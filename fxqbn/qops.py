@@ -20,7 +20,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "quantize", "dequantize", "batch_norm", "empty_quantized", "empty_quantized_as", "BN_OP_NAMES",
-    "codes", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
+    "codes", "quantizer", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
 ]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
@@ -95,6 +95,15 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
 def codes(x: torch.Tensor) -> torch.Tensor:
     """The integer codes of a quantized tensor, as a plain uint8/int8 tensor."""
     return x.int_repr()
+
+
+def quantizer(x: torch.Tensor) -> tuple:
+    """A quantized tensor's scheme and qparams as plain data: (scheme, scale, zero point), per channel
+    (scheme, scales, zero points, axis), the lists exact (float64 scales, int zero points)."""
+    scheme = x.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return (str(scheme), x.q_scale(), x.q_zero_point())
+    return (str(scheme), x.q_per_channel_scales().tolist(), x.q_per_channel_zero_points().tolist(), x.q_per_channel_axis())
 
 
 def from_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:

@@ -3,52 +3,62 @@
 A converted model pickled whole can only be loaded with ``weights_only=False``, which runs code
 from the file. ``save`` writes data only (tensors, numbers, strings, lists, dicts)::
 
-    {"format": "fxqbn.quantized", "version": 2, "torch": "2.13.0",
+    {"format": "fxqbn.quantized", "version": 3, "torch": "2.13.0",
+     "layout": "float_io",     # or "nodes": every boundary a node (the layout of format 1 files)
      "patterns": [{"node", "module", "pattern", "status", "dtype", "input": [scale, zero_point],
                    "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
      "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
      "training": [...],        # names of the modules in training mode
      "graph": [...],           # the converted graph as data (graph_structure), to check the rebuild against
      "code": "...",            # the converted graph's Python code, for people (and files without "graph")
-     "report": {...}}          # Report.to_dict()
+     "report": {...},          # Report.to_dict()
+     "inputs": [...],          # prepare's example inputs as shapes and dtypes (input_specs), or None
+     "digests": {...}}         # SHA-256 of every other field and of every tensor (digests.seal)
 
 The structure of a converted model is a function of the float model, of which BatchNorms were
 rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
-float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, observers that hold
-the saved qparams instead of observing data, and the ordinary ``convert`` (in the file's layout: in
-format 1 files every boundary is a node, in format 2 a BN between float code is one FloatIO). No
-calibration runs.
-Everything read is checked as ``convert`` checks what it reads (``check_payload``; each quantized
-BN is rebuilt from the file's tensors; the result must equal the file's state_dict bit for bit).
+float model: ``prepare`` (on inputs rebuilt from the stored shapes) with a qconfig that quantizes
+exactly the saved modules, observers that hold the saved qparams instead of observing data, and the
+ordinary ``convert`` (in the file's layout). No calibration runs.
+Everything read is checked: the digests first (damage), then as ``convert`` checks what it reads
+(``check_payload``; each quantized BN is rebuilt from the file's tensors; the result must equal the
+file's state_dict bit for bit). Formats 1 and 2 (no digests, no inputs, the layout told by the
+version) still load, with one warning that they are unverified.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
+from itertools import chain
 from typing import IO, Any, Union
 
 import torch
 from torch import fx, nn
 from torch.ao.quantization import QConfigMapping
 
+from . import digests, input_specs
 from .api import convert_laid_out, get_report, prepare_owned, refuse_fxqbn_output
 from .errors import FxqbnError
 from .backends import BACKENDS
+from .paths import output_problem
 from .qparams import DTYPE_RANGES, QParams
-from .report import Report
+from .report import STATUSES, Report
 from .copying import owned_copy
-from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
+from .state import CONVERTED_KEY, INPUTS_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 
 __all__ = ["save", "load", "load_report", "describe_load_error", "check_payload", "graph_structure", "FORMAT", "VERSION"]
 
 FORMAT = "fxqbn.quantized"
-VERSION = 2  # 2: a BN between float code is one FloatIO module; 1 (still read): boundaries are nodes
-_READS = (1, 2)
+VERSION = 3  # 3: digests, example inputs, the layout a field; 2: a BN between float code is one FloatIO; 1: boundaries are nodes
+_READS = (1, 2, 3)
+LAYOUTS = ("float_io", "nodes")  # format 3's "layout"; in formats 2 and 1 the version tells it
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPE_RANGES}  # "quint8" -> torch.quint8
@@ -87,17 +97,13 @@ def _plan(report: Report) -> list[dict[str, Any]]:
     ]
 
 
-def _version(converted: Any) -> int:
-    """The format whose layout ``load`` must rebuild: 2 when the model holds a FloatIO; else 1, which
+def _layout(converted: Any) -> str:
+    """The layout ``load`` must rebuild: "float_io" when the model holds a FloatIO; else "nodes", which
     rebuilds every boundary as a node (what a model without FloatIO has, whichever fxqbn made it)."""
-    return VERSION if converted.float_io else 1
+    return "float_io" if converted.float_io else "nodes"
 
 
-def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
-    """Write the converted model ``quantized`` to ``path`` as data only (no pickled code).
-
-    Load it with ``fxqbn.load(path, float_model)``, or read it with ``torch.load(path, weights_only=True)``.
-    """
+def _refuse_unsaveable(quantized: Any) -> None:
     if attached(quantized, REPORT_KEY) is None or attached(quantized, CONVERTED_KEY) is None and attached(quantized, LOWERED_KEY) is None:
         raise FxqbnError(
             f"fxqbn.save expects the GraphModule returned by fxqbn.convert, got {type(quantized).__name__}"
@@ -107,11 +113,27 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
             "fxqbn.save stores models converted by fxqbn.convert; a model fxqbn.lower returned is a torch.ao / PT2E "
             "graph it cannot rebuild: export a PT2E one with torch.export.save(torch.export.export(model, inputs), path)"
         )
-    report = get_report(quantized)
-    payload = {
+
+
+def _inputs(quantized: fx.GraphModule) -> list | None:
+    """The example inputs' spec; None when unknown (a torch.ao-observed graph) or unstorable and unneeded."""
+    stored = attached(quantized, INPUTS_KEY)
+    if stored is None or stored.spec is not None or not stored.needed_by:
+        return None if stored is None else stored.spec
+    raise FxqbnError(
+        f"fxqbn.save cannot store the example inputs fxqbn.prepare was given ({stored.why_not}; a file stores "
+        f"{input_specs.STORABLE}), and fxqbn.load needs them for BatchNorm {', '.join(map(repr, stored.needed_by))}: "
+        "prepare with example inputs of those kinds"
+    )
+
+
+def _payload(quantized: fx.GraphModule) -> dict[str, Any]:
+    report, converted = get_report(quantized), attached(quantized, CONVERTED_KEY)
+    return {
         "format": FORMAT,
-        "version": _version(attached(quantized, CONVERTED_KEY)),
+        "version": VERSION,
         "torch": str(torch.__version__),
+        "layout": _layout(converted),
         "patterns": _plan(report),
         "state_dict": dict(quantized.state_dict()),
         "training": [name for name, module in quantized.named_modules() if module.training],
@@ -119,9 +141,33 @@ def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
         "graph": graph_structure(quantized),
         "report": report.to_dict(),
         "convert_seconds": report.summary.convert_seconds,  # the one field to_dict leaves out
-        "backend": next((rw.backend for rw in attached(quantized, CONVERTED_KEY).rewrites), "native"),
+        "backend": next((rw.backend for rw in converted.rewrites), "native"),
+        "inputs": _inputs(quantized),
     }
-    torch.save(payload, path)
+
+
+def _write(payload: dict[str, Any], path: PathOrFile) -> None:
+    """``torch.save``, refused with FxqbnError naming the path (or its missing folder) where it cannot write."""
+    where = _name(path)
+    problem = output_problem(where) if isinstance(path, (str, os.PathLike)) else None
+    if problem is not None:
+        raise FxqbnError(f"fxqbn.save cannot write {where}: {problem}")
+    try:
+        torch.save(payload, path)
+    except (OSError, RuntimeError) as exc:
+        raise FxqbnError(f"fxqbn.save cannot write {where}: {describe_load_error(exc)}") from exc
+
+
+def save(quantized: fx.GraphModule, path: PathOrFile) -> None:
+    """Write the converted model ``quantized`` to ``path`` as data only (no pickled code), with a
+    SHA-256 digest of every tensor and field, and the shapes and dtypes of prepare's example inputs.
+
+    Load it with ``fxqbn.load(path, float_model)``, or read it with ``torch.load(path, weights_only=True)``.
+    """
+    _refuse_unsaveable(quantized)
+    payload = _payload(quantized)
+    payload["digests"] = digests.seal(payload)
+    _write(payload, path)
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -140,13 +186,14 @@ def describe_load_error(exc: Exception) -> str:
         return f"it holds pickled Python objects (found {refused.group(1)}), which weights_only=True refuses to run"
     if isinstance(exc, FileNotFoundError):
         return "no such file"
-    if "PytorchStreamReader" in text or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
+    truncated_zip = isinstance(exc, OSError) and exc.errno == errno.EINVAL  # torch's zip reader seeking before the start
+    if "PytorchStreamReader" in text or truncated_zip or isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):
         return "it is not a file written by torch.save, or it is truncated"
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _read(path: PathOrFile) -> dict[str, Any]:
-    """The saved dict, read with ``weights_only=True``; FxqbnError when it is no fxqbn file."""
+    """The saved dict, read with ``weights_only=True``; FxqbnError when it is no fxqbn file or is damaged."""
     where = _name(path)
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
@@ -161,8 +208,32 @@ def _read(path: PathOrFile) -> dict[str, Any]:
             f"{where} is fxqbn.save format version {payload.get('version')}; this fxqbn reads versions "
             f"{', '.join(map(str, _READS))}"
         )
+    _verify(payload, where)
     check_payload(payload, where)
     return payload
+
+
+_UNVERIFIED_NOTED: set[str] = set()  # the files of formats 1 and 2 already warned about
+
+
+def _verify(payload: dict[str, Any], where: str) -> None:
+    """Refuse a file whose fields or tensors differ from its digests, naming the first; a file of
+    format 1 or 2 has none (a file holding digests is checked whatever its version says)."""
+    if payload["version"] < 3 and "digests" not in payload:
+        if where not in _UNVERIFIED_NOTED:
+            _UNVERIFIED_NOTED.add(where)
+            warnings.warn(
+                f"{where} is fxqbn.save format {payload['version']}, which holds no digests: it loads with its contents "
+                "checked for consistency, but damage that stays consistent goes unnoticed. Save it again "
+                f"(fxqbn.save writes format {VERSION}) to add them", UserWarning, stacklevel=4,
+            )
+        return
+    problem = digests.first_difference(payload)
+    if problem is not None:
+        raise FxqbnError(
+            f"{where} is damaged: {problem}; the file changed after fxqbn.save wrote it (a bad copy, a truncated "
+            "or mixed-up file): use a good copy or write it again with fxqbn.save"
+        )
 
 
 # The fields of an fxqbn.save file: (accepted types, required), checked before any is used.
@@ -176,6 +247,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "convert_seconds": ((int, float), False),
     "backend": ((str,), False),
     "graph": ((list,), False),  # absent in files written before it was added: the code is compared then
+    "layout": ((str,), False),  # formats 3 on (LAYOUTS); before, the version told it
+    "inputs": ((list, type(None)), False),  # formats 3 on: input_specs' spec, or None when unknown
+    "digests": ((dict,), False),  # formats 3 on: checked by _verify before check_payload
 }
 _ROW_FIELDS = {"node": str, "module": str, "pattern": str, "status": str, "dtype": str, "input": list, "output": list}
 
@@ -191,9 +265,9 @@ def _check_row(row: Any, i: int, where: str) -> None:
     for key, kind in _ROW_FIELDS.items():
         if not isinstance(row.get(key), kind):
             raise _damaged(where, f"patterns[{i}] ({row.get('module', '?')!r}) has {key} = {row.get(key)!r}, not a {kind.__name__}")
-    if row["status"] not in ("rewritten", "skipped"):
+    if row["status"] not in STATUSES:
         raise _damaged(where, f"BatchNorm '{row['module']}' has status {row['status']!r}")
-    if row["status"] == "skipped":
+    if row["status"] != "rewritten":  # skipped or folded: no int8 BN, no qparams
         return
     if row["dtype"] not in _DTYPES:
         raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
@@ -224,6 +298,13 @@ def check_payload(payload: dict[str, Any], where: str) -> None:
         raise _damaged(where, "field 'training' holds something other than module names")
     if payload.get("backend", "native") not in BACKENDS:
         raise _damaged(where, f"backend {payload['backend']!r} is none of {sorted(BACKENDS)}")
+    if payload["version"] >= 3 and payload.get("layout") not in LAYOUTS:
+        raise _damaged(where, f"field 'layout' is {payload.get('layout')!r}, none of {', '.join(LAYOUTS)}")
+    if payload.get("inputs") is not None:
+        try:
+            input_specs.rebuild(payload["inputs"], "meta")  # tensors that allocate nothing
+        except ValueError as exc:
+            raise _damaged(where, f"field 'inputs': {exc}") from None
 
 
 def _report_from_dict(data: dict[str, Any], where: str, convert_seconds: float = 0.0) -> Report:
@@ -412,14 +493,53 @@ def _brief(t: torch.Tensor) -> str:
     return repr(t.item()) if t.numel() == 1 else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
 
-def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.GraphModule:
+def _example_inputs(given: Any, payload: dict[str, Any], model: nn.Module) -> tuple | None:
+    """The inputs to trace ``model`` with: ``given``, else those rebuilt from the file (zeros of the
+    stored shapes and dtypes, on the model's device), else None (none known)."""
+    if given is None:
+        if payload.get("inputs") is None:
+            return None
+        held = next(chain(model.parameters(), model.buffers()), None)
+        return input_specs.rebuild(payload["inputs"], held.device if held is not None else "cpu")
+    if isinstance(given, torch.Tensor):
+        return (given,)
+    if not isinstance(given, (tuple, list)):
+        raise FxqbnError(f"fxqbn.load's example_inputs must be a tuple of inputs, got {type(given).__name__}")
+    return tuple(given)
+
+
+def _no_inputs(payload: dict[str, Any], where: str) -> str:
+    """What to do when the model needs example inputs the file does not hold."""
+    why = (f"{where} is fxqbn.save format {payload['version']}, written before files held them" if payload["version"] < 3
+           else f"{where} holds none (its model was not converted from an fxqbn.prepare graph)")
+    return f"{why}: pass them, fxqbn.load(path, model, example_inputs=(x,)) with x an input the model takes"
+
+
+def _replay(payload: dict[str, Any], float_model: nn.Module, inputs: tuple | None, where: str) -> fx.GraphModule:
+    """``prepare`` with the saved qparams, ``convert`` in the file's layout, the file's tensors loaded."""
+    plan = payload["patterns"]
+    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where), no_inputs=_no_inputs(payload, where))
+    _fill_observers(observed, plan, where)
+    # a new GraphModule: modules in the same order as the saved one's
+    backend = payload.get("backend", "native")
+    float_io = payload["layout"] == "float_io" if payload["version"] >= 3 else payload["version"] >= 2
+    quantized = convert_laid_out(observed, False, backend, float_io=float_io)
+    _check_structure(quantized, payload, where)
+    _load_state(quantized, payload["state_dict"], where, backend)
+    return quantized
+
+
+def load(path: PathOrFile, model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """Rebuild the converted model saved at ``path`` from its float ``model``, without calibration.
 
     Args:
-        path: a file written by ``fxqbn.save``; read with ``torch.load(weights_only=True)``.
+        path: a file written by ``fxqbn.save``; read with ``torch.load(weights_only=True)``, its
+            SHA-256 digests checked.
         model: the float model it was converted from (same architecture; its weights are replaced by
             the saved ones). Never changed.
-        example_inputs: passed to ``fxqbn.prepare``.
+        example_inputs: inputs to trace ``model`` with, as ``fxqbn.prepare`` takes them. Needed only
+            by models that call ``F.batch_norm`` (or hold a ``SyncBatchNorm``), and only for files of
+            formats 1 and 2: format 3 files hold the shapes and dtypes of prepare's inputs.
 
     Returns:
         The converted ``GraphModule``, with outputs bit-identical to the saved one, and its report.
@@ -428,18 +548,10 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     payload = _read(path)
     if not isinstance(model, nn.Module):
         raise FxqbnError(f"fxqbn.load expects the float torch.nn.Module, got {type(model).__name__}")
-    plan = payload["patterns"]
     report = _saved_report(payload, where)
     refuse_fxqbn_output(model)
     float_model = owned_copy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where))
-    _fill_observers(observed, plan, where)
-    # a new GraphModule: modules in the same order as the saved one's
-    backend = payload.get("backend", "native")
-    quantized = convert_laid_out(observed, False, backend, float_io=payload["version"] >= 2)
-    _check_structure(quantized, payload, where)
-    _load_state(quantized, payload["state_dict"], where, backend)
+    quantized = _replay(payload, float_model, _example_inputs(example_inputs, payload, float_model), where)
     training = set(payload["training"])
     for name, module in quantized.named_modules():
         module.training = name in training

@@ -11,12 +11,13 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["PREPARED_KEY", "REPORT_KEY", "CONVERTED_KEY", "LOWERED_KEY", "attach", "attached", "detach"]
+__all__ = ["PREPARED_KEY", "REPORT_KEY", "CONVERTED_KEY", "LOWERED_KEY", "INPUTS_KEY", "attach", "attached", "detach"]
 
 PREPARED_KEY = "fxqbn_prepared"  # passes.Prepared: what convert needs from prepare
 REPORT_KEY = "fxqbn_report"  # report.Report of a converted module
 CONVERTED_KEY = "fxqbn_converted"  # passes.Converted of a converted module: its rewrites and boundary nodes
 LOWERED_KEY = "fxqbn_lowered"  # tuple of passes.Match (int8 graphs) of a module fxqbn.lower returned
+INPUTS_KEY = "fxqbn_inputs"  # input_specs.StoredInputs: prepare's example inputs, kept through convert for fxqbn.save
 
 
 def attach(gm: fx.GraphModule, key: str, value: Any) -> None:

@@ -19,7 +19,7 @@ The passes import no backend: a backend (``fxqbn.backends``) is handed to them.
 
 from .base import ensures
 from .boundaries import AO_INT8, AO_OBSERVED, PREPARED, PT2E_INT8, GraphKind, int8_kind
-from .match import find_patterns, needs_shapes
+from .match import find_patterns, needs_shapes, shapes_needed_by
 from .observe import adopt_observers, insert_observers, is_torch_ao_observed
 from .plan import plan_patterns
 from .reading import BnCall
@@ -38,6 +38,6 @@ __all__ = [
     "BN_SPELLINGS", "BnSpelling", "CLAMP_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall", "read_bn", "read_activation",
     "passthrough_input", "GraphKind", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind",
     "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
-    "observer_users", "Found", "Observed", "Rewritten", "find_patterns", "needs_shapes", "insert_observers", "adopt_observers", "is_torch_ao_observed",
+    "observer_users", "Found", "Observed", "Rewritten", "find_patterns", "needs_shapes", "shapes_needed_by", "insert_observers", "adopt_observers", "is_torch_ao_observed",
     "plan_patterns", "rewrite_patterns", "ensures",
 ]

@@ -26,7 +26,7 @@ from .reading import BnCall, bn_inside
 from .records import FLOAT, Boundary, Found, Match, Skip
 from .registry import NO_ACTIVATION, RANK_TO_DIM, Activation, BnSpelling
 
-__all__ = ["find_patterns", "needs_shapes", "Choose"]
+__all__ = ["find_patterns", "needs_shapes", "shapes_needed_by", "Choose"]
 
 # (module name, module type or function, the type of a fused module's BatchNorm or None) -> the observer
 # for a pattern, or why the BN stays float (fxqbn.prepare's skip argument and qconfig).
@@ -37,13 +37,18 @@ def _is_bn_module(module: object) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
+def shapes_needed_by(graph: fx.Graph, root: nn.Module) -> tuple[str, ...]:
+    """The BNs (their owners, as the report names them) whose kernel dim depends on their input's rank
+    (F.batch_norm, SyncBatchNorm, ATen forms): a run on example inputs must record it."""
+    modules = dict(root.named_modules(remove_duplicate=False))
+    calls = ((n, spelling.read(n, _module(n, modules))) for n in graph.nodes for spelling in (registry.bn_spelling(n, modules),)
+             if spelling is not None and spelling.dim is None)
+    return tuple(call.owner or n.name for n, call in calls if not isinstance(call, str))
+
+
 def needs_shapes(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether some BN's kernel dim depends on its input's rank (F.batch_norm, SyncBatchNorm, ATen forms)."""
-    modules = dict(root.named_modules(remove_duplicate=False))
-    return any(
-        spelling is not None and spelling.dim is None and not isinstance(spelling.read(n, _module(n, modules)), str)
-        for n in graph.nodes for spelling in (registry.bn_spelling(n, modules),)
-    )
+    return bool(shapes_needed_by(graph, root))
 
 
 def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:

@@ -107,7 +107,7 @@ def test_compare_measures_a_float_io_bn_as_in_the_nodes_layout(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_format_1_files_load_in_their_own_layout_and_save_as_format_1(backend, tmp_path):
+def test_format_1_files_load_in_their_own_layout_and_save_it_as_format_3_nodes(backend, tmp_path):
     """Files written by fxqbn before FloatIO (tests/golden/format1.py wrote them)."""
     from golden.format1 import Format1Model
 
@@ -119,9 +119,9 @@ def test_format_1_files_load_in_their_own_layout_and_save_as_format_1(backend, t
     with torch.no_grad():
         assert torch.equal(loaded(expected["input"]), expected["output"])
     buffer = io.BytesIO()
-    fxqbn.save(loaded, buffer)  # still format 1: the layout it holds
+    fxqbn.save(loaded, buffer)  # format 3, in the layout it holds: every boundary a node
     buffer.seek(0)
-    assert torch.load(buffer, weights_only=True)["version"] == 1
+    assert {k: v for k, v in torch.load(buffer, weights_only=True).items() if k in ("version", "layout")} == {"version": 3, "layout": "nodes"}
     buffer.seek(0)
     again = fxqbn.load(buffer, Format1Model())
     with torch.no_grad():
@@ -129,10 +129,10 @@ def test_format_1_files_load_in_their_own_layout_and_save_as_format_1(backend, t
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_format_2_file_round_trips_with_its_float_io(backend, tmp_path):
+def test_a_float_io_file_round_trips_with_its_float_io(backend, tmp_path):
     q = converted(backend)
     fxqbn.save(q, tmp_path / "m.pt")
-    assert torch.load(tmp_path / "m.pt", weights_only=True)["version"] == 2
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["layout"] == "float_io"
     loaded = fxqbn.load(tmp_path / "m.pt", Placements())
     assert [n.target for n in calls(loaded, FloatIO)] == ["between"]
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5))

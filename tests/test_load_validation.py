@@ -2,9 +2,13 @@
 module (or field), and a model that went through pickle or torch.save whole still saves and loads."""
 
 import copy
+import io
 import math
 import os
 import pickle
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from hypothesis import HealthCheck, given, note, settings, strategies as st
 from test_serialize import QCONFIG, Zoo, batches, zoo
 
 import fxqbn
+from fxqbn.digests import field_digests, tensor_digests
 
 
 def converted(backend):
@@ -34,9 +39,17 @@ def rewritten(payload):
     return [row for row in payload["patterns"] if row["status"] == "rewritten"]
 
 
+def reseal(payload):
+    """New digests for an edited payload: what a deliberate edit does, so the checks behind the digests
+    (the ones that judge a file by its contents) are what refuses it."""
+    state = payload.get("state_dict")
+    payload["digests"] = {"fields": field_digests(payload), "tensors": tensor_digests(state) if isinstance(state, dict) else {}}
+    return payload
+
+
 def write(payload, directory, name="bad.pt"):
     path = directory / name
-    torch.save(payload, path)
+    torch.save(reseal(payload), path)
     return path
 
 
@@ -162,3 +175,151 @@ def test_a_file_holding_a_blocked_global_says_it_holds_pickled_objects(payload, 
     torch.save(payload, tmp_path / "evil.pt")
     with pytest.raises(fxqbn.FxqbnError, match=r"evil\.pt: it holds pickled Python objects \(found (posix|nt)\.system\)"):
         fxqbn.load(tmp_path / "evil.pt", Zoo())
+
+
+# -- damage to the bytes of a saved file: caught by the digests -----------------------------------
+
+
+def _records(data: bytes) -> dict[str, tuple[int, int]]:
+    """Each zip record of a torch.save file (``data.pkl``, ``data/0``, ...) -> (start, length) of its bytes."""
+    records = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)  # the local header's
+            records[info.filename.partition("/")[2]] = (info.header_offset + 30 + name_length + extra_length, info.compress_size)
+    return records
+
+
+def _same_tensor(a, b) -> bool:
+    """Same dtype, shape and bytes (NaN patterns included)."""
+    flat = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(flat(a), flat(b))
+
+
+def _first_changed(damaged: dict, intact: dict, kind: str, same) -> str | None:
+    """The first entry of ``damaged`` that differs from ``intact`` (or that it lacks), as the refusal names it."""
+    changed = next((k for k, v in damaged.items() if k not in intact or not same(v, intact[k])), None)
+    changed = changed if changed is not None else next((k for k in intact if k not in damaged), None)
+    return None if changed is None else f"{kind} {changed!r}"
+
+
+def expected_refusal(damaged, intact: dict) -> str | None:
+    """A regex the refusal of ``damaged`` (a torch.load-ed damaged payload) must match, judged by comparing
+    it with ``intact``; None when it holds the same data (then it must load, unchanged)."""
+    if not isinstance(damaged, dict) or damaged.get("format") != intact["format"]:
+        return "is not an fxqbn.save file"
+    if damaged.get("version") not in (1, 2, 3):
+        return "format version"
+    fields = {k: v for k, v in damaged.items() if k not in ("state_dict", "digests")}
+    named = _first_changed(fields, {k: v for k, v in intact.items() if k not in ("state_dict", "digests")}, "field",
+                           lambda a, b: repr(a) == repr(b))
+    if named is None and isinstance(damaged.get("state_dict"), dict):
+        named = _first_changed(damaged["state_dict"], intact["state_dict"], "tensor",
+                               lambda a, b: isinstance(a, torch.Tensor) and _same_tensor(a, b))
+    if named is not None:
+        return rf"is damaged: {re.escape(named)}"
+    return "is damaged: " if repr(damaged.get("digests")) != repr(intact["digests"]) else None
+
+
+class Intact(tuple):
+    """(the saved file's bytes, its payload, outputs and report of the model loaded from it, probe inputs)."""
+
+    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example
+        return "<intact file>"
+
+
+@pytest.fixture(scope="module")
+def intact(saved):
+    quantized, payload, directory = saved
+    path = directory / "intact.pt"
+    fxqbn.save(quantized, path)
+    loaded, probes = fxqbn.load(path, Zoo()), batches(2, seed=4)
+    with torch.no_grad():
+        outputs = [loaded(x) for x in probes]
+    return Intact((path.read_bytes(), torch.load(path, weights_only=True), outputs, fxqbn.get_report(loaded).to_dict(), probes))
+
+
+@st.composite
+def flipped_bit(draw, data: bytes):
+    """(the file with one bit flipped, where): anywhere, in the pickled metadata or in one tensor record."""
+    records = _records(data)
+    region = draw(st.sampled_from(["file", "data.pkl", "tensor record"]))
+    if region == "file":
+        start, length, region = 0, len(data), "the file"
+    else:
+        name = "data.pkl" if region == "data.pkl" else draw(st.sampled_from(sorted(r for r in records if r.startswith("data/"))))
+        (start, length), region = records[name], name
+    at, bit = start + draw(st.integers(0, length - 1)), draw(st.integers(0, 7))
+    damaged = bytearray(data)
+    damaged[at] ^= 1 << bit
+    return bytes(damaged), f"bit {bit} of byte {at} ({region})"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_one_flipped_bit_is_refused_naming_what_differs_or_changes_nothing(saved, intact, data):
+    raw, payload, outputs, report, probes = intact
+    damaged, where = data.draw(flipped_bit(raw))
+    note(where)
+    path = saved[2] / "flipped.pt"
+    path.write_bytes(damaged)
+    try:
+        expected = expected_refusal(torch.load(path, weights_only=True, map_location="cpu"), payload)  # as fxqbn reads it
+    except Exception:  # noqa: BLE001 -- torch cannot read it at all: fxqbn must say so
+        expected = "cannot read .*flipped\\.pt: "
+    note(f"expected: {expected}")
+    if expected is not None:
+        with pytest.raises(fxqbn.FxqbnError, match=expected):
+            fxqbn.load(path, Zoo())
+        return
+    loaded = fxqbn.load(path, Zoo())  # the bit changed no data: the same model, bit for bit
+    with torch.no_grad():
+        assert all(torch.equal(loaded(x), y) for x, y in zip(probes, outputs))
+    assert fxqbn.get_report(loaded).to_dict() == report
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_truncated_file_is_refused(saved, intact, data):
+    raw = intact[0]
+    path = saved[2] / "cut.pt"
+    path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
+    with pytest.raises(fxqbn.FxqbnError, match=r"cut\.pt: it is not a file written by torch\.save, or it is truncated"):
+        fxqbn.load(path, Zoo())
+
+
+def _mixed(data: bytes, other: bytes, names) -> bytes:
+    """``data``'s zip with the records ``names`` taken from ``other`` (as a bad copy might mix them)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as mine, zipfile.ZipFile(io.BytesIO(other)) as theirs, zipfile.ZipFile(out, "w") as mixed:
+        prefix = theirs.namelist()[0].partition("/")[0]  # the folder torch.save names after the file
+        for info in mine.infolist():
+            name = info.filename.partition("/")[2]
+            mixed.writestr(info, theirs.read(f"{prefix}/{name}") if name in names else mine.read(info))
+    return out.getvalue()
+
+
+def test_records_of_two_files_mixed_up_are_refused_naming_the_tensor(saved, intact, tmp_path):
+    raw, payload, *_ = intact
+    observed = fxqbn.prepare(zoo(seed=1), (batches()[0],), QCONFIG)  # same architecture, other weights and qparams
+    with torch.no_grad():
+        observed(batches(1, seed=5)[0])
+    fxqbn.save(fxqbn.convert(observed, backend=saved[1]["backend"]), tmp_path / "other.pt")
+    other = (tmp_path / "other.pt").read_bytes()
+    path = tmp_path / "mixed.pt"
+    path.write_bytes(_mixed(raw, raw, ()))  # rewritten by zipfile, nothing mixed: it loads
+    fxqbn.load(path, Zoo())
+    tensors = sorted(name for name in _records(raw) if name.startswith("data/"))
+    refused = []
+    for name in tensors:
+        path.write_bytes(_mixed(raw, other, {name}))
+        expected = expected_refusal(torch.load(path, weights_only=True, map_location="cpu"), payload)
+        if expected is not None:  # else both files hold the same bytes there
+            assert expected.startswith(r"is damaged: tensor\ ")
+            with pytest.raises(fxqbn.FxqbnError, match=rf"mixed\.pt {expected} does not match its SHA-256 digest"):
+                fxqbn.load(path, Zoo())
+            refused.append(name)
+    assert len(refused) > len(tensors) // 2
+    path.write_bytes(_mixed(raw, other, {"data.pkl"}))  # the other file's metadata over these tensors
+    with pytest.raises(fxqbn.FxqbnError, match=r"mixed\.pt is damaged: tensor '.*' does not match its SHA-256 digest"):
+        fxqbn.load(path, Zoo())

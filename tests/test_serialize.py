@@ -1,5 +1,9 @@
 """fxqbn.save / fxqbn.load: data-only files, bit-identical rebuilds, refusals naming what differs."""
 
+import shutil
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +12,8 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer
 
 import fxqbn
-from fxqbn import serialize
+from fxqbn import digests, serialize
+from fxqbn.report import STATUSES
 
 
 class Zoo(nn.Module):
@@ -73,7 +78,9 @@ def test_the_file_is_plain_data_that_weights_only_load_reads(saved):
         return value is None or isinstance(value, (str, int, float, bool, torch.Tensor))
 
     assert plain(payload)
-    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 2
+    assert payload["format"] == "fxqbn.quantized" and payload["version"] == 3 and payload["layout"] == "float_io"
+    assert payload["inputs"] == [{"tensor": [2, 3, 6, 6], "dtype": "float32"}]
+    assert payload["digests"]["tensors"].keys() == payload["state_dict"].keys()
     assert payload["report"] == fxqbn.get_report(quantized).to_dict()
     assert payload["state_dict"].keys() == quantized.state_dict().keys()
 
@@ -185,7 +192,7 @@ def test_load_refuses_files_it_did_not_write(saved, tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["version"] = 99
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads versions 1, 2"):
+    with pytest.raises(fxqbn.FxqbnError, match="format version 99; this fxqbn reads versions 1, 2, 3"):
         fxqbn.load(tmp_path / "future.pt", Zoo())
     with pytest.raises(fxqbn.FxqbnError, match="expects the float torch.nn.Module, got str"):
         fxqbn.load(path, "Zoo")
@@ -247,6 +254,189 @@ def test_a_boundary_the_records_disagree_with_is_refused_beside_user_modules_of_
     model, x, _, path = _saved_named_like_boundaries(tmp_path, "native")
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["bn2.quantize.scale"] = payload["state_dict"]["bn2.quantize.scale"] * 2  # bn2: a FloatIO
+    payload["digests"] = digests.seal(payload)  # edited on purpose: the digests agree, the records do not
     torch.save(payload, path)
-    with pytest.raises(fxqbn.FxqbnError, match="'bn2.quantize.scale'"):
+    with pytest.raises(fxqbn.FxqbnError, match="is inconsistent: its state_dict's 'bn2.quantize.scale'"):
         fxqbn.load(path, model, (x,))
+
+
+# -- format 3: the example inputs in the file, old formats, writing -------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+class FunctionalBN(nn.Module):
+    """F.batch_norm on the model's own buffers: its int8 kernel is picked by its input's rank, which only a
+    run on example inputs shows. It takes an input of each kind a file stores, nested."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("mean", torch.linspace(-0.3, 0.3, 4))
+        self.register_buffer("var", torch.linspace(0.5, 2.0, 4))
+
+    def forward(self, x, pair, extra, scale, flag):
+        y = self.conv(x + pair[0] * pair[1] + extra["shift"])
+        return F.relu(F.batch_norm(y, self.mean, self.var, training=False)) * scale
+
+
+def fbn_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 6, 6, generator=gen), (torch.randn(1, 3, 1, 1, generator=gen), torch.tensor(2)),
+            {"shift": torch.randn(3, 1, 1, generator=gen)}, 1.5, None)
+
+
+FBN_SPEC = [
+    {"tensor": [2, 3, 6, 6], "dtype": "float32"},
+    {"tuple": [{"tensor": [1, 3, 1, 1], "dtype": "float32"}, {"tensor": [], "dtype": "int64"}]},
+    {"dict": {"shift": {"tensor": [3, 1, 1], "dtype": "float32"}}},
+    {"value": 1.5},
+    {"value": None},
+]
+
+
+def converted_fbn(backend="native", model=None, inputs=None):
+    model = model if model is not None else FunctionalBN().eval()
+    observed = fxqbn.prepare(model, inputs or fbn_inputs(), MinMaxObserver)
+    with torch.no_grad():
+        observed(*fbn_inputs(1))
+    return fxqbn.convert(observed, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_a_functional_bn_model_loads_from_its_file_alone_with_its_outputs(backend, tmp_path):
+    quantized = converted_fbn(backend)
+    fxqbn.save(quantized, tmp_path / "fbn.pt")
+    assert torch.load(tmp_path / "fbn.pt", weights_only=True)["inputs"] == FBN_SPEC
+    loaded = fxqbn.load(tmp_path / "fbn.pt", FunctionalBN())  # no example_inputs: the file's shapes are traced
+    assert fxqbn.get_report(loaded) == fxqbn.get_report(quantized)
+    with torch.no_grad():
+        for seed in (2, 3):
+            assert torch.equal(loaded(*fbn_inputs(seed)), quantized(*fbn_inputs(seed)))
+    fxqbn.save(loaded, tmp_path / "again.pt")  # the loaded model keeps the inputs for the next save
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["inputs"] == FBN_SPEC
+
+
+def test_a_file_without_the_inputs_a_model_needs_names_load_s_example_inputs(tmp_path):
+    fxqbn.save(converted_fbn(), tmp_path / "fbn.pt")
+    payload = torch.load(tmp_path / "fbn.pt", weights_only=True)
+    payload["inputs"] = None  # as for a model converted from a torch.ao-observed graph
+    payload["digests"] = digests.seal(payload)
+    torch.save(payload, tmp_path / "none.pt")
+    with pytest.raises(fxqbn.FxqbnError, match=r"BatchNorm 'batch_norm' picks its int8 kernel by its input's rank.*none\.pt "
+                       r"holds none .*: pass them, fxqbn\.load\(path, model, example_inputs=\(x,\)\)"):
+        fxqbn.load(tmp_path / "none.pt", FunctionalBN())
+    loaded = fxqbn.load(tmp_path / "none.pt", FunctionalBN(), fbn_inputs(4))
+    assert fxqbn.get_report(loaded).rows == fxqbn.load_report(tmp_path / "fbn.pt").rows
+
+
+class Opaque:
+    """An input a file cannot store."""
+
+
+class WithOpaque(FunctionalBN):
+    def forward(self, x, opaque):
+        return super().forward(x, (x, 1.0), {"shift": 0.0}, 1.0, None)
+
+
+class ModuleBNWithOpaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, opaque):
+        return self.bn(x)
+
+
+def test_inputs_a_file_cannot_store_are_refused_where_load_needs_them(tmp_path):
+    x = fbn_inputs()[0]
+    observed = fxqbn.prepare(WithOpaque().eval(), (x, Opaque()), MinMaxObserver)
+    observed(x, Opaque())
+    with pytest.raises(fxqbn.FxqbnError, match=r"cannot store the example inputs fxqbn\.prepare was given \(example_inputs\[1\] "
+                       r"is a Opaque; a file stores tensors .*needs them for BatchNorm 'batch_norm'"):
+        fxqbn.save(fxqbn.convert(observed), tmp_path / "opaque.pt")
+    assert not (tmp_path / "opaque.pt").exists()
+    model = randomize_bn(ModuleBNWithOpaque()).eval()
+    observed = fxqbn.prepare(model, (x, Opaque()), MinMaxObserver)  # a BN module: load needs no inputs
+    observed(x, Opaque())
+    quantized = fxqbn.convert(observed)
+    fxqbn.save(quantized, tmp_path / "module.pt")
+    assert torch.load(tmp_path / "module.pt", weights_only=True)["inputs"] is None
+    assert torch.equal(fxqbn.load(tmp_path / "module.pt", ModuleBNWithOpaque())(x, None), quantized(x, None))
+
+
+def test_save_into_a_missing_folder_names_the_folder(saved, tmp_path):
+    _, quantized, _ = saved
+    with pytest.raises(fxqbn.FxqbnError, match=rf"fxqbn\.save cannot write .*m\.pt: folder {tmp_path}/no/such does not exist"):
+        fxqbn.save(quantized, tmp_path / "no" / "such" / "m.pt")
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(fxqbn.FxqbnError, match=rf"fxqbn\.save cannot write {tmp_path}: {tmp_path} is a folder"):
+        fxqbn.save(quantized, tmp_path)
+
+
+def _old_file_warnings(caught):
+    return [w for w in caught if "holds no digests" in str(w.message)]
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+def test_format_2_files_load_with_one_warning_and_their_outputs(backend, tmp_path):
+    """Files written by fxqbn before format 3 (tests/golden/format2.py wrote them): no digests, no inputs."""
+    from golden.format2 import Format2Model
+
+    path = tmp_path / f"format2_{backend}.pt"  # a name no other test loaded: the warning is said once per file
+    shutil.copy(GOLDEN / path.name, path)
+    assert torch.load(path, weights_only=True)["version"] == 2
+    expected = torch.load(GOLDEN / f"format2_{backend}_io.pt", weights_only=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(fxqbn.FxqbnError, match=r"BatchNorm 'batch_norm' picks its int8 kernel by its input's rank, which a run on "
+                           r"example inputs shows: .*format2_\w+\.pt is fxqbn\.save format 2, written before files held them: "
+                           r"pass them, fxqbn\.load\(path, model, example_inputs=\(x,\)\)"):
+            fxqbn.load(path, Format2Model())
+        loaded = fxqbn.load(path, Format2Model(), (expected["input"],))
+        fxqbn.load_report(path)
+    assert [str(w.message) for w in _old_file_warnings(caught)] == [
+        f"{path} is fxqbn.save format 2, which holds no digests: it loads with its contents checked for consistency, "
+        "but damage that stays consistent goes unnoticed. Save it again (fxqbn.save writes format 3) to add them"
+    ]
+    with torch.no_grad():
+        assert torch.equal(loaded(expected["input"]), expected["output"])
+
+
+def test_a_format_1_file_warns_once(tmp_path):
+    from golden.format1 import Format1Model
+
+    path = tmp_path / "format1_native.pt"
+    shutil.copy(GOLDEN / path.name, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            fxqbn.load(path, Format1Model())
+    assert len(_old_file_warnings(caught)) == 1 and "format 1" in str(_old_file_warnings(caught)[0].message)
+
+
+def test_a_file_with_digests_is_checked_whatever_its_version_says(saved, tmp_path):
+    _, _, path = saved
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 2  # one bit of the version, flipped
+    torch.save(payload, tmp_path / "v2.pt")
+    with pytest.raises(fxqbn.FxqbnError, match=r"v2\.pt is damaged: field 'version' does not match its SHA-256 digest"):
+        fxqbn.load(tmp_path / "v2.pt", Zoo())
+    del payload["digests"]
+    payload["version"] = 3
+    torch.save(payload, tmp_path / "v3.pt")
+    with pytest.raises(fxqbn.FxqbnError, match=r"v3\.pt is damaged: field 'digests' is missing"):
+        fxqbn.load_report(tmp_path / "v3.pt")
+
+
+def test_check_payload_accepts_every_report_status_and_folded_rows_need_no_qparams(saved):
+    _, _, path = saved
+    payload = torch.load(path, weights_only=True)
+    row = next(row for row in payload["patterns"] if row["status"] == "skipped")
+    for status in STATUSES:
+        row["status"] = status
+        if status != "rewritten":
+            serialize.check_payload(payload, "f.pt")
+    row["status"] = "fused"
+    with pytest.raises(fxqbn.FxqbnError, match=rf"f\.pt is damaged: BatchNorm '{row['module']}' has status 'fused'"):
+        serialize.check_payload(payload, "f.pt")
