@@ -71,6 +71,13 @@ class LoweredBatchNorm(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph_codes and self.kernel_codes:  # plain codes throughout: torch.compile traces the kernel
+            self._check_input(x)
+            return self.kernel(x)
+        return self._quantized(x)
+
+    @torch.compiler.disable(recursive=True)  # quantized tensors: fake tensors have no quantized dtypes, so run eagerly
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.graph_codes and not self.kernel_codes:
             x = qops.from_codes(x, self.input_qparams.scale, self.input_qparams.zero_point)
