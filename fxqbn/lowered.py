@@ -74,9 +74,10 @@ class LoweredBatchNorm(nn.Module):
         if self.graph_codes and self.kernel_codes:  # plain codes throughout: torch.compile traces the kernel
             self._check_input(x)
             return self.kernel(x)
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._quantized, x)
         return self._quantized(x)
 
-    @torch.compiler.disable(recursive=True)  # quantized tensors: fake tensors have no quantized dtypes, so run eagerly
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.graph_codes and not self.kernel_codes:

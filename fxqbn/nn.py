@@ -155,12 +155,6 @@ def _common_layout(items: list[tuple[str, Any]]) -> tuple[list[torch.Tensor], li
     return tensors, channels, eps
 
 
-def _eagerly(forward):  # noqa: ANN001, ANN202
-    """A forward on quantized tensors, which torch.compile cannot trace (fake tensors have no quantized
-    dtypes): run eagerly, one clean graph break, instead of tracing into it and failing op by op."""
-    return torch.compiler.disable(forward, recursive=True)
-
-
 class _QuantizedBatchNorm(nn.Module):
     __constants__ = ["_DIM", "_RELU"]  # what torch.jit.script compiles in as constants
     _DIM: int = 0
@@ -255,8 +249,9 @@ class _QuantizedBatchNorm(nn.Module):
         return self._forward_eager(x)
 
     @torch.jit.unused
-    @_eagerly
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
         self._check_input(x)
         return self._kernel(x)
 
@@ -453,8 +448,9 @@ class Quantize(nn.Module):
         return self._forward_eager(x)
 
     @torch.jit.unused
-    @_eagerly
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
         return qops.quantize(x, self._scale, self._zero_point, self.dtype)
 
     def extra_repr(self) -> str:
@@ -470,6 +466,7 @@ class DeQuantize(nn.Module):
         return self._forward_eager(x)
 
     @torch.jit.unused
-    @_eagerly
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
         return qops.dequantize(x)

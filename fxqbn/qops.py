@@ -20,7 +20,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "quantize", "dequantize", "batch_norm", "empty_quantized", "BN_OP_NAMES",
-    "codes", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
+    "codes", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds", "eagerly", "batch_norm_between_floats",
 ]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
@@ -155,6 +155,14 @@ def clamp_bounds(lo: float, hi: float, scale: float, zero_point: int, dtype: tor
     q = from_codes(every.to(torch.uint8 if dtype == torch.quint8 else torch.int8), scale, zero_point)
     out = codes(torch.clamp(q, lo, hi)).to(torch.int32)
     return int(out.min()), int(out.max())
+
+
+@torch.compiler.disable(recursive=True)
+def eagerly(forward, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """``forward(x)`` run eagerly under torch.compile, which cannot trace quantized tensors (fake
+    tensors have no quantized dtypes): one clean graph break instead of tracing in and failing op by
+    op. Modules call it only while compiling; eager calls skip its few microseconds."""
+    return forward(x)
 
 
 # -- one op for torch.compile ------------------------------------------------------------------------
