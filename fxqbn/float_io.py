@@ -27,4 +27,13 @@ class FloatIO(nn.Module):
         self.quantize, self.bn, self.dequantize = quantize, bn, dequantize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.dequantize(self.bn(self.quantize(x)))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and hasattr(self.bn, "between_floats"):
+            # fake tensors have no quantized dtypes: the native BN, float in and float out, is one op
+            return self.bn.between_floats(x, self.quantize)
         return self.dequantize(self.bn(self.quantize(x)))

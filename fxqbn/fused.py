@@ -437,12 +437,14 @@ class FusedBatchNorm(nn.Module):
             self._c.run(x, out, True, n // c, c, threads())
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """The same codes in aten ops: the ulp-adjusted affine map, or a gather from the table."""
-        last = x.transpose(1, -1)  # channels last: the constants broadcast whatever the rank
+        """The same codes in aten ops: the ulp-adjusted affine map, or a gather from the table. The
+        constants are viewed as (C, 1, ...) to broadcast along dim 1: elementwise ops in x's own layout
+        (torch.compile makes one plain loop of them, where a transposed view costs it 3x)."""
+        shape = [-1] + [1] * (x.dim() - 2)
         if self._torch_table:
-            return self.table.view(-1)[last.to(torch.int64) + self._table_offsets].transpose(1, -1)
-        out = bn_formula(last, self._torch_a, self._torch_b, float(self._zin), self._zout, self._lo, self._hi)
-        return out.to(self.table.dtype).transpose(1, -1)
+            return self.table.view(-1)[x.to(torch.int64) + self._table_offsets.view(shape)]
+        a, b = self._torch_a.view(shape), self._torch_b.view(shape)
+        return bn_formula(x, a, b, float(self._zin), self._zout, self._lo, self._hi).to(self.table.dtype)
 
     # -- presentation --------------------------------------------------------------------------------
     def _get_name(self) -> str:

@@ -83,11 +83,12 @@ def quantize_formula(x: torch.Tensor, inv: float, zp: int, lo: int, hi: int, mul
     x = x.to(torch.float32)
     if mul_first:
         t = x * inv
-        q = torch.round(t) + float(zp)
     else:
         t = (x.to(torch.float64) * inv + float(zp)).to(torch.float32)  # fma: the product is exact in f64
-        q = torch.round(t)
-    q = q.masked_fill(torch.isnan(t) | (t >= 2147483520.0), float(hi))  # saturate where torch 2.14.1's vector path would wrap
+    # NaN and t >= 2147483520 (where torch 2.14.1's vector path would wrap) become that bound, then hi
+    # after the clamp: one select (a NaN compares False), which torch.compile vectorizes.
+    t = torch.where(t < 2147483520.0, t, 2147483520.0)
+    q = torch.round(t) + float(zp) if mul_first else torch.round(t)
     return q.clamp(float(lo), float(hi)).to(dtype)
 
 
@@ -143,15 +144,23 @@ def _quantize_constants(scale: float, zero_point: int, dtype: torch.dtype) -> tu
     return r, (r or ROUNDINGS[0]).inverse(scale), *DTYPE_RANGES[dtype]
 
 
+@torch.compiler.assume_constant_result  # torch.compile: run once, eagerly; its numbers are the graph's constants
+def _formula_constants(scale: float, zero_point: int, dtype: torch.dtype) -> tuple[bool, float, int, int]:
+    """What ``quantize_formula`` takes for these qparams: (mul_first, 1/scale as torch rounds it, qmin, qmax)."""
+    r, inv, lo, hi = _quantize_constants(scale, zero_point, dtype)
+    return (r or ROUNDINGS[0]).mul_first, inv, lo, hi
+
+
 def quantize(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
     """Float -> plain uint8 (``torch.quint8``) or int8 (``torch.qint8``) codes, equal to
     ``torch.quantize_per_tensor(x, scale, zero_point, dtype).int_repr()``; same shape and layout."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise FxqbnError(f"fxqbn.fused.quantize expects a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     scale, zero_point = float(scale), int(zero_point)
-    r, inv, lo, hi = _quantize_constants(scale, zero_point, dtype)
     if tracing(x):
-        return quantize_formula(x, inv, zero_point, lo, hi, (r or ROUNDINGS[0]).mul_first, integer_dtype(dtype))
+        mul_first, inv, lo, hi = _formula_constants(scale, zero_point, dtype)
+        return quantize_formula(x, inv, zero_point, lo, hi, mul_first, integer_dtype(dtype))
+    r, inv, lo, hi = _quantize_constants(scale, zero_point, dtype)
     x = dense(x if x.dtype == _F32 else x.to(_F32))
     if EXT is not None and r is not None and x.device.type == "cpu":
         out = torch.empty_like(x, dtype=integer_dtype(dtype))
@@ -169,6 +178,7 @@ def dequantize_formula(x: torch.Tensor, scale32: float, zp: int) -> torch.Tensor
     return x.to(torch.float32).sub_(float(zp)).mul_(scale32)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the graph
 def _scale32(scale: float) -> float:
     return float(torch.tensor(scale, dtype=_F32))
 
@@ -192,10 +202,14 @@ def _dequantize_exact(scale: float, zero_point: int, dtype: torch.dtype) -> bool
     return True
 
 
-def dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """Plain uint8/int8 codes -> float32, equal to ``Tensor.dequantize()`` of the quantized tensor."""
+def _check_codes(x: object) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in QUANTIZED_DTYPES:
         raise FxqbnError(f"fxqbn.fused.dequantize expects uint8 or int8 codes, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Plain uint8/int8 codes -> float32, equal to ``Tensor.dequantize()`` of the quantized tensor."""
+    _check_codes(x)
     scale, zero_point = float(scale), int(zero_point)
     if tracing(x):
         return dequantize_formula(x, _scale32(scale), zero_point)
@@ -249,6 +263,8 @@ class FusedQuantize(_FusedBoundary):
             raise FxqbnError(
                 f"fxqbn's fused BatchNorm takes float32 CPU tensors, got {x.dtype} on {x.device}: pass x.float().cpu()"
             )
+        if torch.compiler.is_compiling():  # this module's constants, as numbers: one graph of aten ops
+            return self._formula(x)
         return quantize(x, self._scale, self._zero_point, self.qparams.dtype)
 
 
@@ -263,5 +279,8 @@ class FusedDeQuantize(_FusedBoundary):
     @torch.jit.unused
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):  # fx tracing: aten ops in the graph
+            return dequantize_formula(x, self._scale32, self._zero_point)
+        if torch.compiler.is_compiling():  # this module's constants, as numbers: one graph of aten ops
+            _check_codes(x)
             return dequantize_formula(x, self._scale32, self._zero_point)
         return dequantize(x, self._scale, self._zero_point)

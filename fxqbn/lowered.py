@@ -75,6 +75,14 @@ class LoweredBatchNorm(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph_codes and self.kernel_codes:  # plain codes throughout: torch.compile traces the kernel
+            self._check_input(x)
+            return self.kernel(x)
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._quantized, x)
+        return self._quantized(x)
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.graph_codes and not self.kernel_codes:
             x = qops.from_codes(x, self.input_qparams.scale, self.input_qparams.zero_point)

@@ -245,8 +245,17 @@ class _QuantizedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             self._check_scripted_input(x)
-        else:
-            self._check_input(x)
+            return self._kernel(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
+        self._check_input(x)
+        return self._kernel(x)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # the kernel would return the input's qparams
             return qops.empty_quantized(x, self._scale, self._zero_point)
         weight = self.weight if self.weight is not None else self._unit_weight
@@ -256,6 +265,20 @@ class _QuantizedBatchNorm(nn.Module):
             self.eps, self._scale, self._zero_point, self._DIM, self._RELU,
         )
         return qops.clamp(y, self._clamp_lo, self._clamp_hi) if self._has_clamp else y
+
+    @torch.jit.unused
+    def between_floats(self, x: torch.Tensor, quantize: "Quantize") -> torch.Tensor:
+        """``DeQuantize()(self(quantize(x)))`` as one op
+        (``fxqbn.qops.batch_norm_between_floats``): what torch.compile, whose fake tensors have no
+        quantized dtypes, runs for this BN between float code."""
+        check_shape(self._get_name(), x, self._DIM, self.num_features)
+        weight = self.weight if self.weight is not None else self._unit_weight
+        bias = self.bias if self.bias is not None else self._zero_bias
+        clamp = [self._clamp_lo, self._clamp_hi] if self._has_clamp else None
+        return qops.batch_norm_between_floats(
+            x, quantize._scale, quantize._zero_point, quantize.dtype, weight, bias, self.running_mean, self.running_var, self.eps,
+            self._scale, self._zero_point, self._DIM, self._RELU, clamp,
+        )
 
     # -- construction from float modules -----------------------------------------------------
     @classmethod
@@ -420,6 +443,14 @@ class Quantize(nn.Module):
         self._zero_point = int(self.zero_point.item())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return qops.quantize(x, self._scale, self._zero_point, self.dtype)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
         return qops.quantize(x, self._scale, self._zero_point, self.dtype)
 
     def extra_repr(self) -> str:
@@ -430,4 +461,12 @@ class DeQuantize(nn.Module):
     """The quantized -> float boundary."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return qops.dequantize(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return qops.eagerly(self._forward_eager, x)
         return qops.dequantize(x)

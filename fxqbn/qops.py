@@ -20,7 +20,7 @@ from .errors import FxqbnError
 
 __all__ = [
     "quantize", "dequantize", "batch_norm", "empty_quantized", "empty_quantized_as", "BN_OP_NAMES",
-    "codes", "quantizer", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds",
+    "codes", "quantizer", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds", "eagerly", "batch_norm_between_floats",
 ]
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
@@ -175,3 +175,44 @@ def clamp_bounds(lo: float, hi: float, scale: float, zero_point: int, dtype: tor
     q = from_codes(every.to(torch.uint8 if dtype == torch.quint8 else torch.int8), scale, zero_point)
     out = codes(torch.clamp(q, lo, hi)).to(torch.int32)
     return int(out.min()), int(out.max())
+
+
+@torch.compiler.disable(recursive=True)
+def eagerly(forward, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """``forward(x)`` run eagerly under torch.compile, which cannot trace quantized tensors (fake
+    tensors have no quantized dtypes): one clean graph break instead of tracing in and failing op by
+    op. Modules call it only while compiling; eager calls skip its few microseconds."""
+    return forward(x)
+
+
+# -- one op for torch.compile ------------------------------------------------------------------------
+# Fake tensors have no quantized dtypes, so torch.compile cannot trace a quantized tensor: a quantized
+# BN between float code (``fxqbn.float_io.FloatIO`` on the native backend) is given to it as this one
+# opaque op, float in, float out, which runs the same calls as the eager modules.
+
+
+@torch.library.custom_op("fxqbn::native_batch_norm_between_floats", mutates_args=())
+def batch_norm_between_floats(
+    x: torch.Tensor, input_scale: float, input_zero_point: int, dtype: torch.dtype, weight: torch.Tensor,
+    bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, output_scale: float,
+    output_zero_point: int, dim: int, relu: bool, clamp_bounds: list[float] | None,
+) -> torch.Tensor:
+    """``dequantize(clamp(batch_norm(quantize(x))))`` as ``fxqbn.nn``'s Quantize, quantized BatchNorm and
+    DeQuantize compute it, in the layout ``_between_floats_layout`` declares."""
+    q = quantize(x, input_scale, input_zero_point, dtype)
+    if q.numel() == 0:
+        y = empty_quantized(q, output_scale, output_zero_point)
+    else:
+        y = batch_norm(q, weight, bias, running_mean, running_var, eps, output_scale, output_zero_point, dim, relu)
+        y = clamp(y, clamp_bounds[0], clamp_bounds[1]) if clamp_bounds is not None else y
+    return dequantize(y).contiguous(memory_format=_between_floats_layout(x))
+
+
+def _between_floats_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the native kernels return: channels last for 4-d and 5-d input, contiguous otherwise."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim(), torch.contiguous_format)
+
+
+@batch_norm_between_floats.register_fake
+def _(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=_between_floats_layout(x))

@@ -68,6 +68,10 @@ def calibrate():
     return run
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles with inductor (minutes on 2 cores); deselect with -m 'not slow'")
+
+
 __all__ = ["randomize_bn", "snapshot", "assert_unchanged", "calls", "copy"]
 
 
