@@ -243,13 +243,14 @@ class Calibration:
     held_out: tuple[torch.Tensor, ...] | None
     source: str  # a file or folder name, or "random"
     ranks: distributed.Ranks | None = None  # under torchrun: the ranks that shared the batches
+    held_for: str = "--verify"  # the option the held-out batch is for (--verify, or --min-sqnr)
 
     @property
     def note(self) -> str:
         n = len(self.batches)
         if self.source == "random":
             return f"calibration: {n} random batches - DEMO ONLY: real inputs have other ranges; pass --calib FILE{self._split}"
-        held = " (its last batch held out)" if self.held_out is not None else ""
+        held = f" (its last batch held out for {self.held_for})" if self.held_out is not None else ""
         return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}{self._split}"
 
     @property
@@ -269,7 +270,7 @@ def _calibration(data: Data, example: tuple[Any, ...], held_out_for: str | None)
             return Calibration(batches, None, data.calib)
         if len(batches) < 2:
             raise FxqbnError(f"{held_out_for} needs a batch held out of calibration: {data.calib} holds 1 batch; save a list of at least 2")
-        return Calibration(batches[:-1], batches[-1], data.calib)
+        return Calibration(batches[:-1], batches[-1], data.calib, held_for=held_out_for)
     if not all(isinstance(x, torch.Tensor) for x in example):
         raise FxqbnError("random calibration needs tensor inputs: pass --calib FILE with real batches")
     gen = torch.Generator().manual_seed(data.seed)
