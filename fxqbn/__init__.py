@@ -29,6 +29,7 @@ _EXPORTS = {
     "load": "serialize.load",
     "load_report": "serialize.load_report",
     "FxqbnError": "errors.FxqbnError",
+    "AccuracyWarning": "errors.AccuracyWarning",
     "Report": "report.Report",
     "ReportRow": "report.ReportRow",
     "ReportSummary": "report.ReportSummary",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed
+from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed, observer_users
 from fxqbn.passes import plan_patterns, rewrite_patterns, shapes_needed_by
 
 from . import nn as qnn
@@ -22,6 +22,7 @@ from .input_specs import record as record_inputs
 from .lowered import ByRank, LoweredBatchNorm
 from .qconfig import ActivationConfig
 from .report import Report
+from .sensitivity import Reference, batches_of, check_threshold, warn_if_collapsed
 from .state import CONVERTED_KEY, INPUTS_KEY, PREPARED_KEY, REPORT_KEY, attach, attached, detach
 from .tracing import build_graph_module, propagate_shapes, trace_graph
 
@@ -117,7 +118,10 @@ def _refuse_training(observed: fx.GraphModule, patterns: Iterable[Match]) -> Non
             )
 
 
-def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "native") -> fx.GraphModule:
+def convert(
+    observed: fx.GraphModule, inplace: bool = False, backend: str = "native",
+    keep_float_below: float | None = None, inputs: Any = None,
+) -> fx.GraphModule:
     """Replace every observed BatchNorm pattern with its quantized module.
 
     Args:
@@ -127,37 +131,70 @@ def convert(observed: fx.GraphModule, inplace: bool = False, backend: str = "nat
         inplace: rewrite ``observed`` itself instead of building a new GraphModule.
         backend: ``"native"`` (PyTorch's quantized op library on quint8/qint8 tensors, ``fxqbn.nn``)
             or ``"fused"`` (fxqbn's C integer kernels on plain uint8/int8 tensors, ``fxqbn.fused``).
+        keep_float_below: a threshold in dB: keep float every pattern whose sensitivity is under it
+            (reported skipped, with the figure). Needs ``inputs``.
+        inputs: held-out batches (not the calibration ones: a tensor, a tuple of tensors or a list of
+            batches). Each pattern's *sensitivity*, the model's output SQNR against float with only that
+            pattern quantized, goes into the report's ``sensitivity_db``, and the converted model's output
+            SQNR into its summary; an output SQNR under 10 dB warns (``fxqbn.AccuracyWarning``). Costs
+            one float forward per batch, plus one per pattern per batch, plus the converted model's.
 
     Returns:
         The quantized ``GraphModule``; ``get_report`` tells what happened to each BatchNorm. It
         holds its own copies of everything it keeps from the float model. A pattern between float
         code is one ``fxqbn.float_io.FloatIO`` (quantize, quantized module, dequantize).
     """
-    return convert_laid_out(observed, inplace, backend, float_io=True)
+    if keep_float_below is not None:
+        keep_float_below = check_threshold(keep_float_below)
+        if inputs is None:
+            raise FxqbnError("keep_float_below needs held-out inputs to measure each pattern's sensitivity on: pass "
+                             "inputs=[batch, ...] (batches not used for calibration)")
+    batches = None if inputs is None else batches_of(inputs, "inputs")
+    return convert_laid_out(observed, inplace, backend, float_io=True, keep_float_below=keep_float_below, held_out=batches)
 
 
-def convert_laid_out(observed: fx.GraphModule, inplace: bool, backend: str, float_io: bool) -> fx.GraphModule:
+def convert_laid_out(
+    observed: fx.GraphModule, inplace: bool, backend: str, float_io: bool,
+    keep_float_below: float | None = None, held_out: list[tuple] | None = None,
+) -> fx.GraphModule:
     """``convert``, choosing the layout: ``float_io`` False keeps every boundary a node of its own (the
     layout of fxqbn.save format 1 files, which ``load`` rebuilds). The steps: read what prepare
-    recorded, refuse, read the observers, plan, build, rewrite a new graph, install it, report."""
+    recorded, refuse, read the observers, plan, build, [measure, keep float], rewrite a new graph,
+    install it, report."""
     start, chosen = time.perf_counter(), backend_named(backend)
     state = _prepared_state(observed)
     _refuse_training(observed, state.patterns)
     readings = pipeline.read_observers(observed, state.patterns)  # refuse before copying or changing anything
+    reference = None if held_out is None else _reference(observed, state, held_out)
     plans = plan_patterns(state.patterns, readings, chosen)
     modules = pipeline.build_modules(observed, plans, chosen)
-    graph, converted, new = rewrite_patterns(observed.graph, observed, plans, modules, chosen, state.dropped, float_io)
-    if inplace:
-        gm = pipeline.install(observed, graph, new)
-    else:
-        gm = build_graph_module(observed, graph, new, class_name=type(observed).__name__)
+    sensitivity = {} if reference is None else reference.sensitivities(pipeline.probes(plans, modules, chosen))
+    kept, kept_float = state.patterns, []
+    if keep_float_below is not None:  # planned again: the patterns under the threshold are skips like any other
+        kept, kept_float = pipeline.keep_float(state.patterns, sensitivity, keep_float_below)
+        plans = plan_patterns(kept, readings, chosen)
+        modules = pipeline.build_modules(observed, plans, chosen)
+    released = pipeline.released_observers(state.patterns, kept)
+    graph, converted, new = rewrite_patterns(observed.graph, observed, plans, modules, chosen, [*state.dropped, *released], float_io)
+    gm = pipeline.install(observed, graph, new) if inplace else build_graph_module(observed, graph, new, class_name=type(observed).__name__)
     _own_float_parts(gm, new)
     detach(gm, PREPARED_KEY)
     if attached(observed, INPUTS_KEY) is not None:
         attach(gm, INPUTS_KEY, attached(observed, INPUTS_KEY))
     attach(gm, CONVERTED_KEY, converted)
-    attach(gm, REPORT_KEY, pipeline.report(converted, state.skips, start, state.dropped))
+    report = pipeline.report(converted, [*state.skips, *kept_float], start, state.dropped)
+    if reference is not None:
+        report = pipeline.measured(report, sensitivity, reference.model_sqnr(gm), keep_float_below, len(kept_float))
+    attach(gm, REPORT_KEY, report)
+    if reference is not None:
+        warn_if_collapsed(report, stacklevel=4)
     return gm
+
+
+def _reference(observed: fx.GraphModule, state: Prepared, batches: list[tuple]) -> Reference:
+    """The observed model's float outputs on the held-out batches, its observers passing values through."""
+    bypass = set(observer_users(state.patterns)) | {d.observer for d in state.dropped}
+    return Reference(observed, bypass, batches)
 
 
 def _prepared_state(observed: nn.Module) -> Prepared:

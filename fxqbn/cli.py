@@ -18,6 +18,7 @@ path is checked before any work. It parses the command line into records (``fxqb
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -72,6 +73,17 @@ def _positive(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _decibels(text: str) -> float:
+    """--min-sqnr's DB: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of dB (e.g. 20)")
     return value
 
 
@@ -197,6 +209,9 @@ def _add_quantization(c: argparse.ArgumentParser) -> None:
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")
+    c.add_argument("--min-sqnr", type=_decibels, default=None, metavar="DB",
+                   help="keep float every BN pattern whose sensitivity (the model's output SQNR with only that pattern "
+                   "quantized, on the batch --verify holds out) is under DB; costs one forward per pattern")
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -207,9 +222,9 @@ def run_convert(args: argparse.Namespace, progress: Progress) -> int:
     _check_model_file(args.model)
     outputs = Outputs(args.out, args.torchscript, args.report)
     _check_clashes(outputs, args.model, args.calib)
-    request = ConvertRequest(  # refuses --out and --skip with --int8
+    request = ConvertRequest(  # refuses --out, --skip and --min-sqnr with --int8
         args.model, Data(tuple(args.input_shape or ()), args.calib, args.calib_batches, args.seed),
-        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), args.bn),
+        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), bn=args.bn, min_sqnr=args.min_sqnr),
         outputs, _table(args), args.verify, args.quiet,
     )
     with progress.step("loading PyTorch"):

@@ -29,10 +29,11 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from . import distributed
 from .api import convert, get_report, prepare
 from .comparing import compare, sqnr_db, tensors_in
-from .errors import FxqbnError, no_batch_norm
+from .errors import AccuracyWarning, FxqbnError, no_batch_norm
 from .paths import calibration_files
 from .progress import Progress
 from .report import Report
+from .sensitivity import LOW_SQNR_DB, collapse_message
 from .requests import ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table, first_line, model_file, usage
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
@@ -255,13 +256,14 @@ class Calibration:
     held_out: tuple[torch.Tensor, ...] | None
     source: str  # a file or folder name, or "random"
     ranks: distributed.Ranks | None = None  # under torchrun: the ranks that shared the batches
+    held_for: str = "--verify"  # the option the held-out batch is for (--verify, or --min-sqnr)
 
     @property
     def note(self) -> str:
         n = len(self.batches)
         if self.source == "random":
             return f"calibration: {n} random batches - DEMO ONLY: real inputs have other ranges; pass --calib FILE{self._split}"
-        held = " (its last batch held out for --verify)" if self.held_out is not None else ""
+        held = f" (its last batch held out for {self.held_for})" if self.held_out is not None else ""
         return f"calibration: {n} batch{'es' if n > 1 else ''} from {self.source}{held}{self._split}"
 
     @property
@@ -273,27 +275,29 @@ class Calibration:
         return {**data, "ranks": self.ranks.to_dict(len(self.batches))} if self.ranks is not None else data
 
 
-def _calibration(data: Data, example: tuple[Any, ...], verify: bool) -> Calibration:
-    """--calib's batches or random ones, the last held out when ``verify``."""
+def _calibration(data: Data, example: tuple[Any, ...], held_out_for: str | None) -> Calibration:
+    """--calib's batches or random ones, the last held out when an option (``held_out_for``) needs it."""
     if data.calib is not None:
         batches = [b for path in calibration_files(data.calib) for b in _read_calibration(path, len(example))]
-        if not verify:
+        if held_out_for is None:
             return Calibration(batches, None, data.calib)
         if len(batches) < 2:
-            raise FxqbnError(f"--verify needs a batch held out of calibration: {data.calib} holds 1 batch; save a list of at least 2")
-        return Calibration(batches[:-1], batches[-1], data.calib)
+            raise FxqbnError(f"{held_out_for} needs a batch held out of calibration: {data.calib} holds 1 batch; save a list of at least 2")
+        return Calibration(batches[:-1], batches[-1], data.calib, held_for=held_out_for)
     if not all(isinstance(x, torch.Tensor) for x in example):
         raise FxqbnError("random calibration needs tensor inputs: pass --calib FILE with real batches")
     gen = torch.Generator().manual_seed(data.seed)
     batches = [tuple(torch.randn(*x.shape, generator=gen, dtype=x.dtype) for x in example) for _ in range(data.calib_batches + 1)]
-    return Calibration(batches[:-1], batches[-1] if verify else None, "random")  # same batches either way
+    return Calibration(batches[:-1], batches[-1] if held_out_for else None, "random")  # same batches either way
 
 
 def _render(
     request: ConvertRequest, example: tuple[Any, ...], report: Report, calibration: Calibration, checked: Verification | None,
+    warned: Sequence[str] = (),
 ) -> tuple[str, list[str]]:
-    """(what goes to stdout and --report, lines for stderr) in the chosen --format."""
-    table, written = request.table, request.outputs.written()
+    """(what goes to stdout and --report, lines for stderr: the warnings and the files written) in the chosen --format."""
+    table = request.table
+    written = [f"fxqbn: warning: {message}" for message in warned] + request.outputs.written()
     if table.format == "json":
         document: dict[str, Any] = {
             "model": request.spec, "inputs": [list(x.shape) for x in example if isinstance(x, torch.Tensor)],
@@ -301,6 +305,7 @@ def _render(
         }
         if checked is not None:
             document["verification"] = checked.to_dict()
+        document["warnings"] = list(warned)
         return json.dumps(document, indent=2), written
     header = [f"model: {request.spec}, input {_shapes(example)}, {request.quantization.describe()}", calibration.note]
     footer = checked.lines() if checked is not None else []
@@ -370,8 +375,9 @@ def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], c
     calibration = _calibrate(observed, calibration, progress)
     if calibration.ranks is not None and calibration.ranks.rank != 0:
         return None, calibration
-    with progress.step("converting"):
-        return convert(observed, backend=asked.backend or "native"), calibration
+    held_out = None if asked.min_sqnr is None else [calibration.held_out]
+    with progress.step("converting" if held_out is None else "converting, measuring each BN pattern's sensitivity"):
+        return convert(observed, backend=asked.backend or "native", keep_float_below=asked.min_sqnr, inputs=held_out), calibration
 
 
 def _whole_model_int8(asked: Quantization, model: nn.Module, example: tuple[Any, ...], calibration: Calibration,
@@ -399,6 +405,15 @@ def _verify(int8: bool, model: nn.Module, quantized: nn.Module, held_out: tuple[
     return checked
 
 
+def _collapse(report: Report, checked: Verification | None) -> list[str]:
+    """The warning of an output SQNR under 10 dB, measured by --min-sqnr or --verify (at most one)."""
+    message = collapse_message(report)
+    if message is None and checked is not None and checked.sqnr_db is not None and checked.sqnr_db < LOW_SQNR_DB:
+        message = (f"the quantized model's output SQNR is {checked.sqnr_db:.1f} dB (under {LOW_SQNR_DB:g} dB): its outputs "
+                   "are mostly error; per-pattern sensitivity (--min-sqnr) is measured for BN-only conversions, without --int8")
+    return [] if message is None else [message]
+
+
 def _write(outputs: Outputs, quantized: nn.Module, example: tuple[Any, ...], progress: Progress) -> None:
     """--out and --torchscript (--report is written with the text)."""
     if outputs.out:
@@ -413,13 +428,17 @@ def convert_command(request: ConvertRequest, progress: Progress) -> int:
     """``fxqbn convert``: the command line is checked already (``fxqbn.cli``)."""
     with progress.step(f"building {request.spec}"):
         model, example = _model_and_inputs(request.spec, request.data)
-    calibration = _calibration(request.data, example, request.verifies)
-    quantized, calibration = _quantize(request.quantization, model, example, calibration, progress)
-    if quantized is None:
-        return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
-    checked = _verify(bool(request.quantization.int8), model, quantized, calibration.held_out, progress)
+    calibration = _calibration(request.data, example, request.held_out_for)
+    with warnings.catch_warnings():  # said once, from the final report, with it (_collapse)
+        warnings.simplefilter("ignore", AccuracyWarning)
+        quantized, calibration = _quantize(request.quantization, model, example, calibration, progress)
+        if quantized is None:
+            return 0  # a torchrun rank other than 0: rank 0 writes the outputs and prints the report
+        verifies = calibration.held_out if request.verifies else None
+        checked = _verify(bool(request.quantization.int8), model, quantized, verifies, progress)
     _write(request.outputs, quantized, example, progress)
-    text, side = _render(request, example, get_report(quantized), calibration, checked)
+    report = get_report(quantized)
+    text, side = _render(request, example, report, calibration, checked, _collapse(report, checked))
     if request.outputs.report:
         with open(request.outputs.report, "w", encoding="utf-8") as f:
             f.write(text + "\n")

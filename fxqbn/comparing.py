@@ -6,12 +6,15 @@ input ``x`` and float output ``y`` are captured; the quantized module then compu
 the SQNR of that against ``y`` (dB) and the largest ``|error|`` in output quantization steps:
 the error the pattern itself adds, input quantization included. The summary gets the SQNR of
 the quantized model's outputs against the float model's.
+
+A row's SQNR can look perfect while the model collapses (an outlier channel dominates the BN's
+output; the next layer reads the others): with ``sensitivity=True``, or when the model's output
+SQNR is under 10 dB (which warns, ``fxqbn.AccuracyWarning``), each pattern's sensitivity is
+measured too (``fxqbn.sensitivity``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,18 +28,10 @@ from .errors import FxqbnError
 from .report import Report
 from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 from .copying import owned_copy
+from .sensitivity import LOW_SQNR_DB, Probe, Reference, alone, batches_of, sqnr_db, tensors_in, warn_if_collapsed
 from .tracing import trace
 
 __all__ = ["compare", "sqnr_db", "tensors_in"]
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise), with signal and noise sums of squares; inf when noise is 0."""
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
 
 
 class _Capture(fx.Interpreter):
@@ -57,27 +52,6 @@ class _Capture(fx.Interpreter):
         return result
 
 
-def _batches(inputs: Any) -> list[tuple]:
-    if isinstance(inputs, torch.Tensor):
-        return [(inputs,)]
-    if isinstance(inputs, tuple):
-        return [inputs]
-    if isinstance(inputs, Iterable):
-        return [batch if isinstance(batch, tuple) else (batch,) for batch in inputs]
-    raise FxqbnError(f"inputs must be a tensor, a tuple of tensors or a list of batches, got {type(inputs).__name__}")
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output (a tensor, or tuples, lists and dicts of them), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in tensors_in(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in tensors_in(item)]
-    return []
-
-
 def _float_graph(reference: nn.Module) -> fx.GraphModule:
     if attached(reference, PREPARED_KEY) is not None:
         return reference  # the observed graph: float BNs, observers bypassed by _Capture
@@ -87,7 +61,7 @@ def _float_graph(reference: nn.Module) -> fx.GraphModule:
     return trace(owned_copy(reference))  # tracing runs forward with proxies: never on the user's model
 
 
-def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Report:
+def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any, sensitivity: bool = False) -> Report:
     """Fill the report's numeric columns by running the float and quantized models on ``inputs``.
 
     Args:
@@ -95,10 +69,14 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
             (its observers are bypassed, not fed).
         quantized: the model ``convert`` returned.
         inputs: a tensor, a tuple of tensors (one batch), or a list of batches.
+        sensitivity: measure each rewritten pattern's sensitivity too (the model's output SQNR with
+            only that pattern quantized): one more forward per pattern per batch.
 
     Returns:
         The report with ``sqnr_db``, ``max_error_steps`` and the model's output SQNR; it is also
-        recorded on ``quantized`` so that ``get_report`` returns it from now on.
+        recorded on ``quantized`` so that ``get_report`` returns it from now on. A model output SQNR
+        under 10 dB warns (``fxqbn.AccuracyWarning``) naming the most sensitive patterns, measured
+        then unless the report has them already.
     """
     report = get_report(quantized)
     if attached(quantized, LOWERED_KEY) is not None:
@@ -107,21 +85,34 @@ def compare(reference: nn.Module, quantized: fx.GraphModule, inputs: Any) -> Rep
     float_gm = _float_graph(reference)
     prepared: Prepared | None = attached(float_gm, PREPARED_KEY)
     bypass = set(observer_users(prepared.patterns if prepared else ()))
-    ends = _pattern_ends(float_gm, rewrites)
+    ends, batches = _pattern_ends(float_gm, rewrites), batches_of(inputs)
+    errors, model = _errors(float_gm, bypass, quantized, rewrites, ends, batches)
+    result = report.with_numbers({name: (error.sqnr_db(), error.max_steps) for name, error in errors.items()}, model.sqnr_db())
+    known = any(row.sensitivity_db is not None for row in result.rows)
+    if sensitivity or (result.summary.model_sqnr_db < LOW_SQNR_DB and not known):
+        probes = [Probe(name, *ends[name], error.pipeline) for name, error in errors.items()]
+        result = result.with_sensitivity(Reference(float_gm, bypass, batches).sensitivities(probes))
+    attach(quantized, REPORT_KEY, result)
+    warn_if_collapsed(result)
+    return result
+
+
+def _errors(
+    float_gm: fx.GraphModule, bypass: set[str], quantized: fx.GraphModule, rewrites: tuple[Rewrite, ...],
+    ends: dict[str, tuple[str, str]], batches: list[tuple],
+) -> tuple[dict[str, "_PatternError"], "_PatternError"]:
+    """Each pattern's error (BN node -> its sums), and the model's, over ``batches``."""
     errors = {rw.match.bn_node: _PatternError(rw, quantized) for rw in rewrites}
     model = _PatternError(None, quantized)
     with torch.no_grad():
-        for batch in _batches(inputs):
+        for batch in batches:
             capture = _Capture(float_gm, {name for pair in ends.values() for name in pair}, bypass)
             float_out = capture.run(*batch)
             for name, error in errors.items():
                 error.add(*(capture.values[n] for n in ends[name]))
             for f, q in zip(tensors_in(float_out), tensors_in(quantized(*batch))):
                 model.add_error(f, q)
-    numbers = {name: (error.sqnr_db(), error.max_steps) for name, error in errors.items()}
-    result = report.with_numbers(numbers, model.sqnr_db())
-    attach(quantized, REPORT_KEY, result)
-    return result
+    return errors, model
 
 
 def _pattern_ends(float_gm: fx.GraphModule, rewrites: tuple[Rewrite, ...]) -> dict[str, tuple[str, str]]:
@@ -142,7 +133,7 @@ class _PatternError:
         self.rewrite, self.pipeline = rewrite, None
         if rewrite is not None:  # the backend's boundaries around the installed module, built once
             backend = BACKENDS[rewrite.backend]
-            self.pipeline = torch.nn.Sequential(
+            self.pipeline = alone(
                 backend.quantize(rewrite.plan.input.qparams), quantized.get_submodule(rewrite.qmodule),
                 backend.dequantize(rewrite.plan.output.qparams),
             )

@@ -5,6 +5,10 @@
       -> read_observers (observed graphs) -> passes.plan_patterns -> refuse_unbuildable
       -> build_modules (the backend's) -> passes.rewrite_patterns -> install -> report
 
+``fxqbn.convert`` given held-out inputs measures each planned pattern's sensitivity (``probes``,
+``fxqbn.sensitivity``) between building and rewriting; with ``keep_float_below``, ``keep_float``
+turns the patterns under it into skips and the kept ones are planned and built again.
+
 Only the entries differ in how they find the patterns (``passes.find_patterns`` with their graph's
 ``GraphKind``) and in what they check first.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import operator
 import time
+from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,9 +31,11 @@ from .lowered import ByRank, LoweredBatchNorm
 from .nn import own_many
 from .qparams import Observation, read_many
 from .report import Report, ReportRow, ReportSummary, skipped_row
+from .sensitivity import Probe, alone
 from .tracing import set_training_flags
 
-__all__ = ["read_observers", "refuse_unbuildable", "build_modules", "install", "drop_unread_attributes", "report"]
+__all__ = ["read_observers", "refuse_unbuildable", "build_modules", "probes", "keep_float", "released_observers", "install",
+           "drop_unread_attributes", "report", "measured"]
 
 
 def read_observers(gm: fx.GraphModule, patterns: Sequence[Match]) -> dict[str, Observation]:
@@ -111,6 +118,39 @@ def build_modules(root: nn.Module, plans: Sequence[Plan], backend: Backend) -> l
     ]
 
 
+def probes(plans: Sequence[Plan], modules: Sequence[nn.Module], backend: Backend) -> list[Probe]:
+    """Each planned pattern of an observed graph as a ``Probe``: its module between its own boundaries."""
+    return [
+        Probe(p.match.bn_node, p.match.input_node, p.match.output_node,
+              alone(backend.quantize(p.input.qparams), module, backend.dequantize(p.output.qparams)))
+        for p, module in zip(plans, modules, strict=True)
+    ]
+
+
+def kept_float_reason(sensitivity: float, threshold: float) -> str:
+    return f"kept float: sensitivity {sensitivity:.1f} dB < keep_float_below={threshold:g} dB"
+
+
+def keep_float(patterns: Sequence[Match], sensitivity: Mapping[str, float], threshold: float) -> tuple[list[Match], list[Skip]]:
+    """The patterns whose sensitivity (BN node -> dB) is at least ``threshold``; the others as skips saying so."""
+    kept, skips = [], []
+    for m in patterns:
+        if sensitivity[m.bn_node] < threshold:
+            reason = kept_float_reason(sensitivity[m.bn_node], threshold)
+            skips.append(Skip(position=m.position, node=m.bn_node, module=m.module, pattern=m.pattern, reason=reason, source=m.source))
+        else:
+            kept.append(m)
+    return kept, skips
+
+
+def released_observers(patterns: Sequence[Match], kept: Sequence[Match]) -> list[Dropped]:
+    """The observers of ``patterns`` that no ``kept`` pattern reads (rewriting removes them, as torch.ao's
+    observers outside any pattern); none is reported, their patterns' skips are."""
+    used = observer_users(kept)
+    names = dict.fromkeys(n for m in patterns for n in (m.boundary.input, m.boundary.output) if n not in used)
+    return [Dropped(name, "a BatchNorm pattern kept float") for name in names]
+
+
 def install(gm: fx.GraphModule, graph: fx.Graph, new_modules: Mapping[str, nn.Module]) -> fx.GraphModule:
     """``gm`` running ``graph``, with ``new_modules`` added at their targets (each taking the training
     flag of the module it replaces) and the submodules nothing calls any more removed."""
@@ -164,3 +204,10 @@ def report(converted: Converted, skips: Sequence[Skip], start: float, dropped: S
     rows += [(skip.position, skipped_row(skip)) for skip in skips]
     notes = tuple(f"{d.observer} on {d.observed}: not part of a BN pattern; removed, left float" for d in dropped)
     return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])), summary=summary, dropped=notes)
+
+
+def measured(report: Report, sensitivity: Mapping[str, float], model_sqnr: float, threshold: float | None, kept: int) -> Report:
+    """``report`` with what held-out inputs measured: each pattern's sensitivity, the model's output SQNR, and
+    the ``keep_float_below`` threshold with the number of patterns it kept float."""
+    summary = replace(report.summary, model_sqnr_db=model_sqnr, keep_float_below=threshold, kept_float=kept)
+    return replace(report.with_sensitivity(dict(sensitivity)), summary=summary)

@@ -57,6 +57,7 @@ class ReportRow:
     output_max: float | None = None
     sqnr_db: float | None = None  # filled by fxqbn.compare: quantized vs float output of this pattern
     max_error_steps: float | None = None  # filled by fxqbn.compare: max |error| / output_scale
+    sensitivity_db: float | None = None  # the model's output SQNR vs float with only this pattern quantized (held-out inputs)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -86,16 +87,19 @@ class ReportSummary:
     quantize_nodes: int  # float -> quantized boundaries inserted (nodes, or inside FloatIO modules; the key predates FloatIO)
     dequantize_nodes: int  # quantized -> float boundaries inserted (the same)
     convert_seconds: float  # wall time of fxqbn.convert or fxqbn.lower (not in JSON/CSV)
-    model_sqnr_db: float | None = None  # filled by fxqbn.compare: whole model output vs float
+    model_sqnr_db: float | None = None  # filled by fxqbn.compare, or fxqbn.convert given inputs: whole model output vs float
     lowered_into: str = ""  # fxqbn.lower: the int8 graph its BNs went into ("torch.ao convert_fx"); "" for convert
     folded: int = 0  # BNs folded into the conv / linear that feeds them (rows with status "folded")
+    keep_float_below: float | None = None  # fxqbn.convert's threshold (dB): patterns whose sensitivity is under it stay float
+    kept_float: int = 0  # the skipped patterns kept float by keep_float_below
 
 
 # Fields that mean nothing in a report of fxqbn.lower (left out of its data and tables): it inserts no
 # boundaries, observes nothing (the qparams are the graph's) and fxqbn.compare takes no lowered model.
 NOT_LOWERED = frozenset({
     "quantize_nodes", "dequantize_nodes", "model_sqnr_db",  # summary
-    "observer", "input_min", "input_max", "output_min", "output_max", "sqnr_db", "max_error_steps",  # rows
+    "keep_float_below", "kept_float",
+    "observer", "input_min", "input_max", "output_min", "output_max", "sqnr_db", "max_error_steps", "sensitivity_db",  # rows
 })
 _LOWERED_ONLY = frozenset({"lowered_into"})  # left out of the data of fxqbn.convert's reports
 
@@ -124,6 +128,7 @@ class Column:
     shows: tuple[str, ...]  # the ReportRow fields it shows
     cut: str | None = None  # how a long cell fits the width: "middle" / "end" (ellipsis), "wrap", None (never shortened)
     blank_when_skipped: bool = False  # "-" on a skipped or folded row: in plain tables a trailing reason spans such columns
+    when_filled: bool = False  # left out of a table when no row has a value for it
 
 
 # Every column of the tables, in the order ``columns="all"`` shows them.
@@ -141,11 +146,13 @@ COLUMNS = {c.name: c for c in (
     Column("out_range", "out range", lambda r: _range(r.output_min, r.output_max), ("output_min", "output_max"), blank_when_skipped=True),
     Column("sqnr", "SQNR", lambda r: _number(r.sqnr_db), ("sqnr_db",), blank_when_skipped=True),
     Column("max_err", "max err steps", lambda r: _number(r.max_error_steps, ".2f"), ("max_error_steps",), blank_when_skipped=True),
+    # a kept-float row's sensitivity is in its reason; the column shows once sensitivity was measured
+    Column("sens", "sens", lambda r: _number(r.sensitivity_db), ("sensitivity_db",), blank_when_skipped=True, when_filled=True),
     Column("source", "source", lambda r: r.source or "-", ("source",), "middle"),
     Column("reason", "reason", lambda r: r.reason or "-", ("reason",), "wrap"),
 )}
 # What a person reads first: ``str(report)`` and the command show these, fitted to WIDTH characters.
-DEFAULT_COLUMNS = ("bn", "pattern", "status", "in", "out", "sqnr", "reason")
+DEFAULT_COLUMNS = ("bn", "pattern", "status", "in", "out", "sqnr", "sens", "reason")
 WIDTH = 100
 
 
@@ -222,7 +229,8 @@ class Report:
         if s.lowered_into:
             bns = "BN" if s.rewritten == 1 else "BNs"
             return [f"{s.rewritten} {bns} lowered into the {s.lowered_into} int8 graph, {folded}{s.skipped} skipped"]
-        return [f"{s.rewritten} rewritten, {folded}{s.skipped} skipped",
+        kept = "" if s.keep_float_below is None else f" ({s.kept_float} kept float: sensitivity under {s.keep_float_below:g} dB)"
+        return [f"{s.rewritten} rewritten, {folded}{s.skipped} skipped{kept}",
                 f"{s.quantize_nodes} quantize and {s.dequantize_nodes} dequantize boundaries inserted"]
 
     def summary_lines(self, width: int | None = WIDTH) -> list[str]:
@@ -238,7 +246,7 @@ class Report:
         the ``unused`` ones).
 
         ``columns`` names the table's columns (keys of COLUMNS, or ``"all"``); a column showing only
-        ``unused`` fields is left out. To fit ``width`` characters, a long name is cut in the middle
+        ``unused`` fields is left out, and ``sens`` when no row has a sensitivity. To fit ``width`` characters, a long name is cut in the middle
         with an ellipsis and a long reason wraps onto the next lines; ``width=None`` shortens nothing.
         ``github`` tables are Markdown, which the browser lays out: they are never shortened.
         """
@@ -254,13 +262,21 @@ class Report:
         if fmt not in ("plain", "github"):
             raise ValueError(f"unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}")
         named = [COLUMNS[name] for name in column_names(columns if isinstance(columns, str) else ",".join(columns))]
-        chosen = [c for c in named if not set(c.shows) <= self.unused]
+        chosen = [c for c in named if not set(c.shows) <= self.unused and not (c.when_filled and not self._filled(c))]
         table = [_cells(chosen, row, spanning=fmt == "plain") for row in self.rows]
         text = render([c.title for c in chosen], table, [c.cut for c in chosen], width if fmt == "plain" else None, fmt)
         lines = [text, *self.summary_lines(width)]
         if self.dropped:
             lines += ["observers removed without conversion:", *(f"  {line}" for line in self.dropped)]
         return "\n".join(lines)
+
+    def _filled(self, column: Column) -> bool:
+        return any(getattr(row, name) is not None for row in self.rows for name in column.shows)
+
+    def with_sensitivity(self, sensitivity: dict[str, float]) -> "Report":
+        """A copy with ``sensitivity_db`` filled for the rows whose node is in ``sensitivity`` (BN node -> dB)."""
+        rows = tuple(replace(row, sensitivity_db=sensitivity[row.node]) if row.node in sensitivity else row for row in self.rows)
+        return replace(self, rows=rows)
 
     def with_numbers(self, numbers: dict[str, tuple[float, float]], model_sqnr_db: float | None) -> "Report":
         """A copy with ``sqnr_db`` / ``max_error_steps`` filled for the rows whose node is in ``numbers``."""

@@ -76,7 +76,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Quantization:
-    """The BN-only conversion's ``--observer``, ``--dtype`` and ``--skip``, or ``--int8``'s whole-model route; ``--backend``."""
+    """The BN-only conversion's ``--observer``, ``--dtype``, ``--skip`` and ``--min-sqnr``, or ``--int8``'s whole-model
+    route; ``--backend``."""
 
     observer: str = "histogram"
     dtype: str = "quint8"
@@ -84,18 +85,22 @@ class Quantization:
     int8: str | None = None
     skip: tuple[str, ...] = ()
     bn: str = "int8"  # --int8 pt2e: "int8" (standalone BNs int8) or "float" (only the conv -> BN fold corrected)
+    min_sqnr: float | None = None  # dB: keep float the BN patterns whose sensitivity is under it
 
     def describe(self) -> str:
         if self.int8:
             return f"whole-model int8 via {self.int8}, BNs " + ("kept float (fold corrected)" if self.bn == "float" else "lowered")
-        return f"{self.observer} observer, {self.dtype}"
+        kept = "" if self.min_sqnr is None else f", BNs with sensitivity under {self.min_sqnr:g} dB kept float"
+        return f"{self.observer} observer, {self.dtype}{kept}"
 
     def settings(self) -> dict[str, Any]:
         """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes, and
         --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
         if self.int8 == "pt2e":
             return {"int8": self.int8, "bn": self.bn}
-        return {"int8": self.int8} if self.int8 else {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip)}
+        if self.int8:
+            return {"int8": self.int8}
+        return {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip), "min_sqnr": self.min_sqnr}
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,12 @@ class ConvertRequest:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        """--out and --skip belong to the BN-only conversion: refused with --int8."""
-        if self.quantization.int8 and (self.outputs.out or self.quantization.skip):
-            refused = "--out" if self.outputs.out else "--skip"
+        """--out, --skip and --min-sqnr belong to the BN-only conversion: refused with --int8."""
+        asked = {"--out": self.outputs.out, "--skip": self.quantization.skip, "--min-sqnr": self.quantization.min_sqnr is not None}
+        refused = next((option for option, given in asked.items() if given), None)
+        if self.quantization.int8 and refused:
             raise usage("fxqbn convert", f"argument --int8: {refused} is not supported with --int8 "
-                        "(fxqbn.save stores BN-only conversions; --skip names BNs for fxqbn.prepare)")
+                        "(fxqbn.save stores BN-only conversions; --skip and --min-sqnr choose BNs for fxqbn.convert)")
 
     @property
     def spec(self) -> str:
@@ -142,6 +148,13 @@ class ConvertRequest:
     def verifies(self) -> bool:
         """--verify, implied by `fxqbn convert` alone (no MODEL and no --calib)."""
         return self.verify or (self.model is None and self.data.calib is None)
+
+    @property
+    def held_out_for(self) -> str | None:
+        """The option that needs a batch held out of calibration (--verify, else --min-sqnr), or None."""
+        if self.verifies:
+            return "--verify"
+        return "--min-sqnr" if self.quantization.min_sqnr is not None else None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def test_import_is_lazy_and_every_export_resolves():
 def test_exports_are_the_documented_api():
     assert set(fxqbn.__all__) == {
         "prepare", "convert", "get_report", "compare", "save", "load", "load_report",
-        "FxqbnError", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
+        "FxqbnError", "AccuracyWarning", "Report", "ReportRow", "ReportSummary", "QParams", "DEFAULT_OBSERVER", "nn",
         "sync_observers", "distributed", "lower",
     }
     assert set(fxqbn.__all__) <= set(dir(fxqbn))
