@@ -3,7 +3,8 @@
 STEPS is a JSON list of ``{"kind": "run" | "python", "code": ...}``; RESULTS gets, per step, ``{"status",
 "output"}``. A ``run`` step is a bash command (stdout and stderr together, in the order printed); every
 ``python`` step runs in one namespace, as the page's reader would paste them into one session: its
-status is 1 when it raised or warned (the output then holds the traceback or the warnings). Used by
+status is 1 when it raised or warned (the output then holds the traceback or the warnings), except for
+the warnings a block names in a "# warns: Category" comment, which it must give. Used by
 tests/test_docs.py; it imports no test framework.
 """
 
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import traceback
+import re
 import warnings
 
 # Warnings a page's own calls may meet, which fxqbn does not raise and must not hide from its users:
@@ -37,8 +39,12 @@ def run_python(code: str, namespace: dict) -> dict:
             exec(compile(code, "<page block>", "exec"), namespace)
         except BaseException:  # noqa: BLE001 - the page's error is the result
             return {"status": 1, "output": out.getvalue() + traceback.format_exc()}
-    if caught:
-        return {"status": 1, "output": out.getvalue() + "".join(f"warning: {w.category.__name__}: {w.message}\n" for w in caught)}
+    expected = set(re.findall(r"# warns: (?:\w+\.)*(\w+)", code))  # a block that shows a warning names it: "# warns: fxqbn.AccuracyWarning"
+    unexpected = [w for w in caught if w.category.__name__ not in expected]
+    missing = expected - {w.category.__name__ for w in caught}
+    if unexpected or missing:
+        said = "".join(f"warning: {w.category.__name__}: {w.message}\n" for w in unexpected)
+        return {"status": 1, "output": out.getvalue() + said + "".join(f"expected warning not given: {m}\n" for m in sorted(missing))}
     return {"status": 0, "output": out.getvalue()}
 
 
