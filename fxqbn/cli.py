@@ -180,7 +180,7 @@ def _add_calibration(c: argparse.ArgumentParser) -> None:
 
 
 def _add_quantization(c: argparse.ArgumentParser) -> None:
-    """convert's quantization choices: observer, dtype, backend, whole-model route, skips."""
+    """convert's quantization choices: observer, dtype, backend, whole-model route, skips, folding."""
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
     c.add_argument("--backend", choices=BACKENDS, default=None,
@@ -192,6 +192,9 @@ def _add_quantization(c: argparse.ArgumentParser) -> None:
     c.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep the BatchNorms in MODULE (and its children) float; repeatable; "
                    "a MODULE that holds no BatchNorm is a usage error")
+    c.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="quantize every BatchNorm; by default a BatchNorm right after the conv / linear that feeds it "
+                   "alone is folded into (a copy of) that conv, as torch.ao's prepare_fx does (reported as folded)")
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -202,9 +205,9 @@ def run_convert(args: argparse.Namespace, progress: Progress) -> int:
     _check_model_file(args.model)
     outputs = Outputs(args.out, args.torchscript, args.report)
     _check_clashes(outputs, args.model, args.calib)
-    request = ConvertRequest(  # refuses --out and --skip with --int8
+    request = ConvertRequest(  # refuses --out, --skip and --no-fold with --int8
         args.model, Data(tuple(args.input_shape or ()), args.calib, args.calib_batches, args.seed),
-        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip)),
+        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), args.fold),
         outputs, _table(args), args.verify, args.quiet,
     )
     with progress.step("loading PyTorch"):

@@ -330,7 +330,7 @@ def _no_batch_norm(spec: str) -> FxqbnError:
 def _check_found(spec: str, observed: nn.Module, skip: Sequence[str]) -> None:
     """Refuse a model without BatchNorm, and a --skip module holding none of the model's BatchNorms."""
     found = attached(observed, PREPARED_KEY)
-    modules = [p.module for p in found.patterns] + [s.module for s in found.skips]
+    modules = [p.module for p in found.patterns] + [s.module for s in found.skips] + [f.module for f in found.folded]
     if not modules:
         raise _no_batch_norm(spec)
     for name in skip:
@@ -359,7 +359,7 @@ def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], c
         return _whole_model_int8(asked, model, example, calibration, progress, spec), calibration
     qconfig = _qconfig(model, asked)
     with progress.step("tracing"):
-        observed = prepare(model, example, qconfig, skip=asked.skip)
+        observed = prepare(model, example, qconfig, skip=asked.skip, fold=asked.fold)
     _check_found(spec, observed, asked.skip)
     calibration = _calibrate(observed, calibration, progress)
     if calibration.ranks is not None and calibration.ranks.rank != 0:

@@ -76,21 +76,27 @@ class Data:
 
 @dataclass(frozen=True)
 class Quantization:
-    """The BN-only conversion's ``--observer``, ``--dtype`` and ``--skip``, or ``--int8``'s whole-model route; ``--backend``."""
+    """The BN-only conversion's ``--observer``, ``--dtype``, ``--skip`` and ``--no-fold``, or ``--int8``'s
+    whole-model route; ``--backend``."""
 
     observer: str = "histogram"
     dtype: str = "quint8"
     backend: str | None = None  # None: native, or fused with --int8 pt2e
     int8: str | None = None
     skip: tuple[str, ...] = ()
+    fold: bool = True  # fold a BN after a conv / linear into it (fxqbn.prepare's fold); --no-fold: False
 
     def describe(self) -> str:
-        return f"whole-model int8 via {self.int8}, BNs lowered" if self.int8 else f"{self.observer} observer, {self.dtype}"
+        if self.int8:
+            return f"whole-model int8 via {self.int8}, BNs lowered"
+        return f"{self.observer} observer, {self.dtype}" + ("" if self.fold else ", no folding")
 
     def settings(self) -> dict[str, Any]:
         """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes, and
-        --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
-        return {"int8": self.int8} if self.int8 else {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip)}
+        --skip and --no-fold are refused with it), or the BN-only conversion's observer, dtype, skipped modules, folding."""
+        if self.int8:
+            return {"int8": self.int8}
+        return {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip), "fold": self.fold}
 
 
 @dataclass(frozen=True)
@@ -123,11 +129,12 @@ class ConvertRequest:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        """--out and --skip belong to the BN-only conversion: refused with --int8."""
-        if self.quantization.int8 and (self.outputs.out or self.quantization.skip):
-            refused = "--out" if self.outputs.out else "--skip"
+        """--out, --skip and --no-fold belong to the BN-only conversion: refused with --int8."""
+        asked = self.quantization
+        if asked.int8 and (self.outputs.out or asked.skip or not asked.fold):
+            refused = "--out" if self.outputs.out else "--skip" if asked.skip else "--no-fold"
             raise usage("fxqbn convert", f"argument --int8: {refused} is not supported with --int8 "
-                        "(fxqbn.save stores BN-only conversions; --skip names BNs for fxqbn.prepare)")
+                        "(fxqbn.save stores BN-only conversions; --skip and --no-fold are fxqbn.prepare's)")
 
     @property
     def spec(self) -> str:

@@ -5,7 +5,8 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
 
     {"format": "fxqbn.quantized", "version": 2, "torch": "2.13.0",
      "patterns": [{"node", "module", "pattern", "status", "dtype", "input": [scale, zero_point],
-                   "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
+                   "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order;
+                                                           # status "rewritten", "folded" or "skipped"
      "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
      "training": [...],        # names of the modules in training mode
      "graph": [...],           # the converted graph as data (graph_structure), to check the rebuild against
@@ -14,7 +15,8 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
 
 The structure of a converted model is a function of the float model, of which BatchNorms were
 rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
-float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, observers that hold
+float model: ``prepare`` with a qconfig that quantizes exactly the saved modules, folding exactly the
+BNs the file says were folded (none in files saved before prepare folded), observers that hold
 the saved qparams instead of observing data, and the ordinary ``convert`` (in the file's layout: in
 format 1 files every boundary is a node, in format 2 a BN between float code is one FloatIO). No
 calibration runs.
@@ -40,7 +42,7 @@ from .api import convert_laid_out, get_report, prepare_owned, refuse_fxqbn_outpu
 from .errors import FxqbnError
 from .backends import BACKENDS
 from .qparams import DTYPE_RANGES, QParams
-from .report import Report
+from .report import STATUSES, Report
 from .copying import owned_copy
 from .state import CONVERTED_KEY, LOWERED_KEY, PREPARED_KEY, REPORT_KEY, attach, attached
 
@@ -191,9 +193,9 @@ def _check_row(row: Any, i: int, where: str) -> None:
     for key, kind in _ROW_FIELDS.items():
         if not isinstance(row.get(key), kind):
             raise _damaged(where, f"patterns[{i}] ({row.get('module', '?')!r}) has {key} = {row.get(key)!r}, not a {kind.__name__}")
-    if row["status"] not in ("rewritten", "skipped"):
+    if row["status"] not in STATUSES:
         raise _damaged(where, f"BatchNorm '{row['module']}' has status {row['status']!r}")
-    if row["status"] == "skipped":
+    if row["status"] != "rewritten":  # skipped, or folded into the conv before it: no qparams
         return
     if row["dtype"] not in _DTYPES:
         raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
@@ -254,12 +256,20 @@ def load_report(path: PathOrFile) -> Report:
 
 
 def _replay_qconfig(plan: Sequence[dict[str, Any]], where: str) -> QConfigMapping:
-    """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype."""
+    """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype;
+    the folded ones are patterns too (which prepare then folds: ``_folded``)."""
     mapping = QConfigMapping()  # global None: every other BN stays float
     for row in plan:
         if row["status"] == "rewritten":  # its dtype was checked by check_payload
             mapping.set_module_name(row["module"], functools.partial(StoredQParams, _DTYPES[row["dtype"]]))
+        elif row["status"] == "folded":
+            mapping.set_module_name(row["module"], functools.partial(StoredQParams, torch.quint8))
     return mapping
+
+
+def _folded(plan: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The BN modules the file says were folded (none in files saved before prepare folded)."""
+    return frozenset(row["module"] for row in plan if row["status"] == "folded")
 
 
 def _describe_mismatch(saved: list[tuple[str, str, str, str]], rebuilt: list[tuple[str, str, str, str]]) -> str:
@@ -292,11 +302,14 @@ def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], wh
     state = attached(observed, PREPARED_KEY)
     rows = [(s.position, (s.node, s.module, s.pattern, "skipped")) for s in state.skips]
     rows += [(p.position, (p.bn_node, p.module, p.pattern, "rewritten")) for p in state.patterns]
+    rows += [(f.position, (f.node, f.module, f.pattern, "folded")) for f in state.folded]
     rebuilt = [row for _, row in sorted(rows)]
     saved = [(row["node"], row["module"], row["pattern"], row["status"]) for row in plan]
     if rebuilt != saved:
+        folded = _folded(plan)
+        why = "".join(f" ('{p.module}' {p.note})" for p in state.patterns if p.module in folded and p.note)
         raise FxqbnError(
-            f"the model does not match {where}: {_describe_mismatch(saved, rebuilt)}. "
+            f"the model does not match {where}: {_describe_mismatch(saved, rebuilt)}{why}. "
             "Pass the float model the file was converted from"
         )
     nodes = {node.name: node for node in observed.graph.nodes}
@@ -433,7 +446,7 @@ def load(path: PathOrFile, model: nn.Module, example_inputs: Any = ()) -> fx.Gra
     refuse_fxqbn_output(model)
     float_model = owned_copy(model).eval()  # the saved BNs were in eval mode; prepare refuses others
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where))
+    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where), fold=_folded(plan))
     _fill_observers(observed, plan, where)
     # a new GraphModule: modules in the same order as the saved one's
     backend = payload.get("backend", "native")

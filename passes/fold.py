@@ -20,7 +20,8 @@ producers are modules (fxqbn.prepare's traces) or ATen calls on attributes (torc
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -29,10 +30,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 from . import registry
 from .graph_facts import describe, rank
 from .reading import BnCall, arg
-from .records import Match
+from .records import Folded, Match
 from .registry import RANKS
 
-__all__ = ["FoldRule", "FOLDS", "Fold", "fold_rule", "decide", "fold_modules", "fold_attributes", "needs_ranks"]
+__all__ = ["FoldRule", "FOLDS", "Fold", "fold_rule", "decide", "fold_modules", "fold_attributes", "needs_ranks", "fold_patterns"]
 
 aten = torch.ops.aten
 _ATEN_BNS = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
@@ -319,3 +320,38 @@ def _free(root: nn.Module, parent: str, stem: str) -> str:
     while hasattr(owner, f"{stem}{i or ''}"):
         i += 1
     return f"{parent}.{stem}{i or ''}".lstrip(".")
+
+
+# -- fxqbn.prepare's patterns ------------------------------------------------------------------------
+
+
+def _folded(match: Match, fold: Fold) -> Folded:
+    after = f"; the {match.activation.name} after it stays float" if match.activation.name else ""
+    return Folded(match.position, match.bn_node, match.module, match.bn.spelling, f"{fold.into}{after}", match.source)
+
+
+def _noted(match: Match, reason: str) -> Match:
+    """A match that stays a BN although a conv / linear feeds it: the reason, in its report row."""
+    note = f"not folded: {reason}"
+    return replace(match, note=f"{match.note}; {note}" if match.note else note)
+
+
+def fold_patterns(graph: fx.Graph, root: nn.Module, matches: list[Match], wanted: Callable[[Match], bool]) -> tuple[list[Match], list[Folded]]:
+    """Fold each match ``wanted`` picks whose BN folds into the module that feeds it (every decision
+    made before any fold is applied); ``root`` (a model nobody else holds) gets the folded copies.
+    Returns the matches that stay BNs (a note says why one fed by a conv / linear was not folded) and
+    the folded ones."""
+    modules = dict(root.named_modules(remove_duplicate=False))
+    nodes = {node.name: node for node in graph.nodes}
+    kept, folds, folded = [], [], []
+    for match in matches:
+        decision = decide(graph, root, match) if wanted(match) else None
+        if isinstance(decision, Fold):
+            folds.append(decision)
+            folded.append(_folded(match, decision))
+        elif decision is not None and fold_rule(nodes[match.input_node], modules) is not None:
+            kept.append(_noted(match, decision))
+        else:
+            kept.append(match)
+    fold_modules(graph, root, folds)
+    return kept, folded
