@@ -192,6 +192,8 @@ def _module_fold(graph, root, modules, rule: FoldRule, producer: fx.Node, call: 
     calls = sum(1 for n in graph.nodes if n.op == "call_module" and modules.get(str(n.target)) is module)
     if calls != 1:
         return f"{who} is called {calls} times (folding would change every call)"
+    if module.training:
+        return f"{who} is in training mode: folds are made in eval mode (call .eval() on the model)"
     if module._forward_hooks or module._forward_pre_hooks:
         return f"{who} has forward hooks, which would see the folded weights"
     if rule.transpose and module.groups != 1:
@@ -336,11 +338,17 @@ def _noted(match: Match, reason: str) -> Match:
     return replace(match, note=f"{match.note}; {note}" if match.note else note)
 
 
+def _near_miss(rule: FoldRule | None, match: Match) -> bool:
+    """Whether a BN that stays is one the rule takes after its producer (so its row says why it stays):
+    not a BN spelling that never folds (F.batch_norm, SyncBatchNorm, torch.ao's BNReLU) or a non-producer."""
+    return rule is not None and match.bn.spelling in rule.bns
+
+
 def fold_patterns(graph: fx.Graph, root: nn.Module, matches: list[Match], wanted: Callable[[Match], bool]) -> tuple[list[Match], list[Folded]]:
     """Fold each match ``wanted`` picks whose BN folds into the module that feeds it (every decision
     made before any fold is applied); ``root`` (a model nobody else holds) gets the folded copies.
-    Returns the matches that stay BNs (a note says why one fed by a conv / linear was not folded) and
-    the folded ones."""
+    Returns the matches that stay BNs (a note says why one that a conv / linear of its kind feeds was not
+    folded) and the folded ones."""
     modules = dict(root.named_modules(remove_duplicate=False))
     nodes = {node.name: node for node in graph.nodes}
     kept, folds, folded = [], [], []
@@ -349,9 +357,10 @@ def fold_patterns(graph: fx.Graph, root: nn.Module, matches: list[Match], wanted
         if isinstance(decision, Fold):
             folds.append(decision)
             folded.append(_folded(match, decision))
-        elif decision is not None and fold_rule(nodes[match.input_node], modules) is not None:
+        elif decision is not None and _near_miss(fold_rule(nodes[match.input_node], modules), match):
             kept.append(_noted(match, decision))
         else:
             kept.append(match)
-    fold_modules(graph, root, folds)
+    fold_modules(graph, root, [f for f in folds if f.module is not None])
+    fold_attributes(graph, root, [f for f in folds if f.module is None])  # a torch.export graph handed to prepare
     return kept, folded
