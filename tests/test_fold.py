@@ -228,3 +228,136 @@ def test_the_user_model_is_not_changed_by_a_module_fold():
     gm = fx.symbolic_trace(copy.deepcopy(model))
     fold_modules(gm.graph, gm, [decide(gm.graph, gm, "bn")])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- fxqbn.prepare folds what torch.ao's prepare_fx folds ---------------------------------------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import fxqbn  # noqa: E402
+from fxqbn.models import densenet_bc  # noqa: E402
+from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_weight_observer  # noqa: E402
+from torch.ao.quantization.quantize_fx import prepare_fx  # noqa: E402
+
+from models import CASES  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import cnn3d  # noqa: E402
+import densenet_bc as densenet_example  # noqa: E402
+import preact_resnet  # noqa: E402
+import tabular_mlp  # noqa: E402
+
+
+class Mixed(nn.Module):
+    """Foldable and not: ConvTranspose2d -> BN, a conv read twice, a conv called twice, Linear -> BN1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn_up = nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4)
+        self.conv, self.bn_a, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.fc, self.bn_fc = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.bn_up(self.up(x))  # no ReLU: torch.ao would fuse BN+ReLU first (it has no ConvTranspose+BN+ReLU)
+        z = self.conv(y)
+        y = self.bn_a(z) + z
+        return self.bn_fc(self.fc(y.mean((2, 3))))
+
+
+PARITY = {
+    "preact_resnet": preact_resnet.build,
+    "densenet_bc (examples)": densenet_example.build,
+    "densenet_bc (fxqbn.models)": densenet_bc,
+    "cnn3d": cnn3d.build,
+    "tabular_mlp": tabular_mlp.build,
+    "mixed": lambda: (randomize_bn(Mixed()).eval(), (torch.randn(2, 3, 4, 4),)),
+    **{f"models.{c.name}": (lambda c=c: (randomize_bn(c.build()).eval(), c.inputs())) for c in CASES},
+}
+
+
+def torch_ao_folded(model: nn.Module, inputs: tuple) -> set[str]:
+    """The BN modules torch.ao's prepare_fx folds away, given a mapping that quantizes only the BNs."""
+    qconfig = QConfig(activation=MinMaxObserver, weight=default_weight_observer)
+    mapping = QConfigMapping()
+    bns = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for name in bns:
+        mapping.set_module_name(name, qconfig)
+    prepared = prepare_fx(copy.deepcopy(model), mapping, inputs)
+    called = {str(n.target) for n in prepared.graph.nodes if n.op == "call_module"}
+    traced_bns = {str(n.target) for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module" and n.target in bns}
+    return {name for name in traced_bns if name not in called}
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_prepare_folds_the_bns_torch_ao_prepare_fx_folds(name):
+    torch.manual_seed(0)
+    model, inputs = PARITY[name]()
+    report_rows = fxqbn.get_report(fxqbn.convert(_calibrated(model, inputs))).rows
+    ours = {row.module for row in report_rows if row.status == "folded"}
+    assert ours == torch_ao_folded(model, inputs)
+    if name == "preact_resnet":
+        assert len(ours) == 8 and len(report_rows) == 17
+    assert all(row.reason.startswith("folded into ") for row in report_rows if row.status == "folded")
+
+
+def _calibrated(model, inputs, **kwargs):
+    observed = fxqbn.prepare(model, inputs, MinMaxObserver, **kwargs)
+    with torch.no_grad():
+        observed(*inputs)
+    return observed
+
+
+def test_torch_ao_folds_a_conv_called_twice_and_fxqbn_does_not():
+    model, x = randomize_bn(CalledTwice()).eval(), (torch.randn(2, 3, 6, 6),)
+    assert torch_ao_folded(model, x) == {"bn", "bn2"}  # one conv, folded with bn for both calls: wrong for at least one
+    rows = {r.module: r for r in fxqbn.get_report(fxqbn.convert(_calibrated(model, x))).rows}
+    assert (rows["bn"].status, rows["bn2"].status) == ("rewritten", "rewritten")
+    assert rows["bn"].reason == "not folded: Conv2d 'conv' is called 2 times (folding would change every call)"
+
+
+def test_prepare_folds_into_a_copy_and_the_quantized_model_is_not_worse():
+    torch.manual_seed(0)
+    model, inputs = preact_resnet.build()
+    before = copy.deepcopy(model.state_dict())
+    observed = _calibrated(model, inputs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is unchanged
+    modules = dict(observed.named_modules())
+    assert modules["blocks.0.conv1"] is not model.blocks[0].conv1 and type(modules["blocks.0.conv1"]) is nn.Conv2d
+    assert "blocks.0.bn2" not in modules
+    assert not any(n.op == "call_module" and n.target == "blocks.0.bn2" for n in observed.graph.nodes)
+    with torch.no_grad():  # the folded conv computes conv -> bn
+        y = torch.randn(2, 16, 32, 32)
+        expected = model.blocks[0].bn2(model.blocks[0].conv1(y))
+        torch.testing.assert_close(modules["blocks.0.conv1"](y), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    sqnr = {}
+    for fold in (True, False):
+        observed = fxqbn.prepare(model, inputs, MinMaxObserver, fold=fold)
+        with torch.no_grad():
+            for b in batches[:2]:
+                observed(b)
+        sqnr[fold] = fxqbn.compare(model, fxqbn.convert(observed), batches[2:]).summary.model_sqnr_db
+    assert sqnr[True] >= sqnr[False]
+
+
+def test_fold_false_quantizes_every_bn_and_a_bn_without_qconfig_stays_float():
+    model, x = randomize_bn(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval(), (torch.randn(2, 3, 6, 6),)
+    (row,) = fxqbn.get_report(fxqbn.convert(_calibrated(model, x, fold=False))).rows
+    assert (row.status, row.reason) == ("rewritten", "")
+    (row,) = fxqbn.get_report(fxqbn.convert(_calibrated(model, x))).rows
+    assert (row.status, row.reason, row.pattern) == ("folded", "folded into conv; the ReLU after it stays float", "BatchNorm2d")
+    (row,) = fxqbn.get_report(fxqbn.convert(_calibrated(model, x, skip=["bn"]))).rows
+    assert row.status == "skipped"
+    with pytest.raises(fxqbn.FxqbnError, match="fold must be True or False"):
+        fxqbn.prepare(model, x, fold="yes")
+
+
+def test_an_exported_graph_handed_to_prepare_folds_its_aten_conv():
+    model, x = randomize_bn(Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval(), torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,)).module()
+    q = fxqbn.convert(_calibrated(exported, (x,)))
+    (row,) = fxqbn.get_report(q).rows
+    assert row.status == "folded" and row.reason.startswith("folded into conv2d")
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), model(x), rtol=1e-5, atol=1e-5)
