@@ -2,10 +2,11 @@
 
 Stem conv3d -> BN3d -> ReLU, then residual stages of conv3d -> BN3d -> ReLU -> conv3d -> BN3d, whose
 sum with the shortcut goes through F.relu: the second BN of each block is quantized alone (its output
-is added in float), the others fuse their ReLU.
+is added in float), the others fuse their ReLU. Every BN here follows the conv that feeds it alone,
+which fxqbn.prepare would fold into it by default: ``fold=False`` (``--no-fold``) keeps them BNs.
 
     python examples/cnn3d.py                                                # the Python API
-    fxqbn convert examples/cnn3d.py:build --verify                          # the command
+    fxqbn convert examples/cnn3d.py:build --no-fold --verify                # the command
 """
 
 import torch
@@ -65,7 +66,7 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def main() -> None:
     model, example = build()
-    observed = fxqbn.prepare(model, example)
+    observed = fxqbn.prepare(model, example, fold=False)  # quantize the BNs rather than fold them into the convs
     with torch.no_grad():
         for _ in range(4):  # calibration: random clips stand in for real data
             observed(torch.randn(2, 3, 8, 32, 32))

@@ -16,8 +16,8 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """The factory `fxqbn convert` calls: the model in eval mode and an example input."""
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(3, 16, 3, padding=1), bn1=nn.BatchNorm2d(16), relu1=nn.ReLU(),  # BN+ReLU: one fused kernel
-        bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(),  # fed bn1's quantized output: no dequantize/quantize in between
+        conv=nn.Conv2d(3, 16, 3, padding=1), bn1=nn.BatchNorm2d(16), relu1=nn.ReLU(),  # bn1 folded into conv; ReLU float
+        bn2=nn.BatchNorm2d(16), relu2=nn.ReLU(),  # BN+ReLU: one fused int8 kernel
     )).eval()
     return model, (torch.randn(1, 3, 32, 32),)
 

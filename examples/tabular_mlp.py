@@ -1,10 +1,12 @@
 """A tabular MLP with BatchNorm1d: Linear -> BatchNorm1d -> ReLU -> Dropout blocks, and a BN on the raw features.
 
 Each BatchNorm1d becomes ``quantized::batch_norm1d`` (the input norm) or
-``quantized::batch_norm1d_relu`` (the hidden blocks): torch.ao leaves BatchNorm1d float.
+``quantized::batch_norm1d_relu`` (the hidden blocks): torch.ao leaves BatchNorm1d float. The hidden
+BNs follow the Linear that feeds them alone, which fxqbn.prepare would fold into it by default:
+``fold=False`` (``--no-fold``) keeps them BNs.
 
     python examples/tabular_mlp.py                                          # the Python API
-    fxqbn convert examples/tabular_mlp.py:build --verify                    # the command
+    fxqbn convert examples/tabular_mlp.py:build --no-fold --verify          # the command
 """
 
 import torch
@@ -39,7 +41,7 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def main() -> None:
     model, example = build()
-    observed = fxqbn.prepare(model, example)
+    observed = fxqbn.prepare(model, example, fold=False)  # quantize the hidden BNs rather than fold them into the Linears
     with torch.no_grad():
         for _ in range(4):  # calibration: random rows stand in for real data
             observed(torch.randn(16, 20) * 10)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from fxqbn.passes import PREPARED, Match, Prepared, adopt_observers, find_patterns, insert_observers, is_torch_ao_observed, observer_users
 from fxqbn.passes import plan_patterns, rewrite_patterns, shapes_needed_by
+from fxqbn.passes.fold import fold_patterns, needs_ranks
 
 from . import nn as qnn
 from . import pipeline
@@ -29,8 +30,11 @@ from .tracing import build_graph_module, propagate_shapes, trace_graph
 __all__ = ["prepare", "convert", "get_report"]
 
 
-def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: Iterable[Any] = ()) -> fx.GraphModule:
-    """Trace ``model`` and insert observers around every quantizable BatchNorm pattern.
+def prepare(
+    model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: Iterable[Any] = (), fold: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model``, fold the BatchNorms that follow a conv / linear into it, and insert observers
+    around every other quantizable BatchNorm pattern.
 
     Args:
         model: the float model, in eval mode (a BN in training mode is refused). Never changed.
@@ -40,9 +44,15 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
             name/type; ``None`` keeps that BN float).
         skip: BNs to keep float: module names (a name covers the modules inside it) and types
             (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
+        fold: fold each BatchNorm module that fxqbn would quantize into (a copy of) the
+            ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` (-> ``BatchNorm1d`` on
+            2-d values) that feeds it alone, when that module is called once and shares no weight,
+            as torch.ao's ``prepare_fx`` does (a ReLU after it stays float); reported as folded.
+            ``False`` quantizes every BatchNorm instead. The rule: ``fxqbn.passes.fold``.
 
     ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) when it calls
-    ``F.batch_norm``, whose kernel depends on the input's rank; otherwise it is only traced. Their
+    ``F.batch_norm``, whose kernel depends on the input's rank, or when a ``Linear`` or ``Conv1d``
+    feeds a ``BatchNorm1d`` (folded only on the ranks it is right for); otherwise it is only traced. Their
     shapes and dtypes are kept: ``fxqbn.save`` stores them, so ``fxqbn.load`` can trace without them.
 
     Returns:
@@ -57,36 +67,50 @@ def prepare(model: nn.Module, example_inputs: Any, qconfig: Any = None, skip: It
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise FxqbnError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
+    if not isinstance(fold, bool):
+        raise FxqbnError(f"fold must be True or False, got {fold!r}")
     refuse_fxqbn_output(model)
-    return prepare_owned(owned_copy(model), tuple(example_inputs), qconfig, skip)
+    return prepare_owned(owned_copy(model), tuple(example_inputs), qconfig, skip, fold=fold)
 
 
 def prepare_owned(
-    model: nn.Module, example_inputs: tuple | None, qconfig: Any = None, skip: Iterable[Any] = (), no_inputs: str = ""
+    model: nn.Module, example_inputs: tuple | None, qconfig: Any = None, skip: Iterable[Any] = (), no_inputs: str = "",
+    fold: bool | Collection[str] = True,
 ) -> fx.GraphModule:
     """``prepare`` of a model nobody else holds (e.g. ``fxqbn.load``'s own copy): the observed
     model takes its modules, uncopied. ``example_inputs`` None: none are known (``no_inputs`` says
-    what to pass when a BN needs them)."""
+    what to pass when a BN needs them). ``fold``: True, False, or the BN modules that may fold
+    (``fxqbn.load`` replays the file's)."""
     choose = _chooser(model, ActivationConfig(qconfig), skip)
     graph = trace_graph(model)
-    needed_by = shapes_needed_by(graph, model)
+    kernels = shapes_needed_by(graph, model)
+    folds = tuple(name for name in needs_ranks(graph, model) if name not in kernels) if fold else ()
+    needed_by = (*kernels, *folds)  # a fold into a Linear / Conv1d is right on some ranks only
     if needed_by and example_inputs is None:
-        raise FxqbnError(
-            f"BatchNorm {', '.join(map(repr, needed_by))} picks its int8 kernel by its input's rank, which a run "
-            f"on example inputs shows: {no_inputs}"
-        )
+        said = f"BatchNorm {', '.join(map(repr, kernels))} picks its int8 kernel" if kernels else \
+            f"whether BatchNorm {', '.join(map(repr, folds))} folds depends on"
+        raise FxqbnError(f"{said} by its input's rank, which a run on example inputs shows: {no_inputs}")
     if needed_by:
-        propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel: the input's rank
+        propagate_shapes(model, graph, example_inputs)  # F.batch_norm's, SyncBatchNorm's kernel, a fold: the input's rank
     matches, skips = find_patterns(graph, model, PREPARED, choose)
     if not matches and not skips:
         raise no_batch_norm(f"the model ({type(model).__name__})")
+    matches, folded = fold_patterns(graph, model, matches, _fold_wanted(fold))
     # Known now: refuse bad statistics before calibration meets them (convert checks again).
     qnn.check_many([(match.module, pipeline.bn_tensors(model, match)) for match in matches])
     observed, observers = insert_observers(graph, model, matches)
     gm = build_graph_module(model, graph, observers)
-    attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips)))
+    attach(gm, PREPARED_KEY, Prepared(patterns=observed, skips=tuple(skips), folded=tuple(folded)))
     attach(gm, INPUTS_KEY, record_inputs(() if example_inputs is None else example_inputs, needed_by, example_inputs is not None))
     return gm
+
+
+def _fold_wanted(fold: bool | Collection[str]) -> Callable[[Match], bool]:
+    """Which matched BNs may fold: all, none, or those of the named modules."""
+    if isinstance(fold, bool):
+        return lambda match: fold
+    names = frozenset(fold)
+    return lambda match: match.module in names
 
 
 def _converted_modules() -> tuple[type, ...]:
@@ -182,7 +206,7 @@ def convert_laid_out(
     if attached(observed, INPUTS_KEY) is not None:
         attach(gm, INPUTS_KEY, attached(observed, INPUTS_KEY))
     attach(gm, CONVERTED_KEY, converted)
-    report = pipeline.report(converted, [*state.skips, *kept_float], start, state.dropped)
+    report = pipeline.report(converted, [*state.skips, *kept_float], start, state.dropped, folded=state.folded)
     if reference is not None:
         report = pipeline.measured(report, sensitivity, reference.model_sqnr(gm), keep_float_below, len(kept_float))
     attach(gm, REPORT_KEY, report)

@@ -193,7 +193,7 @@ def _add_calibration(c: argparse.ArgumentParser) -> None:
 
 
 def _add_quantization(c: argparse.ArgumentParser) -> None:
-    """convert's quantization choices: observer, dtype, backend, whole-model route, skips."""
+    """convert's quantization choices: observer, dtype, backend, whole-model route, skips, folding."""
     c.add_argument("--observer", choices=OBSERVERS, default="histogram", help="activation observer (default: histogram)")
     c.add_argument("--dtype", choices=list(DTYPES), default="quint8", help="activation dtype (default: quint8)")
     c.add_argument("--backend", choices=BACKENDS, default=None,
@@ -212,6 +212,9 @@ def _add_quantization(c: argparse.ArgumentParser) -> None:
     c.add_argument("--min-sqnr", type=_decibels, default=None, metavar="DB",
                    help="keep float every BN pattern whose sensitivity (the model's output SQNR with only that pattern "
                    "quantized, on the batch --verify holds out) is under DB; costs one forward per pattern")
+    c.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="quantize every BatchNorm; by default a BatchNorm right after the conv / linear that feeds it "
+                   "alone is folded into (a copy of) that conv, as torch.ao's prepare_fx does (reported as folded)")
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -222,9 +225,10 @@ def run_convert(args: argparse.Namespace, progress: Progress) -> int:
     _check_model_file(args.model)
     outputs = Outputs(args.out, args.torchscript, args.report)
     _check_clashes(outputs, args.model, args.calib)
-    request = ConvertRequest(  # refuses --out, --skip and --min-sqnr with --int8
+    request = ConvertRequest(  # refuses --out, --skip, --min-sqnr and --no-fold with --int8
         args.model, Data(tuple(args.input_shape or ()), args.calib, args.calib_batches, args.seed),
-        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), bn=args.bn, min_sqnr=args.min_sqnr),
+        Quantization(args.observer, args.dtype, args.backend, args.int8, tuple(args.skip), bn=args.bn,
+                     min_sqnr=args.min_sqnr, fold=args.fold),
         outputs, _table(args), args.verify, args.quiet,
     )
     with progress.step("loading PyTorch"):

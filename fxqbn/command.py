@@ -343,7 +343,7 @@ def _model_and_inputs(spec: str, data: Data) -> tuple[nn.Module, tuple[Any, ...]
 def _check_found(observed: nn.Module, skip: Sequence[str]) -> None:
     """Refuse a --skip module holding none of the model's BatchNorms (prepare refused a model without any)."""
     found = attached(observed, PREPARED_KEY)
-    modules = [p.module for p in found.patterns] + [s.module for s in found.skips]
+    modules = [p.module for p in found.patterns] + [s.module for s in found.skips] + [f.module for f in found.folded]
     for name in skip:
         if not any(m == name or m.startswith(name + ".") for m in modules):
             held = sorted({m.split(".")[0] for m in modules})
@@ -370,7 +370,7 @@ def _quantize(asked: Quantization, model: nn.Module, example: tuple[Any, ...], c
         return _whole_model_int8(asked, model, example, calibration, progress), calibration
     qconfig = _qconfig(model, asked)
     with progress.step("tracing"):
-        observed = prepare(model, example, qconfig, skip=asked.skip)
+        observed = prepare(model, example, qconfig, skip=asked.skip, fold=asked.fold)
     _check_found(observed, asked.skip)
     calibration = _calibrate(observed, calibration, progress)
     if calibration.ranks is not None and calibration.ranks.rank != 0:

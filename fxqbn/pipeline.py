@@ -23,14 +23,14 @@ from typing import Any
 
 from torch import fx, nn
 
-from fxqbn.passes import CODES, FLOAT, QUANTIZED, Converted, Dropped, Match, Plan, Rewrite, Skip, observer_users
+from fxqbn.passes import CODES, FLOAT, QUANTIZED, Converted, Dropped, Folded, Match, Plan, Rewrite, Skip, observer_users
 
 from .backends import BACKENDS, Backend, BnTensors
 from .errors import FxqbnError
 from .lowered import ByRank, LoweredBatchNorm
 from .nn import own_many
 from .qparams import Observation, read_many
-from .report import Report, ReportRow, ReportSummary, skipped_row
+from .report import Report, ReportRow, ReportSummary, folded_row, skipped_row
 from .sensitivity import Probe, alone
 from .tracing import set_training_flags
 
@@ -193,15 +193,19 @@ def _row(rewrite: Rewrite) -> ReportRow:
     )
 
 
-def report(converted: Converted, skips: Sequence[Skip], start: float, dropped: Sequence[Dropped] = (), lowered_into: str = "") -> Report:
-    """Every BN's row in graph order, the totals, and the observers removed without a pattern."""
+def report(
+    converted: Converted, skips: Sequence[Skip], start: float, dropped: Sequence[Dropped] = (), lowered_into: str = "",
+    folded: Sequence[Folded] = (),
+) -> Report:
+    """Every BN's row in graph order (rewritten, folded, skipped), the totals, and the observers removed without a pattern."""
     quantize, dequantize = converted.boundary_counts()
     summary = ReportSummary(
         rewritten=len(converted.rewrites), skipped=len(skips), quantize_nodes=quantize, dequantize_nodes=dequantize,
-        convert_seconds=time.perf_counter() - start, lowered_into=lowered_into,
+        convert_seconds=time.perf_counter() - start, lowered_into=lowered_into, folded=len(folded),
     )
     rows: list[tuple[int, Any]] = [(rw.match.position, _row(rw)) for rw in converted.rewrites]
     rows += [(skip.position, skipped_row(skip)) for skip in skips]
+    rows += [(f.position, folded_row(f.node, f.module, f.pattern, f.into, f.source)) for f in folded]
     notes = tuple(f"{d.observer} on {d.observed}: not part of a BN pattern; removed, left float" for d in dropped)
     return Report(rows=tuple(row for _, row in sorted(rows, key=lambda item: item[0])), summary=summary, dropped=notes)
 

@@ -76,8 +76,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Quantization:
-    """The BN-only conversion's ``--observer``, ``--dtype``, ``--skip`` and ``--min-sqnr``, or ``--int8``'s whole-model
-    route; ``--backend``."""
+    """The BN-only conversion's ``--observer``, ``--dtype``, ``--skip``, ``--min-sqnr`` and ``--no-fold``, or
+    ``--int8``'s whole-model route (``--bn``); ``--backend``."""
 
     observer: str = "histogram"
     dtype: str = "quint8"
@@ -86,21 +86,23 @@ class Quantization:
     skip: tuple[str, ...] = ()
     bn: str = "int8"  # --int8 pt2e: "int8" (standalone BNs int8) or "float" (only the conv -> BN fold corrected)
     min_sqnr: float | None = None  # dB: keep float the BN patterns whose sensitivity is under it
+    fold: bool = True  # fold a BN after a conv / linear into it (fxqbn.prepare's fold); --no-fold: False
 
     def describe(self) -> str:
         if self.int8:
             return f"whole-model int8 via {self.int8}, BNs " + ("kept float (fold corrected)" if self.bn == "float" else "lowered")
         kept = "" if self.min_sqnr is None else f", BNs with sensitivity under {self.min_sqnr:g} dB kept float"
-        return f"{self.observer} observer, {self.dtype}{kept}"
+        return f"{self.observer} observer, {self.dtype}{kept}" + ("" if self.fold else ", no folding")
 
     def settings(self) -> dict[str, Any]:
-        """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes, and
-        --skip is refused with it), or the BN-only conversion's observer, dtype and skipped modules."""
+        """What the JSON document says was asked: --int8's route (its quantizer picks observers and dtypes;
+        --skip, --min-sqnr and --no-fold are refused with it), or the BN-only conversion's observer, dtype,
+        skipped modules, sensitivity threshold and folding."""
         if self.int8 == "pt2e":
             return {"int8": self.int8, "bn": self.bn}
         if self.int8:
             return {"int8": self.int8}
-        return {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip), "min_sqnr": self.min_sqnr}
+        return {"observer": self.observer, "dtype": self.dtype, "skip": list(self.skip), "min_sqnr": self.min_sqnr, "fold": self.fold}
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,13 @@ class ConvertRequest:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        """--out, --skip and --min-sqnr belong to the BN-only conversion: refused with --int8."""
-        asked = {"--out": self.outputs.out, "--skip": self.quantization.skip, "--min-sqnr": self.quantization.min_sqnr is not None}
+        """--out, --skip, --min-sqnr and --no-fold belong to the BN-only conversion: refused with --int8."""
+        asked = {"--out": self.outputs.out, "--skip": self.quantization.skip, "--min-sqnr": self.quantization.min_sqnr is not None,
+                 "--no-fold": not self.quantization.fold}
         refused = next((option for option, given in asked.items() if given), None)
         if self.quantization.int8 and refused:
             raise usage("fxqbn convert", f"argument --int8: {refused} is not supported with --int8 "
-                        "(fxqbn.save stores BN-only conversions; --skip and --min-sqnr choose BNs for fxqbn.convert)")
+                        "(fxqbn.save stores BN-only conversions; --skip, --min-sqnr and --no-fold are fxqbn.prepare's / convert's)")
 
     @property
     def spec(self) -> str:

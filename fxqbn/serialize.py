@@ -6,7 +6,8 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
     {"format": "fxqbn.quantized", "version": 3, "torch": "2.13.0",
      "layout": "float_io",     # or "nodes": every boundary a node (the layout of format 1 files)
      "patterns": [{"node", "module", "pattern", "status", "dtype", "input": [scale, zero_point],
-                   "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order
+                   "output": [scale, zero_point]}, ...],   # every BatchNorm, in graph order;
+                                                           # status "rewritten", "folded" or "skipped"
      "state_dict": {...},      # the converted model's tensors, quantized modules' qparams included
      "training": [...],        # names of the modules in training mode
      "graph": [...],           # the converted graph as data (graph_structure), to check the rebuild against
@@ -18,7 +19,8 @@ from the file. ``save`` writes data only (tensors, numbers, strings, lists, dict
 The structure of a converted model is a function of the float model, of which BatchNorms were
 rewritten with which dtype, and of each observer's qparams. ``load`` replays those decisions on the
 float model: ``prepare`` (on inputs rebuilt from the stored shapes) with a qconfig that quantizes
-exactly the saved modules, observers that hold the saved qparams instead of observing data, and the
+exactly the saved modules, folding exactly the BNs the file says were folded (none in files saved
+before prepare folded), observers that hold the saved qparams instead of observing data, and the
 ordinary ``convert`` (in the file's layout). No calibration runs.
 Everything read is checked: the digests first (damage), then as ``convert`` checks what it reads
 (``check_payload``; each quantized BN is rebuilt from the file's tensors; the result must equal the
@@ -267,7 +269,7 @@ def _check_row(row: Any, i: int, where: str) -> None:
             raise _damaged(where, f"patterns[{i}] ({row.get('module', '?')!r}) has {key} = {row.get(key)!r}, not a {kind.__name__}")
     if row["status"] not in STATUSES:
         raise _damaged(where, f"BatchNorm '{row['module']}' has status {row['status']!r}")
-    if row["status"] != "rewritten":  # skipped or folded: no int8 BN, no qparams
+    if row["status"] != "rewritten":  # skipped, or folded into the conv before it: no int8 BN, no qparams
         return
     if row["dtype"] not in _DTYPES:
         raise FxqbnError(f"{where}: BatchNorm '{row['module']}' has dtype {row['dtype']!r}, not one of {sorted(_DTYPES)}")
@@ -335,12 +337,20 @@ def load_report(path: PathOrFile) -> Report:
 
 
 def _replay_qconfig(plan: Sequence[dict[str, Any]], where: str) -> QConfigMapping:
-    """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype."""
+    """Quantize exactly the saved modules, each with a stored-qparams observer of its saved dtype;
+    the folded ones are patterns too (which prepare then folds: ``_folded``)."""
     mapping = QConfigMapping()  # global None: every other BN stays float
     for row in plan:
         if row["status"] == "rewritten":  # its dtype was checked by check_payload
             mapping.set_module_name(row["module"], functools.partial(StoredQParams, _DTYPES[row["dtype"]]))
+        elif row["status"] == "folded":
+            mapping.set_module_name(row["module"], functools.partial(StoredQParams, torch.quint8))
     return mapping
+
+
+def _folded(plan: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The BN modules the file says were folded (none in files saved before prepare folded)."""
+    return frozenset(row["module"] for row in plan if row["status"] == "folded")
 
 
 def _describe_mismatch(saved: list[tuple[str, str, str, str]], rebuilt: list[tuple[str, str, str, str]]) -> str:
@@ -373,11 +383,14 @@ def _fill_observers(observed: fx.GraphModule, plan: Sequence[dict[str, Any]], wh
     state = attached(observed, PREPARED_KEY)
     rows = [(s.position, (s.node, s.module, s.pattern, "skipped")) for s in state.skips]
     rows += [(p.position, (p.bn_node, p.module, p.pattern, "rewritten")) for p in state.patterns]
+    rows += [(f.position, (f.node, f.module, f.pattern, "folded")) for f in state.folded]
     rebuilt = [row for _, row in sorted(rows)]
     saved = [(row["node"], row["module"], row["pattern"], row["status"]) for row in plan]
     if rebuilt != saved:
+        folded = _folded(plan)
+        why = "".join(f" ('{p.module}' {p.note})" for p in state.patterns if p.module in folded and p.note)
         raise FxqbnError(
-            f"the model does not match {where}: {_describe_mismatch(saved, rebuilt)}. "
+            f"the model does not match {where}: {_describe_mismatch(saved, rebuilt)}{why}. "
             "Pass the float model the file was converted from"
         )
     nodes = {node.name: node for node in observed.graph.nodes}
@@ -518,7 +531,8 @@ def _no_inputs(payload: dict[str, Any], where: str) -> str:
 def _replay(payload: dict[str, Any], float_model: nn.Module, inputs: tuple | None, where: str) -> fx.GraphModule:
     """``prepare`` with the saved qparams, ``convert`` in the file's layout, the file's tensors loaded."""
     plan = payload["patterns"]
-    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where), no_inputs=_no_inputs(payload, where))
+    observed = prepare_owned(float_model, inputs, _replay_qconfig(plan, where), no_inputs=_no_inputs(payload, where),
+                             fold=_folded(plan))
     _fill_observers(observed, plan, where)
     # a new GraphModule: modules in the same order as the saved one's
     backend = payload.get("backend", "native")

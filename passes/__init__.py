@@ -12,7 +12,8 @@ One module a step, frozen records flowing one way:
 * ``match``: graph -> ``Match`` / ``Skip`` records, for every kind; never edits the graph;
 * ``observe``: puts observers around the matches (fxqbn.prepare), or finds torch.ao's;
 * ``plan``: each match with its qparams -> ``Plan`` (kernel variant, clamp, op name);
-* ``rewrite``: a new graph, each planned pattern one call of its int8 module.
+* ``rewrite``: a new graph, each planned pattern one call of its int8 module;
+* ``fold``: which BNs fold into the conv / linear before them (``FOLDS``, ``decide``), and the fold itself.
 
 The passes import no backend: a backend (``fxqbn.backends``) is handed to them.
 """
@@ -24,7 +25,7 @@ from .observe import adopt_observers, insert_observers, is_torch_ao_observed
 from .plan import plan_patterns
 from .reading import BnCall
 from .records import (
-    CODES, FLOAT, QUANTIZED, Boundary, Converted, Dropped, Found, Match, Observed, Plan, Prepared, Rewrite, Rewritten, Skip,
+    CODES, FLOAT, QUANTIZED, Boundary, Converted, Dropped, Folded, Found, Match, Observed, Plan, Prepared, Rewrite, Rewritten, Skip,
     observer_users,
 )
 from .registry import (
@@ -37,7 +38,7 @@ __all__ = [
     "RULES", "Rule", "ACTIVATIONS", "Activation", "NO_ACTIVATION", "RELU", "RELU6", "find_rule",
     "BN_SPELLINGS", "BnSpelling", "CLAMP_SPELLINGS", "PASSTHROUGH_SPELLINGS", "BnCall", "read_bn", "read_activation",
     "passthrough_input", "GraphKind", "PREPARED", "AO_OBSERVED", "AO_INT8", "PT2E_INT8", "int8_kind",
-    "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
+    "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Folded", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
     "observer_users", "Found", "Observed", "Rewritten", "find_patterns", "needs_shapes", "shapes_needed_by", "insert_observers", "adopt_observers", "is_torch_ao_observed",
     "plan_patterns", "rewrite_patterns", "ensures",
 ]

@@ -20,7 +20,7 @@ from .reading import BnCall
 from .registry import Activation, Rule
 
 __all__ = [
-    "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
+    "FLOAT", "QUANTIZED", "CODES", "Boundary", "Match", "Skip", "Folded", "Dropped", "Prepared", "Plan", "Rewrite", "Converted",
     "observer_users", "Found", "Observed", "Rewritten",
 ]
 
@@ -107,6 +107,18 @@ class Skip:
             raise ValueError(f"skip of {self.node} has no reason")
 
 
+@dataclass(frozen=True)
+class Folded:
+    """A BatchNorm folded into (a copy of) the conv / linear that feeds it (``passes.fold``): gone from the graph."""
+
+    position: int  # the BN node's index in graph order (of the graph before the fold)
+    node: str  # name of the BatchNorm node
+    module: str  # qualified name of the BatchNorm module
+    pattern: str  # the BN's spelling, e.g. "BatchNorm2d" (an activation after it stays float)
+    into: str  # what it was folded into, as the report says it: "conv1" (and what stays float after it)
+    source: str = ""  # "file.py:123" of the BN call in the user's code ("" when unknown)
+
+
 def observer_users(patterns: Iterable[Match]) -> dict[str, list[str]]:
     """Each observer node the patterns read (input or output) -> the BN modules of the patterns using
     it, in pattern order (an output observer is the next pattern's input observer too)."""
@@ -132,6 +144,7 @@ class Prepared:
     patterns: tuple[Match, ...]  # each with its observer boundary
     skips: tuple[Skip, ...]
     dropped: tuple[Dropped, ...] = ()  # observers convert removes without converting anything
+    folded: tuple[Folded, ...] = ()  # BNs fxqbn.prepare folded into the conv before them
 
 
 @dataclass(frozen=True)

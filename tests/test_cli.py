@@ -189,9 +189,10 @@ def test_bare_convert_converts_the_builtin_densenet_and_verifies(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "model: fxqbn.models:densenet_bc, input (1, 3, 32, 32), histogram observer, quint8"
     assert lines[1].startswith("calibration: 8 random batches - DEMO ONLY")
-    assert any(line.startswith("21 rewritten, 0 skipped; ") for line in lines)
+    assert any(line.startswith("12 rewritten, 9 folded, 0 skipped; ") for line in lines)  # each norm2 follows conv1
     assert lines[2].split() == ["BN", "pattern", "status", "in", "scale@zp", "out", "scale@zp", "SQNR", "reason"]
-    assert sum("BatchNorm2d+ReLU  rewritten" in line for line in lines) == 21
+    assert sum("BatchNorm2d+ReLU  rewritten" in line for line in lines) == 12
+    assert sum("BatchNorm2d       folded     folded into features." in line for line in lines) == 9
     assert max(len(line) for line in lines) <= 100  # the default report fits a 100-column terminal
     verification = next(line for line in lines if line.startswith("verification on a held-out batch (1, 3, 32, 32)"))
     sqnr = float(verification.split("output SQNR ")[1].split(" dB")[0])
@@ -243,12 +244,12 @@ def test_the_command_line_becomes_typed_records(work, monkeypatch):
     assert cli.main(["convert", "m.py:two", "--input-shape", "2,3,4,4", "--input-shape", "1,3,4,4", "--calib", "calib.pt",
                      "--seed", "3", "--observer", "minmax", "--dtype", "qint8", "--backend", "fused", "--skip", "a",
                      "--skip", "b", "--out", "q.pt", "--report", "r.csv", "--format", "csv", "--columns", "bn,op", "--wide",
-                     "--verify", "--quiet"]) == 0
+                     "--verify", "--quiet", "--no-fold"]) == 0
     assert cli.main(["convert"]) == 0
     assert cli.main(["report", "calib.pt", "--format", "json"]) == 0
     assert asked == [
         ConvertRequest("m.py:two", Data(((2, 3, 4, 4), (1, 3, 4, 4)), "calib.pt", 8, 3),
-                       Quantization("minmax", "qint8", "fused", None, ("a", "b")), Outputs("q.pt", None, "r.csv"),
+                       Quantization("minmax", "qint8", "fused", None, ("a", "b"), fold=False), Outputs("q.pt", None, "r.csv"),
                        Table("csv", ("bn", "op"), True), verify=True, quiet=True),
         ConvertRequest(),
         ReportRequest("calib.pt", Table("json")),
@@ -265,6 +266,8 @@ def test_records_refuse_what_the_command_line_refuses():
         ConvertRequest(quantization=Quantization(int8="ao", skip=("a",)), outputs=Outputs(out="q.pt"))
     with pytest.raises(UsageError, match=r"^fxqbn convert: error: argument --int8: --skip is not supported with --int8"):
         ConvertRequest(quantization=Quantization(int8="pt2e", skip=("a",)))
+    with pytest.raises(UsageError, match=r"^fxqbn convert: error: argument --int8: --no-fold is not supported with --int8"):
+        ConvertRequest(quantization=Quantization(int8="ao", fold=False))
     for bad in (lambda: Data(calib_batches=0), lambda: Data(input_shapes=((1, 0),)), lambda: Table("xml"), lambda: Table(columns=("colour",))):
         with pytest.raises(ValueError):
             bad()
@@ -291,14 +294,14 @@ def test_json_with_calibration_file_observer_dtype_skip_and_every_output(work):
     result = fxqbn_command(
         "convert", "m.py:net_with_inputs", "--calib", "calib.pt", "--verify", "--observer", "minmax", "--dtype", "qint8",
         "--skip", "block", "--out", "q.pt", "--torchscript", "q.ts", "--report", "report.json", "--format", "json",
-        cwd=work,
+        "--no-fold", cwd=work,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["saved: q.pt", "torchscript: q.ts", "report: report.json"]
     document = json.loads(result.stdout)
     assert (work / "report.json").read_text() == result.stdout
     assert document["calibration"] == {"source": "calib.pt", "batches": 2, "demo_only": False}  # 3rd batch held out
-    assert (document["observer"], document["dtype"], document["skip"]) == ("minmax", "qint8", ["block"])
+    assert (document["observer"], document["dtype"], document["skip"], document["fold"]) == ("minmax", "qint8", ["block"], False)
     rows = {row["module"]: row for row in document["report"]["rows"]}
     assert (rows["bn"]["status"], rows["bn"]["dtype"]) == ("rewritten", "qint8")
     assert (rows["block.0"]["status"], rows["block.0"]["reason"]) == ("skipped", "skipped on request (prepare's skip argument)")
@@ -343,6 +346,21 @@ def test_several_inputs_random_calibration_and_csv(work):
     assert len(result.stderr.splitlines()) == 2  # no --verify: no verification
 
 
+def test_the_default_folds_the_bn_after_the_conv_and_no_fold_quantizes_it(work, capsys):
+    assert cli.main(["convert", "m.py:net_with_inputs", "--calib", "calib.pt", "--format", "json", "--out", "q.pt"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = {row["module"]: row for row in document["report"]["rows"]}
+    assert document["fold"] is True
+    assert (rows["bn"]["status"], rows["bn"]["reason"], rows["bn"]["op"]) == ("folded", "folded into conv", "")
+    assert rows["block.0"]["status"] == "rewritten"
+    assert {k: document["report"]["summary"][k] for k in ("rewritten", "folded", "skipped")} == {"rewritten": 1, "folded": 1, "skipped": 0}
+    loaded = fxqbn.load(work / "q.pt", load_factories(work).net())
+    assert fxqbn.get_report(loaded).to_dict() == document["report"]
+    assert cli.main(["convert", "m.py:net_with_inputs", "--calib", "calib.pt", "--format", "json", "--no-fold"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["fold"] is False and [row["status"] for row in document["report"]["rows"]] == ["rewritten", "rewritten"]
+
+
 def test_report_command_prints_a_saved_report(work, capsys):
     factories = load_factories(work)
     model = factories.net()
@@ -359,14 +377,15 @@ def test_report_command_prints_a_saved_report(work, capsys):
     assert cli.main(["report", "q.pt", "--wide"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == fxqbn.get_report(quantized).format("plain", columns="all", width=None)
     assert cli.main(["report", "q.pt", "--columns", "bn,op"]) == 0
-    assert capsys.readouterr().out.splitlines()[2].split() == ["bn", "quantized::batch_norm2d"]
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    assert [row.split() for row in rows] == [["bn", "-"], ["block.0", "quantized::batch_norm2d_relu"]]  # bn folded into conv
 
 
 def test_progress_bar_on_a_terminal_and_quiet(work):
     status, stdout, terminal = fxqbn_on_a_terminal("convert", "m.py:net_with_inputs", "--calib-batches", "3", cwd=work)
     assert status == 0
     assert "calibrating" in terminal and "3/3" in terminal
-    assert "2 rewritten, 0 skipped; " in stdout
+    assert "1 rewritten, 1 folded, 0 skipped; " in stdout
 
     status, stdout, terminal = fxqbn_on_a_terminal(
         "convert", "m.py:net_with_inputs", "--calib-batches", "3", "--quiet", "--format", "github", "--report", "r.md", cwd=work,
@@ -374,7 +393,7 @@ def test_progress_bar_on_a_terminal_and_quiet(work):
     assert (status, stdout, terminal) == (0, "", "")
     written = (work / "r.md").read_text().splitlines()  # --quiet silences the terminal, not --report
     assert written[0].startswith("model: m.py:net_with_inputs") and written[1].startswith("calibration: 3 random")
-    assert written[2].startswith("| BN ") and written[4].startswith("| bn ") and written[-2].startswith("2 rewritten, 0 skipped; ")
+    assert written[2].startswith("| BN ") and written[4].startswith("| bn ") and written[-2].startswith("1 rewritten, 1 folded, 0 skipped; ")
 
 
 STEPS = r"^(.*)\.\.\. \d+\.\d s$"  # a finished step line on the terminal: "tracing... 0.3 s"
@@ -390,7 +409,7 @@ def test_each_step_shows_on_a_terminal(work):
     ]
     assert terminal.index("tracing...") < terminal.index("calibrating") < terminal.index("converting...")
     assert terminal.splitlines()[-2:] == ["saved: q.pt", "torchscript: q.ts"]
-    assert "2 rewritten, 0 skipped; " in stdout
+    assert "1 rewritten, 1 folded, 0 skipped; " in stdout
 
 
 def test_the_fused_backend_needs_no_compile_step(work):
@@ -399,7 +418,7 @@ def test_the_fused_backend_needs_no_compile_step(work):
     )  # the C kernels are built by pip install: nothing compiles on first use
     assert status == 0, terminal
     assert re.findall(STEPS, terminal, re.M)[-2:] == ["converting", "verifying"]
-    assert "2 rewritten, 0 skipped; " in stdout
+    assert "1 rewritten, 1 folded, 0 skipped; " in stdout
 
 
 @pytest.mark.parametrize(
@@ -460,6 +479,7 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(work):
     assert help_text.startswith("usage: fxqbn [-h] [--version] {convert,report}") and "130 interrupted" in help_text
     assert version == f"fxqbn {fxqbn.__version__} (torch {metadata.version('torch')})\n"
     assert metadata.version("fxqbn") == fxqbn.__version__  # the package metadata reads the same one place
+    assert "--no-fold" in " ".join(convert_help.split()) and "quantize every BatchNorm" in " ".join(convert_help.split())
     assert "--backend {native,fused}" in convert_help and "--columns A,B,..." in convert_help and "--wide" in convert_help
     assert [status for status, _, _ in answers[4:]] == [2, 2, 2, 2, 2, 2, 2]
     assert answers[4][2].startswith("fxqbn convert: error: argument --out: m.py is a file, not a folder (in m.py/q.pt)")
@@ -668,6 +688,7 @@ def test_a_module_of_the_current_folder_imports_as_under_python_m(work, capsys, 
     monkeypatch.delitem(sys.modules, "mymodels", raising=False)
     path = list(sys.path)
     assert cli.main(["convert", "mymodels:net_with_inputs", "--calib-batches", "2", "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["report"]["summary"]["rewritten"] == 2
+    summary = json.loads(capsys.readouterr().out)["report"]["summary"]
+    assert (summary["rewritten"], summary["folded"]) == (1, 1)  # the BN after the conv folds
     assert sys.path == path  # the current folder was first only while MODEL's module was imported
     sys.modules.pop("mymodels", None)

@@ -50,7 +50,7 @@ class TabularMLP(nn.Module):
 def test_tabular_mlp_quantizes_batchnorm1d_with_relu():
     torch.manual_seed(0)
     model = randomize_bn(TabularMLP()).eval()
-    q = convert(model, (32, 8))
+    q = convert(model, (32, 8), fold=False)  # folded into fc1 by default
     (row,) = fxqbn.get_report(q).rows
     assert (row.pattern, row.op) == ("BatchNorm1d+ReLU", "quantized::batch_norm1d_relu")
     assert type(q.bn1) is FloatIO and type(q.bn1.bn) is fxqbn.nn.BNReLU1d  # between two Linears
@@ -173,7 +173,7 @@ def test_densenet_style_block_with_bn_only_quantization():
     with pytest.raises(LookupError):  # what torch.ao does with this model and mapping
         prepare_fx(model, mapping, (torch.randn(1, 8, 6, 6),))
     before = snapshot(model)
-    q = convert(model, (2, 8, 6, 6), qconfig=mapping)
+    q = convert(model, (2, 8, 6, 6), qconfig=mapping, fold=False)  # every norm2 follows a conv: folded by default
     assert_unchanged(model, before)
     report = fxqbn.get_report(q)
     assert [r.pattern for r in report.rows] == ["BatchNorm2d+ReLU"] * 6 + ["BatchNorm2d"]

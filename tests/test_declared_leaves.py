@@ -83,7 +83,7 @@ def _observed(seed=0):
     torch.manual_seed(seed)
     model = randomize_bn(TfStyleNet()).eval()
     data = [torch.randn(2, 3, 9, 9) for _ in range(3)]  # a size prepare's shape run did not cache
-    observed = fxqbn.prepare(model, (torch.randn(2, 3, 7, 7),), MinMaxObserver)
+    observed = fxqbn.prepare(model, (torch.randn(2, 3, 7, 7),), MinMaxObserver, fold=False)  # bn2 follows a conv
     for x in data:
         observed(x)
     return model, observed

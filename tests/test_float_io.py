@@ -43,7 +43,7 @@ class Placements(nn.Module):
 def converted(backend, float_io=True, seed=0):
     torch.manual_seed(seed)
     model = randomize_bn(Placements()).eval()
-    observed = fxqbn.prepare(model, (torch.randn(2, 3, 5, 5),), MinMaxObserver)
+    observed = fxqbn.prepare(model, (torch.randn(2, 3, 5, 5),), MinMaxObserver, fold=False)  # between: quantized, not folded
     with torch.no_grad():
         for _ in range(2):
             observed(torch.randn(4, 3, 5, 5))

@@ -62,7 +62,7 @@ def float_bn(model, x):
 def calibrate(model, shape, seed=0):
     gen = torch.Generator().manual_seed(seed)
     data = [torch.randn(*shape, generator=gen) * 3 for _ in range(3)]
-    observed = fxqbn.prepare(model, (data[0],), MinMaxObserver)
+    observed = fxqbn.prepare(model, (data[0],), MinMaxObserver, fold=False)  # every BN a pattern (conv -> BN included)
     with torch.no_grad():
         for x in data:
             observed(x)
@@ -293,7 +293,7 @@ def test_the_aten_forms_of_torch_export_graphs_are_matched_like_f_batch_norm(dec
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     program = torch.export.export(model, (x,))
     exported = (program.run_decompositions() if decomposed else program).module()
-    observed = fxqbn.prepare(exported, (x,), MinMaxObserver)
+    observed = fxqbn.prepare(exported, (x,), MinMaxObserver, fold=False)  # folded by default: test_fold.py
     (pattern,) = attached(observed, PREPARED_KEY).patterns
     assert pattern.momentum == pytest.approx(0.3)  # each spelling's momentum from its own position
     with torch.no_grad():

@@ -56,7 +56,7 @@ def zoo(seed=0):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = zoo()
-    observed = fxqbn.prepare(model, (batches()[0],), QCONFIG)
+    observed = fxqbn.prepare(model, (batches()[0],), QCONFIG, fold=False)  # every BN a row of its kind (folds: below)
     with torch.no_grad():
         for x in batches():
             observed(x)
@@ -232,7 +232,7 @@ def _saved_named_like_boundaries(tmp_path, backend):
     torch.manual_seed(0)
     model = randomize_bn(_NamedLikeABoundary()).eval()
     x = torch.randn(2, 3, 5, 5)
-    observed = fxqbn.prepare(model, (x,), MinMaxObserver)
+    observed = fxqbn.prepare(model, (x,), MinMaxObserver, fold=False)  # both BNs between float convs
     with torch.no_grad():
         observed(x)
     quantized = fxqbn.convert(observed, backend=backend)
@@ -440,3 +440,48 @@ def test_check_payload_accepts_every_report_status_and_folded_rows_need_no_qpara
     row["status"] = "fused"
     with pytest.raises(fxqbn.FxqbnError, match=rf"f\.pt is damaged: BatchNorm '{row['module']}' has status 'fused'"):
         serialize.check_payload(payload, "f.pt")
+
+
+# -- folded BNs ----------------------------------------------------------------------------------
+
+
+def _saved_folded(tmp_path):
+    observed = fxqbn.prepare(zoo(), (batches()[0],), QCONFIG)  # folds bn1 into conv
+    with torch.no_grad():
+        for x in batches():
+            observed(x)
+    quantized = fxqbn.convert(observed)
+    fxqbn.save(quantized, tmp_path / "folded.pt")
+    return quantized, tmp_path / "folded.pt"
+
+
+def test_a_model_with_a_folded_bn_saves_and_loads_bit_identically(tmp_path):
+    quantized, path = _saved_folded(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    assert [(r["module"], r["status"]) for r in payload["patterns"]][0] == ("bn1", "folded")
+    loaded = fxqbn.load(path, Zoo())  # fresh weights: the file's folded conv replaces them
+    assert fxqbn.get_report(loaded) == fxqbn.get_report(quantized)
+    assert not hasattr(loaded, "bn1") and torch.equal(loaded.conv.weight, quantized.conv.weight)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+
+
+class Reused(Zoo):
+    def forward(self, x):
+        y = self.conv(x)
+        return super().forward(x) + y.mean()  # conv called twice: bn1 cannot fold
+
+
+def test_load_refuses_a_model_whose_saved_fold_no_longer_applies(tmp_path):
+    _, path = _saved_folded(tmp_path)
+    with pytest.raises(fxqbn.FxqbnError, match=r"BatchNorm 'bn1' \(node 'bn1'\) is BatchNorm2d \(folded\) in the file, "
+                       r"BatchNorm2d\+ReLU \(rewritten\) .* \('bn1' not folded: Conv2d 'conv' is called 2 times"):
+        fxqbn.load(path, Reused())
+
+
+def test_a_file_saved_without_folding_loads_without_folding(saved):
+    model, quantized, path = saved  # fold=False: bn1 after conv was quantized
+    loaded = fxqbn.load(path, model)
+    assert [r.status for r in fxqbn.get_report(loaded).rows if r.module == "bn1"] == ["rewritten"]
+    assert type(loaded.conv) is nn.Conv2d and torch.equal(loaded.conv.weight, model.conv.weight)
