@@ -10,8 +10,8 @@
 What differs from torchao's own functions:
 
 * The fold. torchao folds every conv -> BN into the conv, also where the conv's output or weights have
-  other readers, which silently changes the model (``fxqbn.pt2e_fold``). Here a BN folds only where
-  that keeps the outputs; every other BN stays standalone. torchao folds inside ``prepare_pt2e``
+  other readers, which silently changes the model. Here a BN folds only where ``fxqbn.passes.fold``'s
+  rule (the one ``fxqbn.prepare`` folds by) says the outputs keep; every other BN stays standalone. torchao folds inside ``prepare_pt2e``
   before any quantizer runs, so ``prepare_pt2e`` here runs torchao's steps itself around a correct
   fold (``_prepare_steps``; ``tests/test_pt2e.py`` fails the day torchao's own steps or fold change).
 * Standalone BNs. With ``bn="int8"`` the user's quantizer is composed with ``BatchNormQuantizer``,
@@ -35,9 +35,9 @@ from torch import fx
 
 from fxqbn.passes import PT2E_INT8, find_patterns
 from fxqbn.passes.boundaries import PREPARED
+from fxqbn.passes.fold import Fold, decide, fold_attributes
 from fxqbn.passes.records import Match
 
-from . import pt2e_fold
 from .copying import graph_copy
 from .errors import FxqbnError
 from .report import Report, ReportRow, ReportSummary, folded_row
@@ -115,18 +115,17 @@ def _check_prepare(exported: object, quantizer: object, bn: str) -> None:
         raise FxqbnError(f"quantizer must be a torchao Quantizer, e.g. X86InductorQuantizer, got {type(quantizer).__name__}{hint}")
 
 
-def _plan(model: fx.GraphModule, skip: frozenset[str]) -> tuple[list, list[pt2e_fold.Fold], tuple[ReportRow, ...]]:
-    """(every BN match, the folds to make, the rows of BNs skip= keeps float) of an exported graph."""
+def _plan(model: fx.GraphModule, skip: frozenset[str]) -> tuple[list, list[Fold], tuple[ReportRow, ...]]:
+    """(every BN match, the folds to make, the rows of BNs skip= keeps float) of an exported graph:
+    a BN folds where ``passes.fold``'s rule says the outputs keep (torchao folds every conv -> BN)."""
     found = find_patterns(model.graph, model, PREPARED)
-    nodes = {n.name: n for n in model.graph.nodes}
-    folds = [f for m in found.matches for f in [pt2e_fold.fold_or_reason(m.bn, m.dim, nodes, model.graph)]
-             if isinstance(f, pt2e_fold.Fold)]
+    folds = [f for m in found.matches if m.module not in skip for f in [decide(model.graph, model, m)] if isinstance(f, Fold)]
     kept = tuple(ReportRow(node=m.bn.node, module=m.module, pattern=m.pattern, op="", status="skipped",
                            reason="kept float: skip=", source=m.source) for m in found.matches if m.module in skip)
     return found, folds, kept
 
 
-def _folded_rows(model: fx.GraphModule, folds: list[pt2e_fold.Fold]) -> tuple[ReportRow, ...]:
+def _folded_rows(model: fx.GraphModule, folds: list[Fold]) -> tuple[ReportRow, ...]:
     nodes = {n.name: n for n in model.graph.nodes}
     return tuple(folded_row(f.bn.node, f.bn.owner, f.bn.spelling, f.into, source_of(nodes[f.bn.node])) for f in folds)
 
@@ -197,8 +196,7 @@ def prepare_pt2e(exported: fx.GraphModule, quantizer: Any, bn: str = "int8", ski
     model = graph_copy(exported)
     found, folds, kept = _plan(model, frozenset(skip))
     folded = _folded_rows(model, folds)
-    for fold in folds:
-        pt2e_fold.apply_fold(model, fold)
+    fold_attributes(model.graph, model, folds)
     if found.matches or found.skips:  # as torchao's fold does whenever the graph has a BN: unread constants go
         model.graph.eliminate_dead_code()
     model.graph.lint()

@@ -94,8 +94,10 @@ class Fold:
 
     @property
     def into(self) -> str:
-        """The producer as the report names it: its module, or its node."""
-        return self.module if self.module is not None else self.producer
+        """The producer as the report names it: its module, or (ATen) the module owning its weight, or its node."""
+        if self.module is not None:
+            return self.module
+        return self.weight.rpartition(".")[0] if self.weight and "." in self.weight else self.producer
 
 
 def fold_rule(node: fx.Node, modules: dict[str, nn.Module]) -> FoldRule | None:

@@ -96,10 +96,10 @@ class GroupedTranspose(nn.Module):
 # model -> (input shape, {BN: what the fold does: "folded into X" or a phrase of the reason it stays})
 CASES = {
     "residual": (ConvFeedsBnAndResidual, (2, 3, 8, 8), {"bn": "output has 2 users"}),
-    "called_twice": (OneConvCalledTwice, (2, 3, 8, 8), {"bn1": "is read by 2 calls", "bn2": "is read by 2 calls"}),
-    "preact": (PreActBlock, (2, 3, 8, 8), {"bn1": "output has 2 users", "bn2": "folded into conv1", "bn_out": "not a conv"}),
-    "head": (Head, (4, 4, 12), {"bn1": "folded into fc1", "bn2": "not a conv", "bn3": "only into a BatchNorm1d on 2-d"}),
-    "transpose": (GroupedTranspose, (2, 8, 4, 4), {"bn": "groups > 1", "bn1": "folded into up1"}),
+    "called_twice": (OneConvCalledTwice, (2, 3, 8, 8), {"bn1": "is used by other calls too", "bn2": "is used by other calls too"}),
+    "preact": (PreActBlock, (2, 3, 8, 8), {"bn1": "output has 2 users", "bn2": "folded into conv1", "bn_out": "is not a conv / linear"}),
+    "head": (Head, (4, 4, 12), {"bn1": "folded into fc1", "bn2": "is not a conv / linear", "bn3": "on 2-d values only"}),
+    "transpose": (GroupedTranspose, (2, 8, 4, 4), {"bn": "groups=2: fxqbn folds transposed convs with groups=1 only", "bn1": "folded into up1"}),
 }
 
 
@@ -188,13 +188,12 @@ def test_the_fold_keeps_the_outputs_and_reports_every_bn(name):
 def test_each_fold_refusal_says_why(name):
     from fxqbn.passes import find_patterns
     from fxqbn.passes.boundaries import PREPARED
-    from fxqbn.pt2e_fold import Fold, fold_or_reason
+    from fxqbn.passes.fold import Fold, decide
 
     model, x, expected = build(name)
     exported = export(model, x)
-    nodes = {n.name: n for n in exported.graph.nodes}
     for match in find_patterns(exported.graph, exported, PREPARED).matches:
-        decided = fold_or_reason(match.bn, match.dim, nodes, exported.graph)
+        decided = decide(exported.graph, exported, match)
         want = expected[match.module]
         if want.startswith("folded"):
             assert isinstance(decided, Fold) and f"folded into {decided.into}" == want
