@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torchao
 from tabulate import tabulate
 from torch import nn
 
@@ -45,7 +46,7 @@ from fxqbn.comparing import sqnr_db
 from fxqbn.whole_model import import_pt2e
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pt2e_models import MODELS  # noqa: E402
+from pt2e_models import MODELS
 
 warnings.filterwarnings("ignore")
 torchao_prepare, _, X86Quantizer, x86_config = import_pt2e()
@@ -103,18 +104,24 @@ def routes(model: nn.Module, example: torch.Tensor, calib: list, held: list, wan
     return found
 
 
-def compile_checked(models: dict[str, nn.Module], x: torch.Tensor) -> tuple[dict, dict, dict]:
-    """(compiled models, dynamo graph counts, compile seconds). explain() resets dynamo: all of it first."""
+def compile_checked(models: dict[str, nn.Module], x: torch.Tensor) -> tuple[dict, dict, dict, dict]:
+    """(compiled models, dynamo graph counts, compile seconds, compile errors); a model inductor fails on
+    is left out of the first three. explain() resets dynamo: all of it first."""
     with torch.no_grad():
         graphs = {name: torch._dynamo.explain(m)(x).graph_count for name, m in models.items()}
-        compiled, seconds = {}, {}
+        compiled, seconds, errors = {}, {}, {}
         for name, m in models.items():
             start = time.perf_counter()
-            compiled[name] = torch.compile(m)
-            compiled[name](x)
-            compiled[name](x)
+            try:
+                compiled[name] = torch.compile(m)
+                compiled[name](x)
+                compiled[name](x)
+            except Exception as exc:  # noqa: BLE001 (inductor's own errors: reported, the other routes go on)
+                errors[name] = str(exc).strip().splitlines()[0][:160]
+                del compiled[name]
+                continue
             seconds[name] = time.perf_counter() - start
-    return compiled, graphs, seconds
+    return compiled, graphs, seconds, errors
 
 
 def medians(fns: dict[str, Callable], x: torch.Tensor, repeats: int, calls: int = 5) -> dict[str, float]:
@@ -146,20 +153,24 @@ def cell(name: str, batch: int, repeats: int) -> tuple[list, list[str]]:
     want = run_all(model, held)
     found = {r.name: r for r in routes(model, held[0], calib, held, want)}
     eager = {"float": model, **{r: found[r].model for r in ("stock", "fold", "int8")}}
-    compiled, graphs, seconds = compile_checked(eager, held[0])
-    agree = {r: sqnr(run_all(eager[r], held), run_all(compiled[r], held)) for r in eager}
+    compiled, graphs, seconds, errors = compile_checked(eager, held[0])
+    agree = {r: sqnr(run_all(eager[r], held), run_all(compiled[r], held)) for r in compiled}
     t = medians({**{f"{r} eager": m for r, m in eager.items()}, **{f"{r} compiled": m for r, m in compiled.items()}},
                 held[0], repeats)
     base = t["float eager"]
     ratio = {k: v / base for k, v in t.items()}
-    row = [name, batch, f"{base * 1e3:.2f}", *(f"{ratio[k]:.2f}" for k in (
-        "float compiled", "stock eager", "stock compiled", "fold eager", "fold compiled", "int8 eager", "int8 compiled")),
-        f"{ratio['int8 compiled'] / ratio['fold compiled']:.2f}",
+    fmt = {k: f"{ratio[k]:.2f}" if k in ratio else "fails" for k in (f"{r} {w}" for r in eager for w in ("eager", "compiled"))}
+    fmt["int8/fold"] = (f"{ratio['int8 compiled'] / ratio['fold compiled']:.2f}"
+                        if "int8 compiled" in ratio and "fold compiled" in ratio else "-")
+    row = [name, batch, f"{base * 1e3:.2f}", *(fmt[k] for k in (
+        "float compiled", "stock eager", "stock compiled", "fold eager", "fold compiled", "int8 eager", "int8 compiled",
+        "int8/fold")),
         *(f"{found[r].sqnr:.1f}" for r in ("stock", "fold", "int8")),
-        len(list(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))),
+        sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         *(f"{found[r].folded}/{found[r].int8}/{found[r].float}" for r in ("stock", "fold", "int8"))]
     notes = [f"{name} b{batch}: compile s " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     notes += [f"{name} b{batch}: compiled vs eager SQNR " + ", ".join(f"{r} {agree[r]:.1f} dB" for r in agree)]
+    notes += [f"{name} b{batch}: {r} compiled fails: {e}" for r, e in errors.items()]
     notes += [f"{name} b{batch}: graphs " + ", ".join(f"{r} {graphs[r]}" for r in graphs)]
     notes += [f"{name} b{batch}: {r} report has {found[r].rows} rows for {row[14]} BNs"
               for r in ("fold", "int8") if found[r].rows != row[14]]
@@ -187,8 +198,7 @@ def main() -> None:
             row, more = cell(name, batch, repeats)
             rows.append(row)
             notes += more
-            print(tabulate([row], HEADERS), flush=True)
-    import torchao
+            print(tabulate([row], HEADERS), *more, sep="\n", flush=True)
     print(f"\ntorch {torch.__version__}, torchao {torchao.__version__}, one thread, {repeats} repeats; speeds: ratio of float eager (lower is faster); "
           "f/i/fl: BNs folded / int8 / float")
     print(tabulate(rows, HEADERS, tablefmt="github"))

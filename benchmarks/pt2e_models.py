@@ -23,8 +23,8 @@ from torch import nn
 from fxqbn.models import estimate_bn_statistics
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import densenet_bc  # noqa: E402
-import preact_resnet  # noqa: E402
+import densenet_bc
+import preact_resnet
 
 
 class InvertedResidual(nn.Module):
