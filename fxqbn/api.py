@@ -44,11 +44,9 @@ def prepare(
             name/type; ``None`` keeps that BN float).
         skip: BNs to keep float: module names (a name covers the modules inside it) and types
             (e.g. ``nn.BatchNorm1d``, or ``torch.nn.functional.batch_norm``); reported as skipped.
-        fold: fold each BatchNorm module that fxqbn would quantize into (a copy of) the
-            ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` (-> ``BatchNorm1d`` on
-            2-d values) that feeds it alone, when that module is called once and shares no weight,
-            as torch.ao's ``prepare_fx`` does (a ReLU after it stays float); reported as folded.
-            ``False`` quantizes every BatchNorm instead. The rule: ``fxqbn.passes.fold``.
+        fold: fold each BatchNorm module fxqbn would quantize into (a copy of) the conv / transposed
+            conv / Linear feeding it alone, as torch.ao's ``prepare_fx`` does (a ReLU after it stays
+            float); reported folded. ``False`` quantizes every BatchNorm. The rule: ``fxqbn.passes.fold``.
 
     ``model`` is run once on ``example_inputs`` (in eval mode, without gradients) when it calls
     ``F.batch_norm``, whose kernel depends on the input's rank, or when a ``Linear`` or ``Conv1d``
