@@ -80,7 +80,7 @@ class CostModel:
         (``fxqbn.lower(bn='int8')``: the native kernel where the rule would keep the float BN)."""
         where = site.describe()
         if site.input_qparams_known and site.c_kernels:
-            return Choice(FUSED, f"int8 fused kernel ({where}): costs less than the float BN it replaces at every shape measured (cost model)")
+            return Choice(FUSED, "int8 fused kernel: cheaper than the float BN at every shape measured (cost model)")
         why_not_fused = (
             "fxqbn's C kernels are not built" if not site.c_kernels
             else "the fused kernel needs input qparams the graph does not show"
@@ -115,6 +115,9 @@ def site_of(graph_nodes: dict[str, fx.Node], root: torch.nn.Module, match: Match
     dequantize = graph_nodes[match.boundary.input]
     source = dequantize.args[0] if dequantize.args and isinstance(dequantize.args[0], fx.Node) else dequantize
     value = source.meta.get("tensor_meta", source.meta.get("val"))
+    if value is None:  # PT2E's quantize / dequantize nodes carry no shape; the BN's output has its input's
+        bn = graph_nodes[match.bn.output]
+        value = bn.meta.get("tensor_meta", bn.meta.get("val"))
     shape = getattr(value, "shape", None)
     shape = tuple(int(s) for s in shape) if shape is not None and all(isinstance(s, int) for s in shape) else None
     return Site(

@@ -26,6 +26,7 @@ IGNORED = (
     r"torch\.ao\.quantization is deprecated",
     r"`torch\.jit\.load` is deprecated",
     r"Please use quant_min and quant_max to specify the range for observers",
+    r"`torch\.jit\.script_method` is deprecated",  # raised by torchao's import
 )
 
 
