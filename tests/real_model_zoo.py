@@ -304,7 +304,7 @@ def run(spec: Spec, backends: tuple[str, ...] = ("native", "fused"), calib_batch
     result = Result(float=float_graph(plain, spec.source))  # SyncBN rows: counted on the model before conversion
     before = _state(model)
     try:
-        observed = fxqbn.prepare(model, (x,), qconfig=MinMaxObserver)
+        observed = fxqbn.prepare(model, (x,), qconfig=MinMaxObserver, fold=False)  # every BN int8: what the zoo measures
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             for _ in range(calib_batches):
