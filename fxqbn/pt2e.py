@@ -59,7 +59,7 @@ class Pt2eRecord:
     bn: str  # "int8" or "float"
     order: tuple[str, ...]  # every BN's module (statistics owner), in the exported graph's order
     folded: tuple[ReportRow, ...]  # the BNs folded into their conv / linear
-    kept: tuple[ReportRow, ...]  # the BNs left float on purpose (bn="float", skip): skipped rows
+    kept: tuple[ReportRow, ...]  # the BNs skip= keeps float: skipped rows
 
 
 def _torchao() -> Any:
@@ -123,6 +123,17 @@ def _plan(model: fx.GraphModule, skip: frozenset[str]) -> tuple[list, list[Fold]
     kept = tuple(ReportRow(node=m.bn.node, module=m.module, pattern=m.pattern, op="", status="skipped",
                            reason="kept float: skip=", source=m.source) for m in found.matches if m.module in skip)
     return found, folds, kept
+
+
+def _checked_skip(skip: Iterable[str], model: fx.GraphModule) -> frozenset[str]:
+    """``skip`` as a set of BN names, each the name of a BN of ``model``; FxqbnError otherwise."""
+    names = frozenset((skip,) if isinstance(skip, str) else skip)
+    bns = {m.module for m in find_patterns(model.graph, model, PREPARED).matches}
+    unknown = sorted(str(name) for name in names - bns)
+    if unknown:
+        raise FxqbnError(f"skip names {', '.join(map(repr, unknown))}, which is no BN of this model: "
+                         f"name BNs as the report does (the module owning the statistics): {', '.join(sorted(bns)) or 'none'}")
+    return names
 
 
 def _folded_rows(model: fx.GraphModule, folds: list[Fold]) -> tuple[ReportRow, ...]:
@@ -194,7 +205,8 @@ def prepare_pt2e(exported: fx.GraphModule, quantizer: Any, bn: str = "int8", ski
     from .bn_quantizer import BatchNormQuantizer
 
     model = graph_copy(exported)
-    found, folds, kept = _plan(model, frozenset(skip))
+    skip = _checked_skip(skip, model)
+    found, folds, kept = _plan(model, skip)
     folded = _folded_rows(model, folds)
     fold_attributes(model.graph, model, folds)
     if found.matches or found.skips:  # as torchao's fold does whenever the graph has a BN: unread constants go

@@ -273,6 +273,9 @@ def test_skip_keeps_a_bn_float_and_says_so():
     row = next(r for r in report.rows if r.module == "bn_out")
     assert (row.status, row.reason) == ("skipped", "kept float: skip=")
     assert {r.module for r in report.rewritten} == {"bn1"}
+    model, x, _ = build("preact")
+    with pytest.raises(fxqbn.FxqbnError, match=r"skip names 'bn9', which is no BN of this model: .*bn1, bn2, bn_out"):
+        pt2e.prepare_pt2e(export(model, x), x86(), skip="bn9")
 
 
 def test_batchnorm_quantizer_composes_with_torchaos_own_prepare():
