@@ -298,6 +298,23 @@ def test_the_route_compiles_as_one_graph():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
+def test_a_dynamic_batch_export_compiles_once_for_every_batch_size_as_the_float_model_does():
+    from tests.test_compile import graphs_compiled
+
+    model, x, _ = build("preact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(model, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)).module()
+    prepared = pt2e.prepare_pt2e(exported, x86())
+    with torch.no_grad():
+        prepared(torch.randn(5, 3, 8, 8))
+    converted = pt2e.convert_pt2e(prepared)
+    inputs = [torch.randn(batch, 3, 8, 8) for batch in (2, 3, 5, 7)]
+    assert graphs_compiled(converted, inputs, True) == graphs_compiled(exported, inputs, True) == 1
+    with torch.no_grad():
+        assert converted(torch.randn(1, 3, 8, 8)).shape == (1, 16, 8, 8)
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
