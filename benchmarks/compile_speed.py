@@ -1,7 +1,7 @@
 """docs/compile.md's figures: a converted model eager and compiled (inductor), and its float model.
 
-    PYTHONPATH=. python docs/compile_bench.py densenet fused 1,16
-    PYTHONPATH=. python docs/compile_bench.py preact native 1,16
+    PYTHONPATH=. python benchmarks/compile_speed.py densenet fused 1,16
+    PYTHONPATH=. python benchmarks/compile_speed.py preact native 1,16
 
 MODEL: densenet (examples/densenet_bc.py) or preact (examples/preact_resnet.py); BACKEND: fused or
 native; batch sizes, comma-separated. 1 thread, best of 5 runs; compiles take minutes on 2 cores.
