@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections import Counter
 
 import torch
@@ -29,6 +28,7 @@ from fxqbn.whole_model import int8_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from lower_models import cost_models  # noqa: E402
+from lower_speed import round_times  # noqa: E402 (this folder: python benchmarks/lower_cost.py)
 
 BATCHES = (1, 16)
 VARIANTS = ("unlowered", "default", "native", "fused")
@@ -36,16 +36,7 @@ VARIANTS = ("unlowered", "default", "native", "fused")
 
 def paired(variants: list, x: tuple, repeats: int) -> tuple[list[float], list[list[float]]]:
     """Median ms of each variant over ``repeats`` interleaved rounds, and each round's ratio to the first."""
-    times: list[list[float]] = [[] for _ in variants]
-    with torch.no_grad():
-        for model in variants:  # warm-up
-            for _ in range(5):
-                model(*x)
-        for _ in range(repeats):
-            for k, model in enumerate(variants):
-                start = time.perf_counter()
-                model(*x)
-                times[k].append((time.perf_counter() - start) * 1000)
+    times = round_times(variants, x, repeats)
     ratios = [[b / a for a, b in zip(times[0], t)] for t in times]
     return [statistics.median(t) for t in times], ratios
 

@@ -45,9 +45,8 @@ def example(model, inputs, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(batch, *x.shape[1:]) for x in inputs)
 
 
-def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float], float, float]:
-    """Median ms of each variant over ``repeats`` interleaved rounds, the noise (max IQR / median), and the
-    median over rounds of last / second variant (a ratio within each round: drift cancels)."""
+def round_times(variants: list, x: tuple, repeats: int) -> list[list[float]]:
+    """Each variant's ms per round, over ``repeats`` interleaved rounds (A B C A B C ...) after a warm-up."""
     times: list[list[float]] = [[] for _ in variants]
     with torch.no_grad():
         for model in variants:  # warm-up
@@ -58,6 +57,13 @@ def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float],
                 start = time.perf_counter()
                 model(*x)
                 times[k].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def interleaved_ms(variants: list, x: tuple, repeats: int) -> tuple[list[float], float, float]:
+    """Median ms of each variant over ``repeats`` interleaved rounds, the noise (max IQR / median), and the
+    median over rounds of last / second variant (a ratio within each round: drift cancels)."""
+    times = round_times(variants, x, repeats)
     medians = [statistics.median(t) for t in times]
     noise = max((statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / m for t, m in zip(times, medians))
     return medians, noise, statistics.median(b / a for a, b in zip(times[-2], times[-1]))
