@@ -5,6 +5,7 @@ The oracle of a pattern's sensitivity is a conversion of that one BN alone (``pr
 every other), run on the held-out batches against the float model.
 """
 
+import inspect
 import json
 import math
 import re
@@ -36,13 +37,17 @@ class Outlier(nn.Module):
         return self.bn2(self.conv2(self.bn1(self.conv1(x))))
 
 
-def outlier() -> nn.Module:
-    torch.manual_seed(0)
-    model = Outlier().eval()
+def plant_outlier(model: nn.Module) -> nn.Module:
+    """bn1's channel 0 shifted by 200, a channel conv2 does not read."""
     with torch.no_grad():
         model.bn1.running_mean[0] = -200.0  # a mean shift of 200 on one channel
         model.conv2.weight[:, 0] = 0  # which the next conv does not read
     return model
+
+
+def outlier() -> nn.Module:
+    torch.manual_seed(0)
+    return plant_outlier(Outlier().eval())
 
 
 class Chain(nn.Module):
@@ -210,10 +215,7 @@ def test_a_prepare_fx_graph_keeps_its_sensitive_bn_float_and_its_observers_untou
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     torch.manual_seed(0)
-    model = ReluThenBn().eval()
-    with torch.no_grad():
-        model.bn1.running_mean[0] = -200.0
-        model.conv2.weight[:, 0] = 0
+    model = plant_outlier(ReluThenBn().eval())
     qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range=False), weight=default_weight_observer)
     mapping = QConfigMapping().set_object_type(nn.BatchNorm2d, qconfig).set_object_type(nn.Conv2d, get_default_qconfig("x86"))
     with warnings.catch_warnings():
@@ -261,31 +263,19 @@ def test_bad_arguments_are_refused_naming_what_to_pass(kwargs, message):
     assert_unchanged(observed, before)
 
 
-MODEL_FILE = '''
+MODEL_FILE = f"""
 import torch
 from torch import nn
 
 
-class Outlier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
+{inspect.getsource(Outlier)}
 
-    def forward(self, x):
-        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
-
+{inspect.getsource(plant_outlier)}
 
 def outlier():
     torch.manual_seed(0)
-    model = Outlier().eval()
-    with torch.no_grad():
-        model.bn1.running_mean[0] = -200.0
-        model.conv2.weight[:, 0] = 0
-    return model, (torch.randn(4, 3, 12, 12),)
-'''
+    return plant_outlier(Outlier().eval()), (torch.randn(4, 3, 12, 12),)
+"""
 
 
 @pytest.fixture
