@@ -35,7 +35,7 @@ from torch import fx
 
 from fxqbn.passes import PT2E_INT8, find_patterns
 from fxqbn.passes.boundaries import PREPARED
-from fxqbn.passes.fold import Fold, decide, fold_attributes
+from fxqbn.passes.fold import Fold, decide, fold_attributes, index_of
 from fxqbn.passes.records import Match
 
 from .copying import graph_copy
@@ -119,7 +119,8 @@ def _plan(model: fx.GraphModule, skip: frozenset[str]) -> tuple[list, list[Fold]
     """(every BN match, the folds to make, the rows of BNs skip= keeps float) of an exported graph:
     a BN folds where ``passes.fold``'s rule says the outputs keep (torchao folds every conv -> BN)."""
     found = find_patterns(model.graph, model, PREPARED)
-    folds = [f for m in found.matches if m.module not in skip for f in [decide(model.graph, model, m)] if isinstance(f, Fold)]
+    index = index_of(model.graph, model)
+    folds = [f for m in found.matches if m.module not in skip for f in [decide(model.graph, model, m, index)] if isinstance(f, Fold)]
     kept = tuple(ReportRow(node=m.bn.node, module=m.module, pattern=m.pattern, op="", status="skipped",
                            reason="kept float: skip=", source=m.source) for m in found.matches if m.module in skip)
     return found, folds, kept

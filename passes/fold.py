@@ -20,6 +20,7 @@ producers are modules (fxqbn.prepare's traces) or ATen calls on attributes (torc
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -33,7 +34,7 @@ from .reading import BnCall, arg
 from .records import Folded, Match
 from .registry import RANKS
 
-__all__ = ["FoldRule", "FOLDS", "Fold", "fold_rule", "decide", "fold_modules", "fold_attributes", "needs_ranks", "fold_patterns"]
+__all__ = ["FoldRule", "FOLDS", "Fold", "GraphIndex", "index_of", "fold_rule", "decide", "fold_modules", "fold_attributes", "needs_ranks", "fold_patterns"]
 
 aten = torch.ops.aten
 _ATEN_BNS = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
@@ -115,11 +116,36 @@ def _who(rule: FoldRule, producer: fx.Node) -> str:
     return f"{rule.name} '{producer.target if producer.op == 'call_module' else producer.name}'"
 
 
-def decide(graph: fx.Graph, root: nn.Module, bn: BnCall | Match | fx.Node | str) -> Fold | str:
-    """Whether the BN (a match, its record, its node or node name) folds into the producer of its
-    input: the ``Fold`` to apply, or why it stays a BN."""
+@dataclass(frozen=True)
+class GraphIndex:
+    """What ``decide`` looks up about a graph and its root, counted once (deciding every BN of a graph
+    stays linear in its size); valid until a fold is applied."""
+
+    modules: dict[str, nn.Module]
+    nodes: dict[str, fx.Node]
+    calls: Counter  # id(module) -> call_module nodes calling it
+    readers: Counter  # id(tensor) -> get_attr nodes reading it
+    holders: Counter  # id(tensor) -> modules holding it as a parameter or buffer
+
+
+def index_of(graph: fx.Graph, root: nn.Module) -> GraphIndex:
     modules = dict(root.named_modules(remove_duplicate=False))
-    nodes = {node.name: node for node in graph.nodes}
+    held = (t for m in root.modules() for t in {id(v): v for v in (*m._parameters.values(), *m._buffers.values())})
+    return GraphIndex(
+        modules=modules,
+        nodes={node.name: node for node in graph.nodes},
+        calls=Counter(id(modules.get(str(n.target))) for n in graph.nodes if n.op == "call_module"),
+        readers=Counter(id(_attribute(root, str(n.target))) for n in graph.nodes if n.op == "get_attr"),
+        holders=Counter(held),
+    )
+
+
+def decide(graph: fx.Graph, root: nn.Module, bn: BnCall | Match | fx.Node | str, index: GraphIndex | None = None) -> Fold | str:
+    """Whether the BN (a match, its record, its node or node name) folds into the producer of its
+    input: the ``Fold`` to apply, or why it stays a BN. ``index``: ``index_of(graph, root)``, when
+    deciding many BNs of one graph."""
+    index = index or index_of(graph, root)
+    modules, nodes = index.modules, index.nodes
     call = bn.bn if isinstance(bn, Match) else bn
     if not isinstance(call, BnCall):
         call = _bn_call(nodes[call] if isinstance(call, str) else call, modules)
@@ -137,7 +163,7 @@ def decide(graph: fx.Graph, root: nn.Module, bn: BnCall | Match | fx.Node | str)
     users = len(producer.users)
     if users != 1:
         return f"{_who(rule, producer)}'s output has {users} users (the BN must be its only one)"
-    return _rank_problem(rule, producer, call) or _producer_fold(graph, root, modules, rule, producer, call)
+    return _rank_problem(rule, producer, call) or _producer_fold(index, root, rule, producer, call)
 
 
 def _bn_problem(call: BnCall, modules: dict[str, nn.Module]) -> str:
@@ -161,24 +187,10 @@ def _rank_problem(rule: FoldRule, producer: fx.Node, call: BnCall) -> str:
     return ""
 
 
-def _producer_fold(graph, root, modules, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
+def _producer_fold(index: GraphIndex, root: nn.Module, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
     if rule.op == "call_module":
-        return _module_fold(graph, root, modules, rule, producer, call)
-    return _aten_fold(graph, root, rule, producer, call)
-
-
-def _holders(root: nn.Module, tensor: torch.Tensor) -> int:
-    """How many distinct modules hold ``tensor`` as a parameter or buffer."""
-    return sum(
-        any(v is tensor for v in (*m._parameters.values(), *m._buffers.values())) for m in root.modules()
-    )
-
-
-def _readers(graph: fx.Graph, root: nn.Module, tensor: torch.Tensor) -> int:
-    """How many get_attr nodes read ``tensor``."""
-    return sum(
-        1 for n in graph.nodes if n.op == "get_attr" and _attribute(root, str(n.target)) is tensor
-    )
+        return _module_fold(index, rule, producer, call)
+    return _aten_fold(index, root, rule, producer, call)
 
 
 def _attribute(root: nn.Module, target: str) -> object:
@@ -188,10 +200,10 @@ def _attribute(root: nn.Module, target: str) -> object:
         return None
 
 
-def _module_fold(graph, root, modules, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
-    module = modules[str(producer.target)]
+def _module_fold(index: GraphIndex, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
+    module = index.modules[str(producer.target)]
     who = _who(rule, producer)
-    calls = sum(1 for n in graph.nodes if n.op == "call_module" and modules.get(str(n.target)) is module)
+    calls = index.calls[id(module)]
     if calls != 1:
         return f"{who} is called {calls} times (folding would change every call)"
     if module.training:
@@ -202,25 +214,25 @@ def _module_fold(graph, root, modules, rule: FoldRule, producer: fx.Node, call: 
         return f"{who} has groups={module.groups}: fxqbn folds transposed convs with groups=1 only"
     for name in ("weight", "bias"):
         tensor = getattr(module, name)
-        if tensor is not None and (_holders(root, tensor) > 1 or _readers(graph, root, tensor) > 0):
+        if tensor is not None and (index.holders[id(tensor)] > 1 or index.readers[id(tensor)] > 0):
             return f"{who}'s {name} is shared with another module or read elsewhere in the graph"
     return Fold(bn=call, producer=producer.name, rule=rule, module=str(producer.target))
 
 
-def _aten_fold(graph, root, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
+def _aten_fold(index: GraphIndex, root: nn.Module, rule: FoldRule, producer: fx.Node, call: BnCall) -> Fold | str:
     who = _who(rule, producer)
     if rule.groups_arg is not None and arg(producer, rule.groups_arg, "groups", 1) != 1:
         return f"{who} has groups={arg(producer, rule.groups_arg, 'groups', 1)}: fxqbn folds transposed convs with groups=1 only"
     targets = []
-    for index, name in ((1, "weight"), (2, "bias")):
-        value = arg(producer, index, name)
+    for position, name in ((1, "weight"), (2, "bias")):
+        value = arg(producer, position, name)
         if value is None and name == "bias":
             targets.append(None)
             continue
         if not isinstance(value, fx.Node) or value.op != "get_attr":
             return f"{who}'s {name} is not a module attribute (get_attr)"
         tensor = _attribute(root, str(value.target))
-        if len(value.users) != 1 or _readers(graph, root, tensor) != 1 or _holders(root, tensor) > 1:
+        if len(value.users) != 1 or index.readers[id(tensor)] != 1 or index.holders[id(tensor)] > 1:
             return f"{who}'s {name} '{value.target}' is used by other calls too (folding would change them)"
         targets.append(str(value.target))
     return Fold(bn=call, producer=producer.name, rule=rule, module=None, weight=targets[0], bias=targets[1])
@@ -348,15 +360,14 @@ def fold_patterns(graph: fx.Graph, root: nn.Module, matches: list[Match], wanted
     made before any fold is applied); ``root`` (a model nobody else holds) gets the folded copies.
     Returns the matches that stay BNs (a note says why one that a conv / linear of its kind feeds was not
     folded) and the folded ones."""
-    modules = dict(root.named_modules(remove_duplicate=False))
-    nodes = {node.name: node for node in graph.nodes}
+    index = index_of(graph, root)
     kept, folds, folded = [], [], []
     for match in matches:
-        decision = decide(graph, root, match) if wanted(match) else None
+        decision = decide(graph, root, match, index) if wanted(match) else None
         if isinstance(decision, Fold):
             folds.append(decision)
             folded.append(_folded(match, decision))
-        elif decision is not None and _near_miss(fold_rule(nodes[match.input_node], modules), match):
+        elif decision is not None and _near_miss(fold_rule(index.nodes[match.input_node], index.modules), match):
             kept.append(_noted(match, decision))
         else:
             kept.append(match)
