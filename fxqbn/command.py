@@ -33,7 +33,7 @@ from .errors import AccuracyWarning, FxqbnError, no_batch_norm
 from .paths import calibration_files
 from .progress import Progress
 from .report import Report
-from .sensitivity import LOW_SQNR_DB, collapse_message
+from .sensitivity import LOW_SQNR_DB, collapse_head, collapse_message
 from .requests import ConvertRequest, Data, Outputs, Quantization, ReportRequest, Table, first_line, model_file, usage
 from .serialize import describe_load_error, load_report, save
 from .state import PREPARED_KEY, attached
@@ -409,8 +409,8 @@ def _collapse(report: Report, checked: Verification | None) -> list[str]:
     """The warning of an output SQNR under 10 dB, measured by --min-sqnr or --verify (at most one)."""
     message = collapse_message(report)
     if message is None and checked is not None and checked.sqnr_db is not None and checked.sqnr_db < LOW_SQNR_DB:
-        message = (f"the quantized model's output SQNR is {checked.sqnr_db:.1f} dB (under {LOW_SQNR_DB:g} dB): its outputs "
-                   "are mostly error; per-pattern sensitivity (--min-sqnr) is measured for BN-only conversions, without --int8")
+        message = (f"{collapse_head(checked.sqnr_db)}; per-pattern sensitivity (--min-sqnr) is measured for BN-only "
+                   "conversions, without --int8")
     return [] if message is None else [message]
 
 

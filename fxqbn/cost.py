@@ -21,11 +21,11 @@ from torch import fx
 from fxqbn.passes import Match
 
 from .ckernels import EXT
+from .qops import CHANNELS_LAST
 
 __all__ = ["FUSED", "NATIVE", "FLOAT", "Site", "Choice", "CostModel", "COST_MODEL", "site_of"]
 
 FUSED, NATIVE, FLOAT = "fused", "native", "float"
-_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,13 @@ COST_MODEL = CostModel()
 
 def _layout(value: object, rank: int) -> bool | None:
     """Whether a recorded value (``tensor_meta`` or export's ``val``) is channels-last; None if not said."""
-    if rank not in _LAST:
+    if rank not in CHANNELS_LAST:
         return None
     fmt = getattr(value, "memory_format", None)
     if fmt is not None:
-        return fmt == _LAST[rank]
+        return fmt == CHANNELS_LAST[rank]
     if isinstance(value, torch.Tensor):
-        return not value.is_contiguous() and value.is_contiguous(memory_format=_LAST[rank])
+        return not value.is_contiguous() and value.is_contiguous(memory_format=CHANNELS_LAST[rank])
     return None
 
 

@@ -42,12 +42,11 @@ def tracing(x: object) -> bool:
     return type(x) is not torch.Tensor or torch.compiler.is_compiling()
 
 
-_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # rank -> its channels-last format (a fast check)
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
     """``x`` if its elements fill its memory without gaps in one of the layouts the kernels walk; else a contiguous copy."""
-    if x.is_contiguous() or (x.dim() in _LAST and x.is_contiguous(memory_format=_LAST[x.dim()])):
+    if x.is_contiguous() or (x.dim() in qops.CHANNELS_LAST and x.is_contiguous(memory_format=qops.CHANNELS_LAST[x.dim()])):
         return x
     if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
         return x

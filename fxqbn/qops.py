@@ -19,9 +19,11 @@ import torch
 from .errors import FxqbnError
 
 __all__ = [
-    "quantize", "dequantize", "batch_norm", "empty_quantized", "empty_quantized_as", "BN_OP_NAMES",
+    "CHANNELS_LAST", "quantize", "dequantize", "batch_norm", "empty_quantized", "empty_quantized_as", "BN_OP_NAMES",
     "codes", "quantizer", "from_codes", "quantize_decomposed", "clamp", "clamp_bounds", "eagerly", "batch_norm_between_floats",
 ]
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # a tensor's rank -> its channels-last memory format
 
 # pytorch#184982: quantized tensors are deprecated; fxqbn creates them knowingly, here only. The filter
 # matches that one message, raised by this module's calls, and leaves every other warning alone.
@@ -129,7 +131,7 @@ def empty_quantized_as(x: torch.Tensor, scale: float, zero_point: int, dtype: to
     """An empty quantized tensor of ``x``'s shape and layout (``x`` dense: contiguous, or channels innermost)."""
     if x.is_contiguous():
         return torch._empty_affine_quantized(list(x.shape), scale=scale, zero_point=zero_point, dtype=dtype)
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    last = CHANNELS_LAST.get(x.dim())
     if last is not None and x.is_contiguous(memory_format=last):
         return torch._empty_affine_quantized(list(x.shape), scale=scale, zero_point=zero_point, dtype=dtype, memory_format=last)
     last = torch._empty_affine_quantized(list(x.movedim(1, -1).shape), scale=scale, zero_point=zero_point, dtype=dtype)
@@ -210,7 +212,7 @@ def batch_norm_between_floats(
 
 def _between_floats_layout(x: torch.Tensor) -> torch.memory_format:
     """The layout the native kernels return: channels last for 4-d and 5-d input, contiguous otherwise."""
-    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim(), torch.contiguous_format)
+    return CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
 
 
 @batch_norm_between_floats.register_fake

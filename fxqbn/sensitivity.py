@@ -22,7 +22,7 @@ from .errors import AccuracyWarning, FxqbnError
 from .report import Report
 
 __all__ = ["LOW_SQNR_DB", "Probe", "Reference", "alone", "batches_of", "sqnr_db", "tensors_in", "warn_if_collapsed",
-           "collapse_message", "check_threshold"]
+           "collapse_head", "collapse_message", "check_threshold"]
 
 LOW_SQNR_DB = 10.0  # a model output SQNR under this warns (AccuracyWarning): its outputs are mostly error
 NAMED = 3  # the most sensitive patterns a warning names
@@ -152,12 +152,17 @@ def _most_sensitive(report: Report) -> list[str]:
     return [f"'{row.module}' {db:.1f} dB" for db, _, row in sorted(rows, key=lambda item: item[:2])[:NAMED]]
 
 
+def collapse_head(sqnr: float) -> str:
+    """What a model output SQNR under LOW_SQNR_DB says (the start of every collapse warning)."""
+    return f"the quantized model's output SQNR is {sqnr:.1f} dB (under {LOW_SQNR_DB:g} dB): its outputs are mostly error"
+
+
 def collapse_message(report: Report) -> str | None:
     """What a model output SQNR under LOW_SQNR_DB means and what to do (None when it is not under)."""
     sqnr = report.summary.model_sqnr_db
     if sqnr is None or sqnr >= LOW_SQNR_DB:
         return None
-    head = f"the quantized model's output SQNR is {sqnr:.1f} dB (under {LOW_SQNR_DB:g} dB): its outputs are mostly error"
+    head = collapse_head(sqnr)
     named = _most_sensitive(report)
     if not named:
         return (f"{head}; measure each BN pattern's sensitivity with fxqbn.compare(..., sensitivity=True) or "
