@@ -439,7 +439,8 @@ class FusedBatchNorm(nn.Module):
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The same codes in aten ops: the ulp-adjusted affine map, or a gather from the table. The
         constants are viewed as (C, 1, ...) to broadcast along dim 1: elementwise ops in x's own layout
-        (torch.compile makes one plain loop of them, where a transposed view costs it 3x)."""
+        (torch.compile makes one plain loop of them; a transposed view made inductor's code slower and, in
+        a MobileNetV2-style net, broke its conv + add fusion: benchmarks/pt2e.py)."""
         shape = [-1] + [1] * (x.dim() - 2)
         if self._torch_table:
             return self.table.view(-1)[x.to(torch.int64) + self._table_offsets.view(shape)]

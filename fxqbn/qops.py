@@ -183,7 +183,7 @@ def clamp_bounds(lo: float, hi: float, scale: float, zero_point: int, dtype: tor
 def eagerly(forward, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """``forward(x)`` run eagerly under torch.compile, which cannot trace quantized tensors (fake
     tensors have no quantized dtypes): one clean graph break instead of tracing in and failing op by
-    op. Modules call it only while compiling; eager calls skip its few microseconds."""
+    op. Modules call it only while compiling, so eager calls skip the disabled frame's overhead."""
     return forward(x)
 
 
