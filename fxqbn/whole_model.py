@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from fxqbn.passes import AO_INT8, PREPARED, PT2E_INT8, Skip, find_patterns, needs_shapes
+from fxqbn.passes.fold import fold_rule
 
 from .copying import owned_copy
 from .errors import FxqbnError
@@ -39,8 +40,6 @@ __all__ = ["ROUTES", "FOLDED_BY", "int8_model", "lower_every_bn", "quantize_whol
 
 ROUTES = {"ao": AO_INT8.name, "pt2e": PT2E_INT8.name}  # `--int8 ROUTE` -> the int8 graphs it makes
 FOLDED_BY = {"ao": "torch.ao prepare_fx", "pt2e": "torchao prepare_pt2e"}  # what folds BNs on each route
-_FOLDS_INTO = (nn.modules.conv._ConvNd, nn.Linear)  # the layers a BN right after them is folded into
-
 # Warnings torch.ao emits on every call of prepare_fx / convert_fx (regexes matched at the message start).
 _AO_WARNINGS = (
     r"torch\.ao\.quantization is deprecated",
@@ -213,8 +212,8 @@ def _float_bns(model: nn.Module, example_inputs: Any) -> tuple[list[Skip], dict[
 
 
 def _fed_by(bn: fx.Node, model: nn.Module) -> str:
-    """The conv / linear module whose call feeds ``bn`` ("" when another node does)."""
+    """The conv / linear module (a producer of ``passes.fold.FOLDS``) whose call feeds ``bn`` ("" when another node does)."""
     source = bn.args[0] if bn.args else None
-    if isinstance(source, fx.Node) and source.op == "call_module" and isinstance(model.get_submodule(str(source.target)), _FOLDS_INTO):
+    if isinstance(source, fx.Node) and source.op == "call_module" and fold_rule(source, {str(source.target): model.get_submodule(str(source.target))}):
         return str(source.target)
     return ""
